@@ -1,0 +1,51 @@
+# robustlab — `make run` (main job) and `make test` (whole suite) set everything up on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TRACKING_URI := sqlite:///$(CURDIR)/tracking/mlflow.db
+PORT ?= 5000
+# Data: $ROBUSTLAB_DATA_DIR when set, else ../shared/data when present, else Keras' cache/download.
+ROBUSTLAB_DATA_DIR ?= $(if $(wildcard ../shared/data/mnist.npz),$(abspath ../shared/data),)
+export ROBUSTLAB_DATA_DIR
+export MLFLOW_TRACKING_URI ?= $(TRACKING_URI)
+# Short default budget for the main job; override e.g. RUN_ARGS="-P epochs=10".
+RUN_ENTRY ?= vanilla
+RUN_ARGS ?= -P epochs=2
+PYTEST_ARGS ?=
+
+.PHONY: setup test run server ui lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+run: setup
+	source $(BIN)/activate && robustlab tracking-init && \
+	  mlflow run . -e $(RUN_ENTRY) --env-manager local --experiment-name robustlab $(RUN_ARGS)
+
+server: setup
+	source $(BIN)/activate && MLFLOW_TRACKING_URI=$(TRACKING_URI) robustlab tracking-init && \
+	  mlflow server --backend-store-uri $(TRACKING_URI) \
+	    --artifacts-destination $(CURDIR)/tracking/artifacts --host 127.0.0.1 --port $(PORT)
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+
+lint: setup
+	$(BIN)/ruff check robustlab tests bench
+	$(BIN)/ruff format --check robustlab tests bench
+
+bench: setup
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) tracking/mlflow.db tracking/artifacts .pytest_cache

@@ -1,0 +1,124 @@
+"""Training entry points: vanilla, perturbation, invariance, sequential, joint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from robustlab.config import AttackConfig, DataConfig, EvalConfig, MixConfig, RunConfig, TrainConfig
+from robustlab.regimes import ORDERS, make_regime
+from robustlab.train.inv_pool import LABEL_SOURCES
+
+
+def _bool(text: str) -> bool | None:
+    value = text.strip().lower()
+    if value == "":
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _opt(text: str) -> str | None:
+    return text or None
+
+
+def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
+    g = p.add_argument_group("shared training parameters")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train-size", type=int, default=0, help="0 = all 55,000 training images")
+    g.add_argument("--eval-size", type=int, default=0, help="0 = whole test set minus excluded sources")
+    g.add_argument("--data-dir", type=_opt, default=None, help="folder with mnist.npz (default $ROBUSTLAB_DATA_DIR, then Keras)")
+    g.add_argument("--init-model", type=_opt, default=None, help="model URI to start from (runs:/…/model, models:/…)")
+    g.add_argument("--resume-run-id", type=_opt, default=None, help="continue from this run's last checkpoint")
+    g.add_argument("--model", default="madry_cnn")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--patience", type=int, default=3, help="early stopping patience in epochs (0 = off)")
+    g.add_argument("--autoattack-size", type=int, default=1000, help="final evaluation: AutoAttack/Square subset (0 = skip)")
+    g.add_argument("--pgd-restarts", type=int, default=EvalConfig.pgd_restarts)
+    g.add_argument("--robust-eval", type=_bool, default=True, help="run the robustness evaluation at the end")
+    g.add_argument("--inv-val", type=_bool, default=None, help="log val/inv_acc (default: when invariance data is used)")
+    g.add_argument("--run-name", type=_opt, default=None)
+
+
+def _attack(p: argparse.ArgumentParser, steps: int = 40, step_size: float = 0.01) -> None:
+    g = p.add_argument_group("perturbation attack")
+    g.add_argument("--eps", type=float, default=0.3)
+    g.add_argument("--attack-steps", type=int, default=steps)
+    g.add_argument("--step-size", type=float, default=step_size, help="0 = method default (pgd: 2.5*eps/steps, fgsm_rs: 1.25*eps)")
+    g.add_argument("--random-start", type=_bool, default=True)
+    g.add_argument("--method", choices=("pgd", "fgsm_rs"), default="pgd")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+    specs = {
+        "vanilla": "clean training (no attack)",
+        "perturbation": "Madry PGD / FGSM-RS adversarial training",
+        "invariance": "clean + human-labelled invariance examples",
+        "sequential": "one phase after the other: ptb_inv or inv_ptb",
+        "joint": "clean + PGD + invariance examples in every batch",
+    }
+    for name, help_text in specs.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _shared(p, epochs=3 if name == "vanilla" else 2)
+        if name != "vanilla":
+            _attack(p, steps=10 if name != "perturbation" else 40, step_size=0.0)
+        if name in ("invariance", "sequential", "joint"):
+            p.add_argument("--inv-label-source", choices=LABEL_SOURCES, default="human")
+        if name in ("invariance", "sequential"):
+            p.add_argument("--mix-inv", type=float, default=0.25, help="share of invariance examples per batch")
+        if name == "sequential":
+            p.add_argument("--order", default="ptb_inv", help=f"one of {ORDERS}")
+            p.add_argument("--ptb-epochs", type=int, default=2)
+            p.add_argument("--inv-epochs", type=int, default=2)
+        if name == "joint":
+            p.add_argument("--mix-clean", type=float, default=0.4)
+            p.add_argument("--mix-ptb", type=float, default=0.4)
+            p.add_argument("--mix-inv", type=float, default=0.2)
+        p.set_defaults(func=run, regime=name)
+    return list(specs)
+
+
+def attack_config(args: argparse.Namespace) -> AttackConfig:
+    """The attack parameters, with the method's default step size when --step-size is 0."""
+    if not hasattr(args, "eps"):
+        return AttackConfig()
+    step = args.step_size
+    if step == 0:
+        step = 1.25 * args.eps if args.method == "fgsm_rs" else 2.5 * args.eps / max(args.attack_steps, 1)
+    return AttackConfig(eps=args.eps, steps=args.attack_steps, step_size=step, random_start=args.random_start is not False,
+                        method=args.method)
+
+
+def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
+    attack = attack_config(args)
+    mix = MixConfig(args.mix_clean, args.mix_ptb, args.mix_inv) if args.regime == "joint" else MixConfig()
+    cfg = RunConfig(
+        data=DataConfig(args.data_dir, args.train_size, args.eval_size),
+        train=TrainConfig(args.epochs, args.batch_size, args.learning_rate, args.seed, args.patience, args.model,
+                          args.init_model, args.resume_run_id),
+        mix=mix,
+        attack=attack,
+    ).validate()
+    ev = EvalConfig(eps=attack.eps, eval_size=args.eval_size, autoattack_size=args.autoattack_size,
+                    pgd_restarts=args.pgd_restarts, seed=args.seed).validate()
+    return cfg, ev
+
+
+def run(args: argparse.Namespace) -> None:
+    from robustlab.train.runner import Extras, run_training
+
+    cfg, ev = configs(args)
+    regime = make_regime(
+        args.regime, epochs=args.epochs, mix=cfg.mix, mix_inv=getattr(args, "mix_inv", 0.25),
+        order=getattr(args, "order", "ptb_inv"), ptb_epochs=getattr(args, "ptb_epochs", 0),
+        inv_epochs=getattr(args, "inv_epochs", 0),
+    )
+    extras = Extras(inv_label_source=getattr(args, "inv_label_source", "human"), inv_val=args.inv_val,
+                    robust_eval=args.robust_eval is not False, run_name=args.run_name)
+    run_id = run_training(regime, cfg, ev, extras)
+    print(f"run {run_id} finished; model at runs:/{run_id}/model", file=sys.stderr)

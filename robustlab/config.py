@@ -1,0 +1,137 @@
+"""All run configuration in one typed place. Each `validate()` raises a one-line ConfigError."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from robustlab.errors import ConfigError
+
+AttackMethod = Literal["pgd", "fgsm_rs"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str | None = None  # None: $ROBUSTLAB_DATA_DIR, then the Keras cache / download
+    train_size: int = 0  # 0 = all 55,000 training images
+    eval_size: int = 0  # 0 = the whole test set (minus excluded sources)
+
+    def validate(self) -> None:
+        if self.train_size < 0:
+            raise ConfigError(f"train_size must be >= 0 (0 = all), got {self.train_size}")
+        if self.eval_size < 0:
+            raise ConfigError(f"eval_size must be >= 0 (0 = whole test set), got {self.eval_size}")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """An L-inf attack used during training (and its PGD twin for validation)."""
+
+    eps: float = 0.3
+    steps: int = 40
+    step_size: float = 0.01
+    random_start: bool = True
+    method: AttackMethod = "pgd"
+
+    def validate(self) -> None:
+        if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
+            raise ConfigError(f"eps must lie in [0, 1] (images are in [0, 1]), got {self.eps}")
+        if self.steps < 1:
+            raise ConfigError(f"attack_steps must be >= 1, got {self.steps}")
+        if not self.step_size > 0:
+            raise ConfigError(f"step_size must be > 0, got {self.step_size}")
+        if self.method not in ("pgd", "fgsm_rs"):
+            raise ConfigError(f"unknown method {self.method!r}; choose 'pgd' or 'fgsm_rs'")
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """Share of each batch drawn from clean MNIST, on-the-fly PGD adversarials, invariance examples."""
+
+    clean: float = 1.0
+    ptb: float = 0.0
+    inv: float = 0.0
+
+    def validate(self) -> None:
+        for name, value in (("mix_clean", self.clean), ("mix_ptb", self.ptb), ("mix_inv", self.inv)):
+            if not (0.0 <= value <= 1.0) or math.isnan(value):
+                raise ConfigError(f"{name} must lie in [0, 1], got {value}")
+        total = self.clean + self.ptb + self.inv
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(
+                f"mix_clean + mix_ptb + mix_inv must sum to 1, got {self.clean} + {self.ptb} + {self.inv} = {total:g}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    seed: int = 0
+    patience: int = 3  # early stopping: epochs without improvement of the monitored metric
+    model: str = "madry_cnn"
+    init_model: str | None = None  # model URI to start from (runs:/..., models:/...)
+    resume_run_id: str | None = None  # continue from this run's last checkpoint
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0, got {self.patience}")
+        from robustlab.models import available_models
+
+        if self.model not in available_models():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {available_models()}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training entry point needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+
+    def validate(self) -> RunConfig:
+        for part in (self.data, self.train, self.mix, self.attack):
+            part.validate()
+        return self
+
+    def flat_params(self) -> dict[str, Any]:
+        """MLflow params, named like the MLproject parameters."""
+        attack_names = {"steps": "attack_steps", "step_size": "step_size", "eps": "eps",
+                        "random_start": "random_start", "method": "method"}
+        out: dict[str, Any] = {}
+        for section, values in asdict(self).items():
+            for key, value in values.items():
+                name = {"mix": f"mix_{key}", "attack": attack_names.get(key, key)}.get(section, key)
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The robustness evaluation run at the end of every training run and by `evaluate`."""
+
+    eps: float = 0.3
+    eval_size: int = 0  # 0 = whole test set minus excluded sources
+    autoattack_size: int = 1000  # seeded subset for AutoAttack and Square
+    pgd_restarts: int = 5  # random restarts of the PGD-100 attack
+    seed: int = 0
+    batch_size: int = 500
+
+    def validate(self) -> EvalConfig:
+        if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
+            raise ConfigError(f"eps must lie in [0, 1], got {self.eps}")
+        if self.eval_size < 0 or self.autoattack_size < 0:
+            raise ConfigError("eval_size and autoattack_size must be >= 0 (0 = all / skip)")
+        if self.pgd_restarts < 1:
+            raise ConfigError(f"pgd_restarts must be >= 1, got {self.pgd_restarts}")
+        return self

@@ -1,0 +1,1 @@
+"""Evaluation: accuracies with confidence intervals, robustness under attack, plots."""

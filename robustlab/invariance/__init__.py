@@ -1,0 +1,1 @@
+"""Invariance-based adversarial examples: generation, human labels and the leakage guard."""

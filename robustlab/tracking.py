@@ -1,0 +1,155 @@
+"""MLflow tracking: the default embedded store in `tracking/`, remote servers, runs and models."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from robustlab.errors import RobustlabError, TrackingError
+
+TRACKING_DIR_ENV = "ROBUSTLAB_TRACKING_DIR"
+DEFAULT_EXPERIMENT = "robustlab"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above `start` (default: cwd) holding an MLproject file."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "MLproject").is_file():
+            return folder
+    return here
+
+
+def tracking_dir() -> Path:
+    return Path(os.environ.get(TRACKING_DIR_ENV) or project_root() / "tracking").resolve()
+
+
+def default_tracking_uri() -> str:
+    """SQLite store `tracking/mlflow.db` (absolute URI: four slashes)."""
+    return f"sqlite:///{tracking_dir() / 'mlflow.db'}"
+
+
+def configure_tracking() -> str:
+    """Use $MLFLOW_TRACKING_URI when set (checking a server is reachable), else the embedded store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                ok = resp.status == 200
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI={uri} is unreachable ({reason}); start the server (make server) or unset the variable"
+            ) from None
+        if not ok:
+            raise TrackingError(f"MLFLOW_TRACKING_URI={uri} answered /health with an error; check the server")
+    elif uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
+    """Experiment id of `name`, creating it with artifacts under `tracking/artifacts/` on a local store."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (tracking_dir() / "artifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+@contextmanager
+def start_run(
+    run_name: str | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    nested: bool = False,
+    system_metrics: bool = True,
+) -> Iterator[Run]:
+    """An MLflow run that ends FAILED (never RUNNING) if the body raises.
+
+    Under `mlflow run` the run created by MLflow ($MLFLOW_RUN_ID) is picked up; otherwise the
+    experiment $MLFLOW_EXPERIMENT_NAME (default "robustlab") is used.
+    """
+    if not nested and not os.environ.get("MLFLOW_RUN_ID"):
+        configure_tracking()
+        mlflow.set_experiment(experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT))
+    elif not nested:
+        configure_tracking()
+    with mlflow.start_run(run_name=run_name, nested=nested, log_system_metrics=system_metrics) as run:
+        if params:
+            # `mlflow run` has already logged the entry point's parameters (quoting empty ones);
+            # MLflow refuses to change a param, so add only the ones it has not logged.
+            logged = run.data.params if run.data else {}
+            fresh = {k: ("" if v is None else v) for k, v in params.items() if k not in logged}
+            if fresh:
+                mlflow.log_params(fresh)
+        if tags:
+            mlflow.set_tags(tags)
+        yield run
+
+
+def run_id_of(model_uri: str) -> str | None:
+    """The run that logged `model_uri` (runs:/ or models:/), or None when it cannot be told."""
+    if model_uri.startswith("runs:/"):
+        return model_uri.removeprefix("runs:/").split("/", 1)[0]
+    try:
+        from mlflow.models import get_model_info
+
+        return get_model_info(model_uri).run_id
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def load_keras_model(model_uri: str):
+    """Load a logged Keras model and check it takes (28, 28, 1) images and outputs 10 logits."""
+    import keras
+
+    try:
+        model = mlflow.keras.load_model(model_uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
+        raise RobustlabError(f"cannot load model {model_uri!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the URI") from None
+    if not isinstance(model, keras.Model):
+        raise RobustlabError(f"{model_uri} is not a Keras model")
+    shape = tuple(model.input_shape[1:]) if hasattr(model, "input_shape") else None
+    if shape != (28, 28, 1) or tuple(model.output_shape[1:]) != (10,):
+        raise RobustlabError(f"{model_uri}: expected input (28, 28, 1) and 10 outputs, got {shape} -> {model.output_shape[1:]}")
+    return model
+
+
+EXCLUDED_ARTIFACT = "excluded_test_indices.json"
+
+
+def log_excluded_sources(indices) -> None:
+    """Record in the active run which MNIST test images its model must never be evaluated on."""
+    mlflow.log_dict({"mnist_split": "test", "indices": [int(i) for i in indices]}, EXCLUDED_ARTIFACT)
+
+
+def excluded_sources_of(model_uri: str):
+    """MNIST test indices excluded for the model at `model_uri` (empty when its run recorded none)."""
+    import json
+
+    import numpy as np
+
+    run_id = run_id_of(model_uri)
+    if run_id is None:
+        return np.empty(0, dtype=np.int64)
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EXCLUDED_ARTIFACT)
+    except Exception:  # noqa: BLE001 - no such artifact: the model trained on no invariance examples
+        return np.empty(0, dtype=np.int64)
+    with open(path) as f:
+        return np.asarray(json.load(f)["indices"], dtype=np.int64)

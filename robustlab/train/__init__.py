@@ -1,0 +1,1 @@
+"""The one training loop, its batch mixture, checkpoints and the regime runner."""

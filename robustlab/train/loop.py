@@ -1,0 +1,167 @@
+"""The one training loop: a `tf.function` step over batches from a Mixture, for every regime."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from robustlab.config import TrainConfig
+from robustlab.data.mnist import Split
+from robustlab.evaluation.stats import predict_logits
+from robustlab.train.checkpoint import LoopState, save_checkpoint
+from robustlab.train.mixture import Mixture
+
+PerturbFn = Callable[[keras.Model, tf.Tensor, tf.Tensor], tf.Tensor]
+Validator = Callable[[keras.Model], dict[str, float]]
+EpochHook = Callable[[dict[str, float], int], None]  # (metrics, global epoch)
+CheckpointHook = Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """Early-stopping criterion: a validation metric and whether larger is better."""
+
+    metric: str = "val/loss"
+    mode: str = "min"
+
+    def better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best if self.mode == "min" else value > best
+
+
+@dataclass
+class FitResult:
+    epochs_run: int
+    best_epoch: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, perturb: PerturbFn | None):
+    """Compile one step: attack rows [0, n_adv) against the current model, then an Adam update."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 28, 28, 1], tf.float32),
+            tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([], tf.int32),
+        ]
+    )
+    def step(x, y, n_adv):
+        if perturb is not None:
+            x_adv = perturb(model, x[:n_adv], y[:n_adv])
+            x = tf.concat([x_adv, x[n_adv:]], axis=0)
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = loss_fn(y, logits)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), y), tf.float32))
+        return loss, correct
+
+    return step
+
+
+def clean_validation(val: Split, batch_size: int = 1000) -> Validator:
+    """val/loss and val/clean_acc on the clean validation split."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def validate(model: keras.Model) -> dict[str, float]:
+        logits = predict_logits(model, val.x, batch_size)
+        return {
+            "val/loss": float(loss_fn(val.y, logits)),
+            "val/clean_acc": float(np.mean(np.argmax(logits, axis=1) == val.y)),
+        }
+
+    return validate
+
+
+def fit(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    mixture: Mixture,
+    cfg: TrainConfig,
+    epochs: int,
+    *,
+    validators: list[Validator],
+    perturb: PerturbFn | None = None,
+    monitor: Monitor = Monitor(),
+    state: LoopState | None = None,
+    best_weights: list[np.ndarray] | None = None,
+    checkpoint_dir: Path | None = None,
+    on_epoch: EpochHook | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+    phase: str = "train",
+) -> FitResult:
+    """Train `epochs` epochs (resuming from `state`), early-stop on `monitor`, keep the best weights.
+
+    After each epoch: validators run, `on_epoch` gets the metrics, a checkpoint is written to
+    `checkpoint_dir` and handed to `on_checkpoint`. On return the model holds the best weights.
+    """
+    state = state or LoopState()
+    rng = np.random.default_rng(cfg.seed)
+    if state.rng_state:
+        rng.bit_generator.state = state.rng_state
+    step = make_train_step(model, optimizer, perturb if mixture.n_adv else None)
+    result = FitResult(epochs_run=0, best_epoch=state.best_epoch, stopped_early=False)
+    t0 = time.perf_counter()
+    for epoch in range(state.epoch + 1, epochs):
+        if state.done:
+            break
+        t_epoch = time.perf_counter()
+        loss_sum = correct_sum = seen = 0.0
+        bar = tqdm(mixture.epoch(rng), total=mixture.steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{epochs}",
+                   file=sys.stderr, leave=False, mininterval=2.0, disable=None)
+        for batch in bar:
+            loss, correct = step(tf.constant(batch.x), tf.constant(batch.y), tf.constant(batch.n_adv, tf.int32))
+            n = len(batch.y)
+            loss_sum += float(loss) * n
+            correct_sum += float(correct)
+            seen += n
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct_sum / seen:.4f}", refresh=False)
+        bar.close()
+        metrics = {"train/loss": loss_sum / max(seen, 1), "train/acc": correct_sum / max(seen, 1)}
+        for validate in validators:
+            metrics.update(validate(model))
+        metrics["time/epoch_seconds"] = time.perf_counter() - t_epoch
+        state.epoch, state.global_epoch = epoch, state.global_epoch + 1
+        value = metrics[monitor.metric]
+        if monitor.better(value, state.best_value):
+            state.best_value, state.best_epoch, state.wait = value, epoch, 0
+            best_weights = [np.array(w) for w in model.get_weights()]
+        else:
+            state.wait += 1
+        if cfg.patience and state.wait >= cfg.patience:
+            state.done, result.stopped_early = True, True
+        if epoch == epochs - 1:
+            state.done = True
+        state.rng_state = rng.bit_generator.state
+        result.history.append(metrics)
+        result.epochs_run += 1
+        print(f"[{phase}] epoch {epoch + 1}/{epochs}  " + "  ".join(
+            f"{k}={v:.4f}" for k, v in metrics.items() if k != "time/epoch_seconds"
+        ) + f"  ({metrics['time/epoch_seconds']:.0f}s)", file=sys.stderr, flush=True)
+        if on_epoch:
+            on_epoch(metrics, state.global_epoch)
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, model, optimizer, best_weights, state)
+            if on_checkpoint:
+                on_checkpoint(checkpoint_dir)
+        if result.stopped_early:
+            print(f"[{phase}] early stop: {monitor.metric} did not improve for {cfg.patience} epochs", file=sys.stderr)
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    result.best_epoch = state.best_epoch
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,201 @@
+"""Run a regime end to end: data, phases through the one loop, evaluation, MLflow logging."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+from robustlab.config import EvalConfig, RunConfig
+from robustlab.data.mnist import Mnist, load_mnist, subsample
+from robustlab.errors import DataError, RobustlabError
+from robustlab.evaluation.plots import image_grid
+from robustlab.evaluation.stats import accuracy, predict_logits
+from robustlab.invariance.leakage import excluded_test_indices
+from robustlab.models import build_model
+from robustlab.regimes import Phase, Regime
+from robustlab.tracking import (
+    excluded_sources_of,
+    load_keras_model,
+    log_excluded_sources,
+    start_run,
+)
+from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT, LoopState, load_checkpoint
+from robustlab.train.inv_pool import InvPools, inv_accuracy, inv_validation, load_eval_sets, load_inv_pools
+from robustlab.train.loop import Monitor, Validator, clean_validation, fit
+from robustlab.train.mixture import Mixture, Pool
+
+VAL_ATTACK_SIZE = 500  # validation images attacked per epoch (PGD-10) for the val/pgd_acc curve
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Regime options beyond RunConfig."""
+
+    inv_label_source: str = "human"
+    inv_val: bool | None = None  # compute val/inv_acc (default: when the regime uses invariance data)
+    robust_eval: bool = True  # full robustness evaluation at the end (PGD, AutoAttack, ...)
+    run_name: str | None = None
+
+
+def _pgd_validation(val_x: np.ndarray, val_y: np.ndarray, cfg: RunConfig) -> Validator:
+    from robustlab.attacks.tf_attacks import pgd_attack
+
+    eps = cfg.attack.eps
+
+    def validate(model: keras.Model) -> dict[str, float]:
+        x_adv = pgd_attack(model, val_x, val_y, eps=eps, steps=10, step_size=eps / 4, random_start=True,
+                           batch_size=VAL_ATTACK_SIZE, seed=0)
+        pred = np.argmax(predict_logits(model, x_adv), axis=1)
+        return {"val/pgd_acc": float(np.mean(pred == val_y))}
+
+    return validate
+
+
+def _monitor(phase: Phase, has_inv_val: bool) -> Monitor:
+    if phase.mix.ptb > 0:
+        return Monitor("val/pgd_acc", "max")
+    if phase.mix.inv > 0 and has_inv_val:
+        return Monitor("val/inv_acc", "max")
+    return Monitor("val/loss", "min")
+
+
+def _perturb_fn(cfg: RunConfig):
+    from robustlab.attacks.tf_attacks import make_perturb_fn
+
+    return make_perturb_fn(cfg.attack)
+
+
+def _restore(resume_run_id: str, model: keras.Model) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
+    try:
+        folder = mlflow.artifacts.download_artifacts(run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT)
+    except Exception as exc:  # noqa: BLE001
+        raise RobustlabError(f"resume_run_id={resume_run_id}: no checkpoint found in that run ({type(exc).__name__})") from None
+    optimizer = keras.optimizers.Adam()
+    state, best = load_checkpoint(Path(folder), model, optimizer)
+    return state, optimizer, best
+
+
+def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for split, context in ((mnist.train, "training"), (mnist.val, "validation"), (mnist.test, "evaluation")):
+            ds = mlflow.data.from_numpy(split.x, targets=split.y, source=str(mnist.path), name=f"mnist-{context}")
+            mlflow.log_input(ds, context=context)
+        if pools is not None:
+            ds = mlflow.data.from_numpy(pools.train.images, targets=pools.train_pool().y, name=pools.train.name)
+            mlflow.log_input(ds, context="training")
+
+
+def _final_clean_eval(model: keras.Model, mnist: Mnist, excluded: np.ndarray, cfg: RunConfig, out: Path):
+    test = subsample(mnist.test.without_sources(excluded), cfg.data.eval_size, seed=cfg.train.seed)
+    pred = np.argmax(predict_logits(model, test.x), axis=1)
+    acc = accuracy(pred == test.y)
+    mlflow.log_metrics({**acc.as_metrics("test/clean_acc"), "test/n_images": float(acc.n)})
+    idx = np.arange(min(16, len(test)))
+    image_grid([("test", test.x[idx])], test.y[idx], [pred[idx]], out / "test_predictions.png",
+               title=f"clean test accuracy {acc.value:.4f} [{acc.ci_low:.4f}, {acc.ci_high:.4f}] on {acc.n} images")
+    mlflow.log_artifact(str(out / "test_predictions.png"), "plots")
+    print(f"test/clean_acc = {acc.value:.4f}  95% CI [{acc.ci_low:.4f}, {acc.ci_high:.4f}]  (n={acc.n})", file=sys.stderr)
+    return test
+
+
+def run_training(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras = Extras()) -> str:
+    """Train `regime` under `cfg` in one MLflow run (nested runs per phase); return the run id."""
+    cfg.validate()
+    eval_cfg.validate()
+    mnist = load_mnist(cfg.data.data_dir, train_size=cfg.data.train_size)
+    want_inv_val = regime.uses_inv if extras.inv_val is None else extras.inv_val
+    pools = load_inv_pools(cfg.data.data_dir, extras.inv_label_source) if (regime.uses_inv or want_inv_val) else None
+    init_excluded = np.empty(0, dtype=np.int64)
+    init_model = None
+    if cfg.train.init_model:
+        init_model = load_keras_model(cfg.train.init_model)
+        init_excluded = excluded_sources_of(cfg.train.init_model)
+    excluded = np.union1d(init_excluded, excluded_test_indices(pools.used_sets if pools else []))
+    try:
+        eval_sets = load_eval_sets(cfg.data.data_dir, excluded)
+    except DataError as exc:
+        eval_sets = {}
+        print(f"note: invariance evaluation sets unavailable ({exc}); skipping test/inv_acc", file=sys.stderr)
+
+    params = {"regime": regime.name, **cfg.flat_params(), "inv_label_source": extras.inv_label_source,
+              "phases": ",".join(f"{p.name}:{p.epochs}" for p in regime.phases)}
+    tags = {"robustlab.regime": regime.name, "robustlab.mnist_digest": mnist.digest}
+    with start_run(extras.run_name or regime.name, params=params, tags=tags) as run, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        parent_id = run.info.run_id
+        _log_datasets(mnist, pools)
+        log_excluded_sources(excluded)
+        model = init_model or build_model(cfg.train.model)
+        resumed: tuple | None = _restore(cfg.train.resume_run_id, model) if cfg.train.resume_run_id else None
+        if resumed:
+            mlflow.set_tag("robustlab.resumed_from", cfg.train.resume_run_id)
+        global_epoch = resumed[0].global_epoch if resumed else -1
+        mnist_pool = Pool(mnist.train.x, mnist.train.y, "mnist-train")
+        perturb = _perturb_fn(cfg) if regime.uses_ptb else None
+        validators_common: list[Validator] = [clean_validation(mnist.val)]
+        if regime.uses_ptb or want_inv_val:
+            val_small = subsample(mnist.val, VAL_ATTACK_SIZE, seed=0)
+            validators_common.append(_pgd_validation(val_small.x, val_small.y, cfg))
+        if pools is not None:
+            validators_common.append(inv_validation(pools))
+        for i, phase in enumerate(regime.phases):
+            state = optimizer = best = None
+            if resumed and resumed[0].phase_index > i:
+                continue
+            if resumed and resumed[0].phase_index == i:
+                state, optimizer, best = resumed
+            state = state or LoopState(phase_index=i, global_epoch=global_epoch)
+            optimizer = optimizer or keras.optimizers.Adam(cfg.train.learning_rate)
+            mixture = Mixture(mnist_pool, phase.mix, cfg.train.batch_size, pools.train_pool() if pools else None)
+            ctx = start_run(phase.name, nested=True, system_metrics=False,
+                            params={"phase": phase.name, "epochs": phase.epochs, **{f"mix_{k}": v for k, v in vars(phase.mix).items()}}) \
+                if regime.nested else nullcontext()
+            with ctx as phase_run:
+                def on_epoch(metrics: dict[str, float], step: int, _phase_run=phase_run) -> None:
+                    mlflow.log_metrics(metrics, step=step, run_id=parent_id)
+                    if _phase_run is not None:
+                        mlflow.log_metrics(metrics, step=step, run_id=_phase_run.info.run_id)
+
+                def on_checkpoint(folder: Path) -> None:
+                    mlflow.log_artifacts(str(folder), CHECKPOINT_ARTIFACT, run_id=parent_id)
+
+                result = fit(model, optimizer, mixture, cfg.train, phase.epochs, validators=validators_common,
+                             perturb=perturb, monitor=_monitor(phase, pools is not None), state=state,
+                             best_weights=best, checkpoint_dir=out / "ckpt", on_epoch=on_epoch,
+                             on_checkpoint=on_checkpoint, phase=phase.name)
+                global_epoch = state.global_epoch
+                summary = {f"{phase.name}/epochs_run": result.epochs_run, f"{phase.name}/best_epoch": result.best_epoch,
+                           f"{phase.name}/train_seconds": result.seconds}
+                mlflow.log_metrics(summary, run_id=parent_id)
+        test = _final_clean_eval(model, mnist, excluded, cfg, out)
+        for s in eval_sets.values():
+            mlflow.log_metrics(inv_accuracy(model, s, "test"))
+        if extras.robust_eval:
+            from robustlab.evaluation.robustness import evaluate_and_log
+
+            evaluate_and_log(model, test, eval_cfg, out_dir=out / "eval")
+        _log_model(model, test.x[:4])
+        return parent_id
+
+
+def _log_model(model: keras.Model, example: np.ndarray) -> None:
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(example, np.asarray(model(example, training=False)))
+    # mlflow 3.17's keras flavour writes the input example before creating the model folder, so
+    # log_model(input_example=...) fails; save into an existing folder and log it as `model`.
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "model"
+        path.mkdir()
+        mlflow.keras.save_model(model, str(path), signature=signature, input_example=example)
+        mlflow.log_artifacts(str(path), "model")

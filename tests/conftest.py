@@ -1,0 +1,39 @@
+"""Shared test set-up: real MNIST from the shared data folder, a temporary MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("ROBUSTLAB_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+DATA_DIR = Path(os.environ["ROBUSTLAB_DATA_DIR"])
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store (and artifact folder) for one test; returns its URI."""
+    import mlflow
+
+    folder = tmp_path / "tracking"
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.setenv("ROBUSTLAB_TRACKING_DIR", str(folder))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

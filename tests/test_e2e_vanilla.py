@@ -1,0 +1,71 @@
+"""End to end: `mlflow run . -e vanilla` on a small real MNIST slice, read back from the store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from robustlab.data.mnist import load_mnist
+from robustlab.tracking import ensure_experiment
+from tests.conftest import DATA_DIR, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_run(entry: str, tracking_dir: Path, *params: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
+           "--experiment-name", "robustlab"]
+    for p in params:
+        cmd += ["-P", p]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tracking_dir)
+
+
+def test_vanilla_through_mlflow_run(tracking, tmp_path):
+    ensure_experiment("robustlab")
+    out = mlflow_run("vanilla", tmp_path, "epochs=2", "train_size=2000", "eval_size=600", "seed=1",
+                     "robust_eval=false", f"data_dir={DATA_DIR}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient()
+    [run] = client.search_runs([ensure_experiment("robustlab")])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2" and run.data.params["regime"] == "vanilla"
+    m = run.data.metrics
+    assert m["test/clean_acc_ci_low"] < m["test/clean_acc"] < m["test/clean_acc_ci_high"]
+    assert m["test/n_images"] == 600 and m["test/clean_acc"] > 0.8
+    history = client.get_metric_history(run.info.run_id, "val/loss")
+    assert [h.step for h in history] == [0, 1]
+    assert {"train/acc", "val/clean_acc", "time/epoch_seconds"} <= set(m)
+    assert any(k.startswith("system/") for k in m), "system metrics are logged"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "plots", "checkpoint", "excluded_test_indices.json"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/test_predictions.png"]
+    inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert {"mnist-training", "mnist-validation", "mnist-evaluation"} <= inputs
+
+    # the logged model loads through pyfunc, returns logits, and reproduces the logged accuracy
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.signature is not None
+    test = load_mnist(DATA_DIR, eval_size=600).test
+    from robustlab.data.mnist import subsample
+
+    test = subsample(load_mnist(DATA_DIR).test, 600, seed=1)
+    logits = np.asarray(model.predict(test.x))
+    assert logits.shape == (600, 10) and not np.allclose(logits.sum(axis=1), 1.0)
+    assert np.mean(logits.argmax(axis=1) == test.y) == pytest.approx(m["test/clean_acc"])
+
+
+def test_bad_parameter_through_mlflow_run_marks_the_run_failed(tracking, tmp_path):
+    ensure_experiment("robustlab")
+    out = mlflow_run("vanilla", tmp_path, "epochs=-1")
+    assert out.returncode != 0
+    assert "epochs must be >= 0" in out.stderr
+    [run] = MlflowClient().search_runs([ensure_experiment("robustlab")])
+    assert run.info.status == "FAILED"
