@@ -24,6 +24,9 @@ COMMANDS = {
 }
 
 
+TRAINING = ("vanilla", "perturbation", "invariance", "sequential", "joint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robustlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robustlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"robustlab {args.command}: interrupted; the last epoch checkpoint is in the run's artifacts", file=sys.stderr)
+        hint = (
+            "; the last epoch checkpoint is in the run's artifacts (resume with resume_run_id)"
+            if args.command in TRAINING
+            else ""
+        )
+        print(f"robustlab {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

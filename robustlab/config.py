@@ -33,6 +33,7 @@ class AttackConfig:
     step_size: float = 0.01
     random_start: bool = True
     method: AttackMethod = "pgd"
+    eps_warmup: float = 0.0  # epochs over which eps ramps linearly from 0 to `eps` (0 = none)
 
     def validate(self) -> None:
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
@@ -41,6 +42,8 @@ class AttackConfig:
             raise ConfigError(f"attack_steps must be >= 1, got {self.steps}")
         if not self.step_size > 0:
             raise ConfigError(f"step_size must be > 0, got {self.step_size}")
+        if self.eps_warmup < 0:
+            raise ConfigError(f"eps_warmup must be >= 0 epochs, got {self.eps_warmup}")
         if self.method not in ("pgd", "fgsm_rs"):
             raise ConfigError(f"unknown method {self.method!r}; choose 'pgd' or 'fgsm_rs'")
 
@@ -54,7 +57,11 @@ class MixConfig:
     inv: float = 0.0
 
     def validate(self) -> None:
-        for name, value in (("mix_clean", self.clean), ("mix_ptb", self.ptb), ("mix_inv", self.inv)):
+        for name, value in (
+            ("mix_clean", self.clean),
+            ("mix_ptb", self.ptb),
+            ("mix_inv", self.inv),
+        ):
             if not (0.0 <= value <= 1.0) or math.isnan(value):
                 raise ConfigError(f"{name} must lie in [0, 1], got {value}")
         total = self.clean + self.ptb + self.inv
@@ -106,8 +113,14 @@ class RunConfig:
 
     def flat_params(self) -> dict[str, Any]:
         """MLflow params, named like the MLproject parameters."""
-        attack_names = {"steps": "attack_steps", "step_size": "step_size", "eps": "eps",
-                        "random_start": "random_start", "method": "method"}
+        attack_names = {
+            "steps": "attack_steps",
+            "step_size": "step_size",
+            "eps": "eps",
+            "random_start": "random_start",
+            "method": "method",
+            "eps_warmup": "eps_warmup",
+        }
         out: dict[str, Any] = {}
         for section, values in asdict(self).items():
             for key, value in values.items():
@@ -126,12 +139,16 @@ class EvalConfig:
     pgd_restarts: int = 5  # random restarts of the PGD-100 attack
     seed: int = 0
     batch_size: int = 500
+    curve_size: int = 1000  # seeded subset for the accuracy-vs-eps curve
+    curve_points: int = 9  # eps values from 0 to 0.4 on that curve
 
     def validate(self) -> EvalConfig:
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
             raise ConfigError(f"eps must lie in [0, 1], got {self.eps}")
-        if self.eval_size < 0 or self.autoattack_size < 0:
+        if self.eval_size < 0 or self.autoattack_size < 0 or self.curve_size < 0:
             raise ConfigError("eval_size and autoattack_size must be >= 0 (0 = all / skip)")
+        if self.curve_points < 2:
+            raise ConfigError(f"curve_points must be >= 2, got {self.curve_points}")
         if self.pgd_restarts < 1:
             raise ConfigError(f"pgd_restarts must be >= 1, got {self.pgd_restarts}")
         return self

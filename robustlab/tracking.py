@@ -51,7 +51,9 @@ def configure_tracking() -> str:
                 f"MLFLOW_TRACKING_URI={uri} is unreachable ({reason}); start the server (make server) or unset the variable"
             ) from None
         if not ok:
-            raise TrackingError(f"MLFLOW_TRACKING_URI={uri} answered /health with an error; check the server")
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI={uri} answered /health with an error; check the server"
+            )
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -86,10 +88,16 @@ def start_run(
     """
     if not nested and not os.environ.get("MLFLOW_RUN_ID"):
         configure_tracking()
-        mlflow.set_experiment(experiment_id=ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT))
+        mlflow.set_experiment(
+            experiment_id=ensure_experiment(
+                os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+            )
+        )
     elif not nested:
         configure_tracking()
-    with mlflow.start_run(run_name=run_name, nested=nested, log_system_metrics=system_metrics) as run:
+    with mlflow.start_run(
+        run_name=run_name, nested=nested, log_system_metrics=system_metrics
+    ) as run:
         if params:
             # `mlflow run` has already logged the entry point's parameters (quoting empty ones);
             # MLflow refuses to change a param, so add only the ones it has not logged.
@@ -121,12 +129,16 @@ def load_keras_model(model_uri: str):
     try:
         model = mlflow.keras.load_model(model_uri)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
-        raise RobustlabError(f"cannot load model {model_uri!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the URI") from None
+        raise RobustlabError(
+            f"cannot load model {model_uri!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the URI"
+        ) from None
     if not isinstance(model, keras.Model):
         raise RobustlabError(f"{model_uri} is not a Keras model")
     shape = tuple(model.input_shape[1:]) if hasattr(model, "input_shape") else None
     if shape != (28, 28, 1) or tuple(model.output_shape[1:]) != (10,):
-        raise RobustlabError(f"{model_uri}: expected input (28, 28, 1) and 10 outputs, got {shape} -> {model.output_shape[1:]}")
+        raise RobustlabError(
+            f"{model_uri}: expected input (28, 28, 1) and 10 outputs, got {shape} -> {model.output_shape[1:]}"
+        )
     return model
 
 
@@ -135,7 +147,9 @@ EXCLUDED_ARTIFACT = "excluded_test_indices.json"
 
 def log_excluded_sources(indices) -> None:
     """Record in the active run which MNIST test images its model must never be evaluated on."""
-    mlflow.log_dict({"mnist_split": "test", "indices": [int(i) for i in indices]}, EXCLUDED_ARTIFACT)
+    mlflow.log_dict(
+        {"mnist_split": "test", "indices": [int(i) for i in indices]}, EXCLUDED_ARTIFACT
+    )
 
 
 def excluded_sources_of(model_uri: str):

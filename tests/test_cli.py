@@ -17,7 +17,9 @@ BIN = Path(sys.executable).parent
 
 def robustlab(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(BIN / "robustlab"), *args], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run(
+        [str(BIN / "robustlab"), *args], capture_output=True, text=True, env=full_env, timeout=300
+    )
 
 
 def _no_running_runs(uri: str) -> None:
@@ -51,11 +53,21 @@ def test_bad_parameters_fail_before_training(tracking, args, message):
 def test_corrupt_mnist_file(tracking, tmp_path):
     (tmp_path / "mnist.npz").write_bytes(b"\x00garbage")
     out = robustlab("vanilla", "--epochs", "1", "--data-dir", str(tmp_path))
-    assert out.returncode == 2 and "not a readable .npz file" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        out.returncode == 2
+        and "not a readable .npz file" in out.stderr
+        and "Traceback" not in out.stderr
+    )
     _no_running_runs(tracking)
 
 
 def test_unreachable_tracking_server(tracking):
-    out = robustlab("vanilla", "--epochs", "1", "--train-size", "256",
-                    env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    out = robustlab(
+        "vanilla",
+        "--epochs",
+        "1",
+        "--train-size",
+        "256",
+        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
+    )
     assert out.returncode == 2 and "is unreachable" in out.stderr and "Traceback" not in out.stderr

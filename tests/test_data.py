@@ -28,7 +28,18 @@ def test_split_sizes_scale_and_disjointness(mnist):
     i = mnist.val.source_index[3]
     np.testing.assert_allclose(mnist.val.x[3, ..., 0], raw.x_train[i] / 255.0, atol=1e-7)
     assert mnist.val.y[3] == raw.y_train[i]
-    assert np.bincount(raw.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert np.bincount(raw.y_test).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]
 
 
 def test_split_is_fixed_and_subsets_are_seeded(mnist):
@@ -36,7 +47,9 @@ def test_split_is_fixed_and_subsets_are_seeded(mnist):
     np.testing.assert_array_equal(again.val.source_index, mnist.val.source_index)
     np.testing.assert_array_equal(again.train.source_index, mnist.train.source_index[:1000])
     assert len(again.test) == 500 and len(np.unique(again.test.source_index)) == 500
-    np.testing.assert_array_equal(load_mnist(DATA_DIR, eval_size=500).test.source_index, again.test.source_index)
+    np.testing.assert_array_equal(
+        load_mnist(DATA_DIR, eval_size=500).test.source_index, again.test.source_index
+    )
 
 
 def test_without_sources_drops_exactly_those_images(mnist):
@@ -84,7 +97,9 @@ def test_scale_checks_refuse_the_wrong_declared_scale():
     with pytest.raises(DataError, match="already scaled"):
         check_images(np.full((2, 28, 28), 0.7, np.float32), scale="byte", what="x")
     out = to_unit(byte_images, scale="byte", what="x")
-    assert out.shape == (2, 28, 28, 1) and out.dtype == np.float32 and np.isclose(out.max(), 200 / 255)
+    assert (
+        out.shape == (2, 28, 28, 1) and out.dtype == np.float32 and np.isclose(out.max(), 200 / 255)
+    )
 
 
 def test_invariance_sets_are_rescaled_with_provenance():
@@ -98,4 +113,7 @@ def test_invariance_sets_are_rescaled_with_provenance():
     assert tramer.source_split == "test" and len(tramer) == 100
     assert round(float(tramer.label_changed.mean()), 2) == 0.21
     candidates = load_invariance_set("thesis_linf_eps0.4", DATA_DIR)
-    assert not candidates.has_human_labels and (candidates.target_label != candidates.original_label).all()
+    assert (
+        not candidates.has_human_labels
+        and (candidates.target_label != candidates.original_label).all()
+    )

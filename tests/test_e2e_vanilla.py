@@ -21,17 +21,36 @@ pytestmark = pytest.mark.slow
 
 def mlflow_run(entry: str, tracking_dir: Path, *params: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
-           "--experiment-name", "robustlab"]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "robustlab",
+    ]
     for p in params:
         cmd += ["-P", p]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tracking_dir)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tracking_dir
+    )
 
 
 def test_vanilla_through_mlflow_run(tracking, tmp_path):
     ensure_experiment("robustlab")
-    out = mlflow_run("vanilla", tmp_path, "epochs=2", "train_size=2000", "eval_size=600", "seed=1",
-                     "robust_eval=false", f"data_dir={DATA_DIR}")
+    out = mlflow_run(
+        "vanilla",
+        tmp_path,
+        "epochs=2",
+        "train_size=2000",
+        "eval_size=600",
+        "seed=1",
+        "robust_eval=false",
+        f"data_dir={DATA_DIR}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient()
     [run] = client.search_runs([ensure_experiment("robustlab")])
@@ -46,7 +65,9 @@ def test_vanilla_through_mlflow_run(tracking, tmp_path):
     assert any(k.startswith("system/") for k in m), "system metrics are logged"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "plots", "checkpoint", "excluded_test_indices.json"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/test_predictions.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
+        "plots/test_predictions.png"
+    ]
     inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
     assert {"mnist-training", "mnist-validation", "mnist-evaluation"} <= inputs
 

@@ -9,7 +9,7 @@ import pytest
 from robustlab.config import MixConfig, TrainConfig
 from robustlab.data.mnist import load_mnist
 from robustlab.models import build_model
-from robustlab.train.checkpoint import LoopState, load_checkpoint
+from robustlab.train.checkpoint import load_checkpoint
 from robustlab.train.loop import Monitor, clean_validation, fit
 from robustlab.train.mixture import Mixture, Pool
 from tests.conftest import DATA_DIR
@@ -26,9 +26,17 @@ def _fit(pool, val, epochs, tmp_path, state=None, model=None, optimizer=None, be
     model = model or build_model("madry_cnn")
     optimizer = optimizer or keras.optimizers.Adam(1e-3)
     config = TrainConfig(epochs=epochs, batch_size=64, seed=0, **cfg)
-    result = fit(model, optimizer, Mixture(pool, MixConfig(), 64), config, epochs,
-                 validators=[clean_validation(val)], state=state, best_weights=best,
-                 checkpoint_dir=tmp_path / "ckpt")
+    result = fit(
+        model,
+        optimizer,
+        Mixture(pool, MixConfig(), 64),
+        config,
+        epochs,
+        validators=[clean_validation(val)],
+        state=state,
+        best_weights=best,
+        checkpoint_dir=tmp_path / "ckpt",
+    )
     return model, optimizer, result
 
 
@@ -36,7 +44,9 @@ def test_loop_learns_and_checkpoint_restores_exactly(data, tmp_path):
     pool, val = data
     model, optimizer, result = _fit(pool, val, 2, tmp_path)
     assert result.epochs_run == 2 and len(result.history) == 2
-    assert result.history[-1]["val/clean_acc"] > 0.85  # far above chance after 2 epochs on 3k images
+    assert (
+        result.history[-1]["val/clean_acc"] > 0.85
+    )  # far above chance after 2 epochs on 3k images
     assert {"train/loss", "train/acc", "val/loss", "val/clean_acc"} <= set(result.history[0])
     restored, opt2 = build_model("madry_cnn"), keras.optimizers.Adam(1e-3)
     state, best = load_checkpoint(tmp_path / "ckpt", restored, opt2)
@@ -57,7 +67,12 @@ def test_resume_continues_from_the_next_epoch(data, tmp_path):
     state.done = False
     _, _, result = _fit(pool, val, 3, tmp_path, state=state, model=model, optimizer=opt, best=best)
     assert result.epochs_run == 2  # epochs 2 and 3 only
-    assert load_checkpoint(tmp_path / "ckpt", build_model("madry_cnn"), keras.optimizers.Adam())[0].epoch == 2
+    assert (
+        load_checkpoint(tmp_path / "ckpt", build_model("madry_cnn"), keras.optimizers.Adam())[
+            0
+        ].epoch
+        == 2
+    )
 
 
 def test_early_stopping_keeps_the_best_weights(data, tmp_path):
@@ -74,8 +89,16 @@ def test_early_stopping_keeps_the_best_weights(data, tmp_path):
     def on_epoch(metrics, step):
         snapshots.append([np.array(w) for w in model.get_weights()])
 
-    result = fit(model, optimizer, Mixture(pool, MixConfig(), 256), TrainConfig(epochs=5, batch_size=256, patience=2),
-                 5, validators=[fake_val], monitor=Monitor("val/loss", "min"), on_epoch=on_epoch)
+    result = fit(
+        model,
+        optimizer,
+        Mixture(pool, MixConfig(), 256),
+        TrainConfig(epochs=5, batch_size=256, patience=2),
+        5,
+        validators=[fake_val],
+        monitor=Monitor("val/loss", "min"),
+        on_epoch=on_epoch,
+    )
     assert result.stopped_early and result.epochs_run == 4 and result.best_epoch == 1
     for w, best in zip(model.get_weights(), snapshots[1], strict=True):
         np.testing.assert_array_equal(w, best)

@@ -21,13 +21,20 @@ def test_counts_follow_the_proportions_and_an_epoch_covers_mnist_once():
     assert len(batches) == mix.steps_per_epoch == 1000 // 75
     for b in batches:
         assert b.x.shape == (100, 28, 28, 1) and b.n_adv == 25
-        assert (b.y[:75] == 1).all() and (b.y[75:] == 2).all()  # MNIST rows first, attacked rows leading
+        assert (b.y[:75] == 1).all() and (
+            b.y[75:] == 2
+        ).all()  # MNIST rows first, attacked rows leading
     seen = np.concatenate([b.x[:75] for b in batches]).reshape(len(batches) * 75, -1)
     assert len(np.unique(seen, axis=0)) == len(seen)  # no MNIST image twice in one epoch
 
 
 def test_small_invariance_pool_is_oversampled_evenly():
-    mix = Mixture(_pool(2000, 1, "mnist"), MixConfig(clean=0.5, inv=0.5), batch_size=64, inv=_pool(10, 3, "inv"))
+    mix = Mixture(
+        _pool(2000, 1, "mnist"),
+        MixConfig(clean=0.5, inv=0.5),
+        batch_size=64,
+        inv=_pool(10, 3, "inv"),
+    )
     inv_rows = np.concatenate([b.x[32:] for b in mix.epoch(np.random.default_rng(1))])
     _, counts = np.unique(inv_rows.reshape(len(inv_rows), -1), axis=0, return_counts=True)
     assert len(counts) == 10 and counts.max() - counts.min() <= 1

@@ -10,7 +10,15 @@ from robustlab.models import available_models, build_model
 def test_madry_cnn_architecture_outputs_logits():
     model = build_model("madry_cnn")
     kinds = [type(layer).__name__ for layer in model.layers]
-    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]
+    assert kinds == [
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Flatten",
+        "Dense",
+        "Dense",
+    ]
     assert model.layers[0].kernel_size == (5, 5) and model.layers[0].filters == 32
     assert model.layers[2].filters == 64 and model.layers[5].units == 1024
     assert model.layers[-1].get_config()["activation"] == "linear"

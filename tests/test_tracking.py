@@ -27,7 +27,9 @@ def test_default_store_lives_in_the_tracking_folder(tmp_path, monkeypatch):
         mlflow.log_text("hello", "note.txt")
     assert configure_tracking() == f"sqlite:///{folder / 'mlflow.db'}"
     assert (folder / "mlflow.db").is_file()
-    assert (folder / "artifacts" / "robustlab" / run.info.run_id / "artifacts" / "note.txt").read_text() == "hello"
+    assert (
+        folder / "artifacts" / "robustlab" / run.info.run_id / "artifacts" / "note.txt"
+    ).read_text() == "hello"
     got = MlflowClient().get_run(run.info.run_id)
     assert got.info.status == "FINISHED" and got.data.params == {"a": "1"}
 
@@ -51,9 +53,22 @@ def mlflow_server(tmp_path):
     port = free_port()
     db, artifacts = tmp_path / "server.db", tmp_path / "artifacts"
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -86,4 +101,6 @@ def test_logging_to_a_real_mlflow_server_over_http(mlflow_server, monkeypatch):
     assert got.info.status == "FINISHED"
     assert got.data.metrics["test/clean_acc"] == 0.99 and got.data.params["regime"] == "vanilla"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/readme.txt"]
-    assert list(artifacts.rglob("readme.txt")), "the server stored the artifact in its artifacts folder"
+    assert list(artifacts.rglob("readme.txt")), (
+        "the server stored the artifact in its artifacts folder"
+    )

@@ -8,7 +8,9 @@ from robustlab.tracking import DEFAULT_EXPERIMENT, configure_tracking, ensure_ex
 
 
 def add_parser(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser("tracking-init", help="create the tracking store and the experiment; print the URI")
+    p = sub.add_parser(
+        "tracking-init", help="create the tracking store and the experiment; print the URI"
+    )
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     p.set_defaults(func=run)
     return ["tracking-init"]

@@ -30,18 +30,46 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
     g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--train-size", type=int, default=0, help="0 = all 55,000 training images")
-    g.add_argument("--eval-size", type=int, default=0, help="0 = whole test set minus excluded sources")
-    g.add_argument("--data-dir", type=_opt, default=None, help="folder with mnist.npz (default $ROBUSTLAB_DATA_DIR, then Keras)")
-    g.add_argument("--init-model", type=_opt, default=None, help="model URI to start from (runs:/…/model, models:/…)")
-    g.add_argument("--resume-run-id", type=_opt, default=None, help="continue from this run's last checkpoint")
+    g.add_argument(
+        "--eval-size", type=int, default=0, help="0 = whole test set minus excluded sources"
+    )
+    g.add_argument(
+        "--data-dir",
+        type=_opt,
+        default=None,
+        help="folder with mnist.npz (default $ROBUSTLAB_DATA_DIR, then Keras)",
+    )
+    g.add_argument(
+        "--init-model",
+        type=_opt,
+        default=None,
+        help="model URI to start from (runs:/…/model, models:/…)",
+    )
+    g.add_argument(
+        "--resume-run-id", type=_opt, default=None, help="continue from this run's last checkpoint"
+    )
     g.add_argument("--model", default="madry_cnn")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--learning-rate", type=float, default=1e-3)
-    g.add_argument("--patience", type=int, default=3, help="early stopping patience in epochs (0 = off)")
-    g.add_argument("--autoattack-size", type=int, default=1000, help="final evaluation: AutoAttack/Square subset (0 = skip)")
+    g.add_argument(
+        "--patience", type=int, default=3, help="early stopping patience in epochs (0 = off)"
+    )
+    g.add_argument(
+        "--autoattack-size",
+        type=int,
+        default=1000,
+        help="final evaluation: AutoAttack/Square subset (0 = skip)",
+    )
     g.add_argument("--pgd-restarts", type=int, default=EvalConfig.pgd_restarts)
-    g.add_argument("--robust-eval", type=_bool, default=True, help="run the robustness evaluation at the end")
-    g.add_argument("--inv-val", type=_bool, default=None, help="log val/inv_acc (default: when invariance data is used)")
+    g.add_argument(
+        "--robust-eval", type=_bool, default=True, help="run the robustness evaluation at the end"
+    )
+    g.add_argument(
+        "--all-curves",
+        type=_bool,
+        default=None,
+        help="log val/pgd_acc and val/inv_acc every epoch whatever the regime trains on",
+    )
     g.add_argument("--run-name", type=_opt, default=None)
 
 
@@ -49,9 +77,20 @@ def _attack(p: argparse.ArgumentParser, steps: int = 40, step_size: float = 0.01
     g = p.add_argument_group("perturbation attack")
     g.add_argument("--eps", type=float, default=0.3)
     g.add_argument("--attack-steps", type=int, default=steps)
-    g.add_argument("--step-size", type=float, default=step_size, help="0 = method default (pgd: 2.5*eps/steps, fgsm_rs: 1.25*eps)")
+    g.add_argument(
+        "--step-size",
+        type=float,
+        default=step_size,
+        help="0 = method default (pgd: 2.5*eps/steps, fgsm_rs: 1.25*eps)",
+    )
     g.add_argument("--random-start", type=_bool, default=True)
-    g.add_argument("--method", choices=("pgd", "fgsm_rs"), default="pgd")
+    g.add_argument("--method", default="pgd", help="pgd | fgsm_rs")
+    g.add_argument(
+        "--eps-warmup",
+        type=float,
+        default=0.0,
+        help="epochs over which eps ramps up from 0 (0 = none)",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> list[str]:
@@ -70,7 +109,9 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
         if name in ("invariance", "sequential", "joint"):
             p.add_argument("--inv-label-source", choices=LABEL_SOURCES, default="human")
         if name in ("invariance", "sequential"):
-            p.add_argument("--mix-inv", type=float, default=0.25, help="share of invariance examples per batch")
+            p.add_argument(
+                "--mix-inv", type=float, default=0.25, help="share of invariance examples per batch"
+            )
         if name == "sequential":
             p.add_argument("--order", default="ptb_inv", help=f"one of {ORDERS}")
             p.add_argument("--ptb-epochs", type=int, default=2)
@@ -89,23 +130,50 @@ def attack_config(args: argparse.Namespace) -> AttackConfig:
         return AttackConfig()
     step = args.step_size
     if step == 0:
-        step = 1.25 * args.eps if args.method == "fgsm_rs" else 2.5 * args.eps / max(args.attack_steps, 1)
-    return AttackConfig(eps=args.eps, steps=args.attack_steps, step_size=step, random_start=args.random_start is not False,
-                        method=args.method)
+        step = (
+            1.25 * args.eps
+            if args.method == "fgsm_rs"
+            else 2.5 * args.eps / max(args.attack_steps, 1)
+        )
+    return AttackConfig(
+        eps=args.eps,
+        steps=args.attack_steps,
+        step_size=step,
+        random_start=args.random_start is not False,
+        method=args.method,
+        eps_warmup=args.eps_warmup,
+    )
 
 
 def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
     attack = attack_config(args)
-    mix = MixConfig(args.mix_clean, args.mix_ptb, args.mix_inv) if args.regime == "joint" else MixConfig()
+    mix = (
+        MixConfig(args.mix_clean, args.mix_ptb, args.mix_inv)
+        if args.regime == "joint"
+        else MixConfig()
+    )
     cfg = RunConfig(
         data=DataConfig(args.data_dir, args.train_size, args.eval_size),
-        train=TrainConfig(args.epochs, args.batch_size, args.learning_rate, args.seed, args.patience, args.model,
-                          args.init_model, args.resume_run_id),
+        train=TrainConfig(
+            args.epochs,
+            args.batch_size,
+            args.learning_rate,
+            args.seed,
+            args.patience,
+            args.model,
+            args.init_model,
+            args.resume_run_id,
+        ),
         mix=mix,
         attack=attack,
     ).validate()
-    ev = EvalConfig(eps=attack.eps, eval_size=args.eval_size, autoattack_size=args.autoattack_size,
-                    pgd_restarts=args.pgd_restarts, seed=args.seed).validate()
+    ev = EvalConfig(
+        eps=attack.eps,
+        eval_size=args.eval_size,
+        autoattack_size=args.autoattack_size,
+        pgd_restarts=args.pgd_restarts,
+        seed=args.seed,
+    ).validate()
     return cfg, ev
 
 
@@ -114,11 +182,19 @@ def run(args: argparse.Namespace) -> None:
 
     cfg, ev = configs(args)
     regime = make_regime(
-        args.regime, epochs=args.epochs, mix=cfg.mix, mix_inv=getattr(args, "mix_inv", 0.25),
-        order=getattr(args, "order", "ptb_inv"), ptb_epochs=getattr(args, "ptb_epochs", 0),
+        args.regime,
+        epochs=args.epochs,
+        mix=cfg.mix,
+        mix_inv=getattr(args, "mix_inv", 0.25),
+        order=getattr(args, "order", "ptb_inv"),
+        ptb_epochs=getattr(args, "ptb_epochs", 0),
         inv_epochs=getattr(args, "inv_epochs", 0),
     )
-    extras = Extras(inv_label_source=getattr(args, "inv_label_source", "human"), inv_val=args.inv_val,
-                    robust_eval=args.robust_eval is not False, run_name=args.run_name)
+    extras = Extras(
+        inv_label_source=getattr(args, "inv_label_source", "human"),
+        all_curves=args.all_curves,
+        robust_eval=args.robust_eval is not False,
+        run_name=args.run_name,
+    )
     run_id = run_training(regime, cfg, ev, extras)
     print(f"run {run_id} finished; model at runs:/{run_id}/model", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import zipfile
@@ -17,7 +18,12 @@ DATA_DIR_ENV = "ROBUSTLAB_DATA_DIR"
 MNIST_FILE = "mnist.npz"
 SPLIT_SEED = 20200101  # fixed: the train/validation split never depends on the run's seed
 N_VAL = 5_000
-EXPECTED = {"x_train": (60_000, 28, 28), "y_train": (60_000,), "x_test": (10_000, 28, 28), "y_test": (10_000,)}
+EXPECTED = {
+    "x_train": (60_000, 28, 28),
+    "y_train": (60_000,),
+    "x_test": (10_000, 28, 28),
+    "y_test": (10_000,),
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,9 @@ def resolve_mnist_path(data_dir: str | os.PathLike | None = None) -> Path | None
             path = Path(candidate).expanduser()
             path = path if path.suffix == ".npz" else path / MNIST_FILE
             if not path.is_file():
-                raise DataError(f"{origin}={candidate}: no {MNIST_FILE} there; point {DATA_DIR_ENV} at the folder that holds it")
+                raise DataError(
+                    f"{origin}={candidate}: no {MNIST_FILE} there; point {DATA_DIR_ENV} at the folder that holds it"
+                )
             return path
     cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets" / MNIST_FILE
     return cached if cached.is_file() else None
@@ -95,16 +103,22 @@ def load_raw_mnist(data_dir: str | os.PathLike | None = None, *, download: bool 
     path = resolve_mnist_path(data_dir)
     if path is None:
         if not download:
-            raise DataError(f"{MNIST_FILE} not found; set {DATA_DIR_ENV} to the folder that holds it")
+            raise DataError(
+                f"{MNIST_FILE} not found; set {DATA_DIR_ENV} to the folder that holds it"
+            )
         path = _download()
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in EXPECTED if k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc}); replace it with a fresh copy of {MNIST_FILE}") from None
+        raise DataError(
+            f"{path}: not a readable .npz file ({exc}); replace it with a fresh copy of {MNIST_FILE}"
+        ) from None
     missing = sorted(set(EXPECTED) - set(arrays))
     if missing:
-        raise DataError(f"{path}: missing arrays {missing}; expected the Keras layout {sorted(EXPECTED)}")
+        raise DataError(
+            f"{path}: missing arrays {missing}; expected the Keras layout {sorted(EXPECTED)}"
+        )
     for key, shape in EXPECTED.items():
         if arrays[key].shape != shape:
             raise DataError(f"{path}: {key} has shape {arrays[key].shape}, expected {shape}")
@@ -123,8 +137,28 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, *, train_size: int = 0, eval_size: int = 0) -> Mnist:
-    """MNIST as float32 [0, 1] splits; `train_size`/`eval_size` > 0 take fixed, seeded subsets."""
+def load_mnist(
+    data_dir: str | os.PathLike | None = None, *, train_size: int = 0, eval_size: int = 0
+) -> Mnist:
+    """MNIST as float32 [0, 1] splits; `train_size`/`eval_size` > 0 take fixed, seeded subsets.
+
+    Cached per file (path, size, mtime), so an experiment's many runs load and check it once.
+    """
+    path = resolve_mnist_path(data_dir)
+    if path is None:
+        return _load_mnist(data_dir, train_size, eval_size)
+    stat = path.stat()
+    return _load_mnist_cached(str(path), stat.st_size, stat.st_mtime_ns, train_size, eval_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_mnist_cached(
+    path: str, _size: int, _mtime: int, train_size: int, eval_size: int
+) -> Mnist:
+    return _load_mnist(path, train_size, eval_size)
+
+
+def _load_mnist(data_dir: str | os.PathLike | None, train_size: int, eval_size: int) -> Mnist:
     raw = load_raw_mnist(data_dir)
     perm = np.random.default_rng(SPLIT_SEED).permutation(raw.y_train.shape[0])
     val_idx, train_idx = np.sort(perm[:N_VAL]), perm[N_VAL:]

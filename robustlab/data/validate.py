@@ -25,7 +25,9 @@ def check_images(x: np.ndarray, *, scale: Scale, what: str) -> None:
     elif x.ndim == 3:
         spatial = x.shape[1:]
     else:
-        raise DataError(f"{what}: expected images of shape (N, 28, 28) or (N, 28, 28, 1), got {x.shape}")
+        raise DataError(
+            f"{what}: expected images of shape (N, 28, 28) or (N, 28, 28, 1), got {x.shape}"
+        )
     if tuple(spatial) != IMAGE_SHAPE:
         raise DataError(f"{what}: expected 28x28 images, got shape {x.shape}")
     if x.shape[0] == 0:

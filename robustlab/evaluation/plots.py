@@ -21,13 +21,19 @@ def image_grid(
 ) -> Path:
     """One row per (name, images) pair; each cell titled 'label→prediction' (red when wrong)."""
     n_rows, n_cols = len(rows), len(rows[0][1])
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.2 * n_cols, 1.45 * n_rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(1.2 * n_cols, 1.45 * n_rows + 0.4), squeeze=False
+    )
     for r, ((name, images), preds) in enumerate(zip(rows, predictions, strict=True)):
         for c in range(n_cols):
             ax = axes[r, c]
-            ax.imshow(images[c].reshape(28, 28), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.imshow(
+                images[c].reshape(28, 28), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest"
+            )
             ok = int(preds[c]) == int(labels[c])
-            ax.set_title(f"{int(labels[c])}→{int(preds[c])}", fontsize=8, color="black" if ok else "red")
+            ax.set_title(
+                f"{int(labels[c])}→{int(preds[c])}", fontsize=8, color="black" if ok else "red"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(name, fontsize=8)

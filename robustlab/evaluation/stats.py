@@ -33,5 +33,8 @@ def accuracy(correct: np.ndarray, confidence: float = 0.95) -> Accuracy:
 
 def predict_logits(model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Logits of `model` on float32 images in [0, 1], in batches, dropout off."""
-    out = [np.asarray(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    out = [
+        np.asarray(model(x[i : i + batch_size], training=False))
+        for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(out) if out else np.empty((0, 10), dtype=np.float32)

@@ -28,8 +28,13 @@ class LoopState:
     rng_state: dict[str, Any] = field(default_factory=dict)
 
 
-def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                    best_weights: list[np.ndarray] | None, state: LoopState) -> Path:
+def save_checkpoint(
+    folder: Path,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    best_weights: list[np.ndarray] | None,
+    state: LoopState,
+) -> Path:
     """Write the checkpoint into `folder` (replaced atomically)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -44,8 +49,9 @@ def save_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizer
     return folder
 
 
-def load_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer
-                    ) -> tuple[LoopState, list[np.ndarray] | None]:
+def load_checkpoint(
+    folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> tuple[LoopState, list[np.ndarray] | None]:
     """Restore model and optimizer in place; return the loop state and best weights."""
     model.load_weights(folder / "model.weights.h5")
     optimizer.build(model.trainable_variables)

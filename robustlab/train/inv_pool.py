@@ -31,7 +31,11 @@ class InvPools:
     label_source: str
 
     def train_pool(self) -> Pool:
-        return Pool(self.train.images, labels_for(self.train, self.label_source), f"inv-train[{self.label_source}]")
+        return Pool(
+            self.train.images,
+            labels_for(self.train, self.label_source),
+            f"inv-train[{self.label_source}]",
+        )
 
     @property
     def used_sets(self) -> list[InvarianceSet]:
@@ -42,8 +46,12 @@ class InvPools:
 def labels_for(s: InvarianceSet, source: str) -> np.ndarray:
     """The label each example is trained with; refuses a source the set does not have."""
     if source not in LABEL_SOURCES:
-        raise ConfigError(f"unknown inv_label_source {source!r}; choose one of {list(LABEL_SOURCES)}")
-    labels = {"human": s.human_label, "target": s.target_label, "original": s.original_label}[source]
+        raise ConfigError(
+            f"unknown inv_label_source {source!r}; choose one of {list(LABEL_SOURCES)}"
+        )
+    labels = {"human": s.human_label, "target": s.target_label, "original": s.original_label}[
+        source
+    ]
     if (labels < 0).any():
         raise ConfigError(
             f"inv_label_source={source!r} but {int((labels < 0).sum())} examples of {s.name} have no {source} label; "
@@ -52,8 +60,11 @@ def labels_for(s: InvarianceSet, source: str) -> np.ndarray:
     return labels
 
 
-def load_inv_pools(data_dir: str | os.PathLike | None, label_source: str = "human",
-                   sets: tuple[str, ...] = TRAIN_POOL_SETS) -> InvPools:
+def load_inv_pools(
+    data_dir: str | os.PathLike | None,
+    label_source: str = "human",
+    sets: tuple[str, ...] = TRAIN_POOL_SETS,
+) -> InvPools:
     """Training/validation pools, split by source image (no source in both)."""
     loaded = [load_invariance_set(name, data_dir) for name in sets]
     for s in loaded:
@@ -61,11 +72,15 @@ def load_inv_pools(data_dir: str | os.PathLike | None, label_source: str = "huma
     merged = loaded[0] if len(loaded) == 1 else _concat(loaded)
     sources = np.unique(merged.source_index)
     rng = np.random.default_rng(POOL_SPLIT_SEED)
-    val_sources = rng.choice(sources, size=max(1, round(VAL_FRACTION * len(sources))), replace=False)
+    val_sources = rng.choice(
+        sources, size=max(1, round(VAL_FRACTION * len(sources))), replace=False
+    )
     is_val = np.isin(merged.source_index, val_sources)
     train, val = merged.take(np.flatnonzero(~is_val)), merged.take(np.flatnonzero(is_val))
     if len(train) == 0 or len(val) == 0:
-        raise ConfigError("the invariance pool is empty after the split by source image; add labelled examples")
+        raise ConfigError(
+            "the invariance pool is empty after the split by source image; add labelled examples"
+        )
     return InvPools(train, val, label_source)
 
 
@@ -73,16 +88,31 @@ def _concat(sets: list[InvarianceSet]) -> InvarianceSet:
     if len({s.source_split for s in sets}) != 1:
         raise DataError("invariance training sets must come from one MNIST split")
     cat = lambda key: np.concatenate([getattr(s, key) for s in sets])  # noqa: E731
-    return InvarianceSet("+".join(s.name for s in sets), cat("images"), cat("original_label"), cat("target_label"),
-                         cat("human_label"), sets[0].source_split, cat("source_index"), sets[0].eps, sets[0].norm)
+    return InvarianceSet(
+        "+".join(s.name for s in sets),
+        cat("images"),
+        cat("original_label"),
+        cat("target_label"),
+        cat("human_label"),
+        sets[0].source_split,
+        cat("source_index"),
+        sets[0].eps,
+        sets[0].norm,
+    )
 
 
-def load_eval_sets(data_dir: str | os.PathLike | None, excluded: np.ndarray) -> dict[str, InvarianceSet]:
+def load_eval_sets(
+    data_dir: str | os.PathLike | None, excluded: np.ndarray
+) -> dict[str, InvarianceSet]:
     """Tramèr's sets minus every example whose source image the model trained on."""
     out = {}
     for name in EVAL_SETS:
         s = load_invariance_set(name, data_dir)
-        keep = ~np.isin(s.source_index, excluded) if s.source_split == "test" else np.ones(len(s), bool)
+        keep = (
+            ~np.isin(s.source_index, excluded)
+            if s.source_split == "test"
+            else np.ones(len(s), bool)
+        )
         out[name] = s.take(np.flatnonzero(keep))
     return out
 
@@ -93,9 +123,17 @@ def inv_accuracy(model, s: InvarianceSet, prefix: str) -> dict[str, float]:
     correct = pred == s.human_label
     changed = s.label_changed
     metrics: dict[str, float] = {}
-    for name, mask in (("inv_acc", np.ones_like(changed)), ("inv_acc_changed", changed), ("inv_acc_kept", ~changed)):
+    for name, mask in (
+        ("inv_acc", np.ones_like(changed)),
+        ("inv_acc_changed", changed),
+        ("inv_acc_kept", ~changed),
+    ):
         if mask.any():
-            metrics.update(accuracy(correct[mask]).as_metrics(f"{prefix}/{name}" + (f"/{s.name}" if prefix == "test" else "")))
+            metrics.update(
+                accuracy(correct[mask]).as_metrics(
+                    f"{prefix}/{name}" + (f"/{s.name}" if prefix == "test" else "")
+                )
+            )
     return metrics
 
 

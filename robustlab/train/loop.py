@@ -23,6 +23,7 @@ PerturbFn = Callable[[keras.Model, tf.Tensor, tf.Tensor], tf.Tensor]
 Validator = Callable[[keras.Model], dict[str, float]]
 EpochHook = Callable[[dict[str, float], int], None]  # (metrics, global epoch)
 CheckpointHook = Callable[[Path], None]
+PROGRESS_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class FitResult:
     seconds: float = 0.0
 
 
-def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, perturb: PerturbFn | None):
+def make_train_step(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, perturb: PerturbFn | None
+):
     """Compile one step: attack rows [0, n_adv) against the current model, then an Adam update."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -103,33 +106,64 @@ def fit(
     on_epoch: EpochHook | None = None,
     on_checkpoint: CheckpointHook | None = None,
     phase: str = "train",
+    eps_warmup: float = 0.0,
 ) -> FitResult:
     """Train `epochs` epochs (resuming from `state`), early-stop on `monitor`, keep the best weights.
 
     After each epoch: validators run, `on_epoch` gets the metrics, a checkpoint is written to
     `checkpoint_dir` and handed to `on_checkpoint`. On return the model holds the best weights.
+    With `eps_warmup` > 0 epochs, the attack's `eps_scale` ramps linearly from 0 to 1 per batch.
     """
     state = state or LoopState()
     rng = np.random.default_rng(cfg.seed)
     if state.rng_state:
         rng.bit_generator.state = state.rng_state
     step = make_train_step(model, optimizer, perturb if mixture.n_adv else None)
+    warm_steps = (
+        eps_warmup * mixture.steps_per_epoch if (perturb is not None and mixture.n_adv) else 0.0
+    )
     result = FitResult(epochs_run=0, best_epoch=state.best_epoch, stopped_early=False)
     t0 = time.perf_counter()
+    tty = sys.stderr.isatty()
     for epoch in range(state.epoch + 1, epochs):
         if state.done:
             break
         t_epoch = time.perf_counter()
         loss_sum = correct_sum = seen = 0.0
-        bar = tqdm(mixture.epoch(rng), total=mixture.steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{epochs}",
-                   file=sys.stderr, leave=False, mininterval=2.0, disable=None)
-        for batch in bar:
-            loss, correct = step(tf.constant(batch.x), tf.constant(batch.y), tf.constant(batch.n_adv, tf.int32))
+        bar = tqdm(
+            mixture.epoch(rng),
+            total=mixture.steps_per_epoch,
+            desc=f"{phase} epoch {epoch + 1}/{epochs}",
+            file=sys.stderr,
+            leave=False,
+            mininterval=2.0,
+            disable=not tty,
+        )
+        last_line = time.perf_counter()
+        for b, batch in enumerate(bar):
+            if warm_steps:
+                scale = min(1.0, (epoch * mixture.steps_per_epoch + b + 1) / warm_steps)
+                perturb.eps_scale.assign(scale)
+            loss, correct = step(
+                tf.constant(batch.x), tf.constant(batch.y), tf.constant(batch.n_adv, tf.int32)
+            )
             n = len(batch.y)
             loss_sum += float(loss) * n
             correct_sum += float(correct)
             seen += n
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct_sum / seen:.4f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}", acc=f"{correct_sum / seen:.4f}", refresh=False
+            )
+            if (
+                not tty and time.perf_counter() - last_line > PROGRESS_EVERY_S
+            ):  # logs: a plain line a minute
+                last_line = time.perf_counter()
+                print(
+                    f"[{phase}] epoch {epoch + 1}/{epochs}  batch {b + 1}/{mixture.steps_per_epoch}  "
+                    f"loss={loss_sum / seen:.4f} acc={correct_sum / seen:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         bar.close()
         metrics = {"train/loss": loss_sum / max(seen, 1), "train/acc": correct_sum / max(seen, 1)}
         for validate in validators:
@@ -149,9 +183,13 @@ def fit(
         state.rng_state = rng.bit_generator.state
         result.history.append(metrics)
         result.epochs_run += 1
-        print(f"[{phase}] epoch {epoch + 1}/{epochs}  " + "  ".join(
-            f"{k}={v:.4f}" for k, v in metrics.items() if k != "time/epoch_seconds"
-        ) + f"  ({metrics['time/epoch_seconds']:.0f}s)", file=sys.stderr, flush=True)
+        print(
+            f"[{phase}] epoch {epoch + 1}/{epochs}  "
+            + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "time/epoch_seconds")
+            + f"  ({metrics['time/epoch_seconds']:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
         if on_epoch:
             on_epoch(metrics, state.global_epoch)
         if checkpoint_dir is not None:
@@ -159,7 +197,10 @@ def fit(
             if on_checkpoint:
                 on_checkpoint(checkpoint_dir)
         if result.stopped_early:
-            print(f"[{phase}] early stop: {monitor.metric} did not improve for {cfg.patience} epochs", file=sys.stderr)
+            print(
+                f"[{phase}] early stop: {monitor.metric} did not improve for {cfg.patience} epochs",
+                file=sys.stderr,
+            )
     if best_weights is not None:
         model.set_weights(best_weights)
     result.best_epoch = state.best_epoch

@@ -50,7 +50,9 @@ class Mixture:
     def __init__(self, mnist: Pool, mix: MixConfig, batch_size: int, inv: Pool | None = None):
         mix.validate()
         if mix.inv > 0 and (inv is None or len(inv) == 0):
-            raise ConfigError("mix_inv > 0 but the invariance pool is empty; add labelled invariance examples or set mix_inv=0")
+            raise ConfigError(
+                "mix_inv > 0 but the invariance pool is empty; add labelled invariance examples or set mix_inv=0"
+            )
         self.mnist, self.inv, self.mix, self.batch_size = mnist, inv, mix, batch_size
         self.n_inv = round(batch_size * mix.inv) if inv is not None else 0
         self.n_adv = round(batch_size * mix.ptb)
@@ -59,7 +61,9 @@ class Mixture:
             self.n_adv = self.n_mnist
         if self.n_mnist > 0:
             if len(mnist) < self.n_mnist:
-                raise ConfigError(f"train_size={len(mnist)} is smaller than one batch's MNIST share ({self.n_mnist})")
+                raise ConfigError(
+                    f"train_size={len(mnist)} is smaller than one batch's MNIST share ({self.n_mnist})"
+                )
             self.steps_per_epoch = len(mnist) // self.n_mnist
         else:
             self.steps_per_epoch = max(1, len(inv) // self.n_inv)

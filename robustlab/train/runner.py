@@ -28,10 +28,19 @@ from robustlab.tracking import (
     start_run,
 )
 from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT, LoopState, load_checkpoint
-from robustlab.train.inv_pool import InvPools, inv_accuracy, inv_validation, load_eval_sets, load_inv_pools
+from robustlab.train.inv_pool import (
+    InvPools,
+    inv_accuracy,
+    inv_validation,
+    load_eval_sets,
+    load_inv_pools,
+)
 from robustlab.train.loop import Monitor, Validator, clean_validation, fit
 from robustlab.train.mixture import Mixture, Pool
 
+EVALUATED_ARTIFACT = (
+    "evaluated_test_indices.json"  # the MNIST test images the final evaluation used
+)
 VAL_ATTACK_SIZE = 500  # validation images attacked per epoch (PGD-10) for the val/pgd_acc curve
 
 
@@ -40,9 +49,13 @@ class Extras:
     """Regime options beyond RunConfig."""
 
     inv_label_source: str = "human"
-    inv_val: bool | None = None  # compute val/inv_acc (default: when the regime uses invariance data)
+    # per-epoch val/pgd_acc and val/inv_acc for every regime (default: only the ones it trains on);
+    # loading the invariance validation pool also excludes its sources from evaluation
+    all_curves: bool | None = None
     robust_eval: bool = True  # full robustness evaluation at the end (PGD, AutoAttack, ...)
     run_name: str | None = None
+    nested: bool = False  # a child run of the active run (the experiment runner)
+    tags: dict[str, str] | None = None
 
 
 def _pgd_validation(val_x: np.ndarray, val_y: np.ndarray, cfg: RunConfig) -> Validator:
@@ -51,8 +64,17 @@ def _pgd_validation(val_x: np.ndarray, val_y: np.ndarray, cfg: RunConfig) -> Val
     eps = cfg.attack.eps
 
     def validate(model: keras.Model) -> dict[str, float]:
-        x_adv = pgd_attack(model, val_x, val_y, eps=eps, steps=10, step_size=eps / 4, random_start=True,
-                           batch_size=VAL_ATTACK_SIZE, seed=0)
+        x_adv = pgd_attack(
+            model,
+            val_x,
+            val_y,
+            eps=eps,
+            steps=10,
+            step_size=eps / 4,
+            random_start=True,
+            batch_size=VAL_ATTACK_SIZE,
+            seed=0,
+        )
         pred = np.argmax(predict_logits(model, x_adv), axis=1)
         return {"val/pgd_acc": float(np.mean(pred == val_y))}
 
@@ -73,11 +95,17 @@ def _perturb_fn(cfg: RunConfig):
     return make_perturb_fn(cfg.attack)
 
 
-def _restore(resume_run_id: str, model: keras.Model) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
+def _restore(
+    resume_run_id: str, model: keras.Model
+) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
     try:
-        folder = mlflow.artifacts.download_artifacts(run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT)
+        folder = mlflow.artifacts.download_artifacts(
+            run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT
+        )
     except Exception as exc:  # noqa: BLE001
-        raise RobustlabError(f"resume_run_id={resume_run_id}: no checkpoint found in that run ({type(exc).__name__})") from None
+        raise RobustlabError(
+            f"resume_run_id={resume_run_id}: no checkpoint found in that run ({type(exc).__name__})"
+        ) from None
     optimizer = keras.optimizers.Adam()
     state, best = load_checkpoint(Path(folder), model, optimizer)
     return state, optimizer, best
@@ -86,34 +114,61 @@ def _restore(resume_run_id: str, model: keras.Model) -> tuple[LoopState, keras.o
 def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for split, context in ((mnist.train, "training"), (mnist.val, "validation"), (mnist.test, "evaluation")):
-            ds = mlflow.data.from_numpy(split.x, targets=split.y, source=str(mnist.path), name=f"mnist-{context}")
+        for split, context in (
+            (mnist.train, "training"),
+            (mnist.val, "validation"),
+            (mnist.test, "evaluation"),
+        ):
+            ds = mlflow.data.from_numpy(
+                split.x, targets=split.y, source=str(mnist.path), name=f"mnist-{context}"
+            )
             mlflow.log_input(ds, context=context)
         if pools is not None:
-            ds = mlflow.data.from_numpy(pools.train.images, targets=pools.train_pool().y, name=pools.train.name)
+            ds = mlflow.data.from_numpy(
+                pools.train.images, targets=pools.train_pool().y, name=pools.train.name
+            )
             mlflow.log_input(ds, context="training")
 
 
-def _final_clean_eval(model: keras.Model, mnist: Mnist, excluded: np.ndarray, cfg: RunConfig, out: Path):
+def _final_clean_eval(
+    model: keras.Model, mnist: Mnist, excluded: np.ndarray, cfg: RunConfig, out: Path
+):
     test = subsample(mnist.test.without_sources(excluded), cfg.data.eval_size, seed=cfg.train.seed)
     pred = np.argmax(predict_logits(model, test.x), axis=1)
     acc = accuracy(pred == test.y)
     mlflow.log_metrics({**acc.as_metrics("test/clean_acc"), "test/n_images": float(acc.n)})
+    mlflow.log_dict(
+        {"mnist_split": "test", "indices": test.source_index.tolist()}, EVALUATED_ARTIFACT
+    )
     idx = np.arange(min(16, len(test)))
-    image_grid([("test", test.x[idx])], test.y[idx], [pred[idx]], out / "test_predictions.png",
-               title=f"clean test accuracy {acc.value:.4f} [{acc.ci_low:.4f}, {acc.ci_high:.4f}] on {acc.n} images")
+    image_grid(
+        [("test", test.x[idx])],
+        test.y[idx],
+        [pred[idx]],
+        out / "test_predictions.png",
+        title=f"clean test accuracy {acc.value:.4f} [{acc.ci_low:.4f}, {acc.ci_high:.4f}] on {acc.n} images",
+    )
     mlflow.log_artifact(str(out / "test_predictions.png"), "plots")
-    print(f"test/clean_acc = {acc.value:.4f}  95% CI [{acc.ci_low:.4f}, {acc.ci_high:.4f}]  (n={acc.n})", file=sys.stderr)
+    print(
+        f"test/clean_acc = {acc.value:.4f}  95% CI [{acc.ci_low:.4f}, {acc.ci_high:.4f}]  (n={acc.n})",
+        file=sys.stderr,
+    )
     return test
 
 
-def run_training(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras = Extras()) -> str:
+def run_training(
+    regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras = Extras()
+) -> str:
     """Train `regime` under `cfg` in one MLflow run (nested runs per phase); return the run id."""
     cfg.validate()
     eval_cfg.validate()
     mnist = load_mnist(cfg.data.data_dir, train_size=cfg.data.train_size)
-    want_inv_val = regime.uses_inv if extras.inv_val is None else extras.inv_val
-    pools = load_inv_pools(cfg.data.data_dir, extras.inv_label_source) if (regime.uses_inv or want_inv_val) else None
+    all_curves = bool(extras.all_curves)
+    pools = (
+        load_inv_pools(cfg.data.data_dir, extras.inv_label_source)
+        if (regime.uses_inv or all_curves)
+        else None
+    )
     init_excluded = np.empty(0, dtype=np.int64)
     init_model = None
     if cfg.train.init_model:
@@ -124,25 +179,45 @@ def run_training(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: E
         eval_sets = load_eval_sets(cfg.data.data_dir, excluded)
     except DataError as exc:
         eval_sets = {}
-        print(f"note: invariance evaluation sets unavailable ({exc}); skipping test/inv_acc", file=sys.stderr)
+        print(
+            f"note: invariance evaluation sets unavailable ({exc}); skipping test/inv_acc",
+            file=sys.stderr,
+        )
 
-    params = {"regime": regime.name, **cfg.flat_params(), "inv_label_source": extras.inv_label_source,
-              "phases": ",".join(f"{p.name}:{p.epochs}" for p in regime.phases)}
-    tags = {"robustlab.regime": regime.name, "robustlab.mnist_digest": mnist.digest}
-    with start_run(extras.run_name or regime.name, params=params, tags=tags) as run, tempfile.TemporaryDirectory() as tmp:
+    params = {
+        "regime": regime.name,
+        **cfg.flat_params(),
+        "inv_label_source": extras.inv_label_source,
+        "phases": ",".join(f"{p.name}:{p.epochs}" for p in regime.phases),
+    }
+    tags = {
+        "robustlab.regime": regime.name,
+        "robustlab.mnist_digest": mnist.digest,
+        **(extras.tags or {}),
+    }
+    run_ctx = start_run(
+        extras.run_name or regime.name,
+        params=params,
+        tags=tags,
+        nested=extras.nested,
+        system_metrics=not extras.nested,
+    )
+    with run_ctx as run, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         parent_id = run.info.run_id
         _log_datasets(mnist, pools)
         log_excluded_sources(excluded)
         model = init_model or build_model(cfg.train.model)
-        resumed: tuple | None = _restore(cfg.train.resume_run_id, model) if cfg.train.resume_run_id else None
+        resumed: tuple | None = (
+            _restore(cfg.train.resume_run_id, model) if cfg.train.resume_run_id else None
+        )
         if resumed:
             mlflow.set_tag("robustlab.resumed_from", cfg.train.resume_run_id)
         global_epoch = resumed[0].global_epoch if resumed else -1
         mnist_pool = Pool(mnist.train.x, mnist.train.y, "mnist-train")
         perturb = _perturb_fn(cfg) if regime.uses_ptb else None
         validators_common: list[Validator] = [clean_validation(mnist.val)]
-        if regime.uses_ptb or want_inv_val:
+        if regime.uses_ptb or all_curves:
             val_small = subsample(mnist.val, VAL_ATTACK_SIZE, seed=0)
             validators_common.append(_pgd_validation(val_small.x, val_small.y, cfg))
         if pools is not None:
@@ -155,11 +230,25 @@ def run_training(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: E
                 state, optimizer, best = resumed
             state = state or LoopState(phase_index=i, global_epoch=global_epoch)
             optimizer = optimizer or keras.optimizers.Adam(cfg.train.learning_rate)
-            mixture = Mixture(mnist_pool, phase.mix, cfg.train.batch_size, pools.train_pool() if pools else None)
-            ctx = start_run(phase.name, nested=True, system_metrics=False,
-                            params={"phase": phase.name, "epochs": phase.epochs, **{f"mix_{k}": v for k, v in vars(phase.mix).items()}}) \
-                if regime.nested else nullcontext()
+            mixture = Mixture(
+                mnist_pool, phase.mix, cfg.train.batch_size, pools.train_pool() if pools else None
+            )
+            ctx = (
+                start_run(
+                    phase.name,
+                    nested=True,
+                    system_metrics=False,
+                    params={
+                        "phase": phase.name,
+                        "epochs": phase.epochs,
+                        **{f"mix_{k}": v for k, v in vars(phase.mix).items()},
+                    },
+                )
+                if regime.nested
+                else nullcontext()
+            )
             with ctx as phase_run:
+
                 def on_epoch(metrics: dict[str, float], step: int, _phase_run=phase_run) -> None:
                     mlflow.log_metrics(metrics, step=step, run_id=parent_id)
                     if _phase_run is not None:
@@ -168,13 +257,29 @@ def run_training(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: E
                 def on_checkpoint(folder: Path) -> None:
                     mlflow.log_artifacts(str(folder), CHECKPOINT_ARTIFACT, run_id=parent_id)
 
-                result = fit(model, optimizer, mixture, cfg.train, phase.epochs, validators=validators_common,
-                             perturb=perturb, monitor=_monitor(phase, pools is not None), state=state,
-                             best_weights=best, checkpoint_dir=out / "ckpt", on_epoch=on_epoch,
-                             on_checkpoint=on_checkpoint, phase=phase.name)
+                result = fit(
+                    model,
+                    optimizer,
+                    mixture,
+                    cfg.train,
+                    phase.epochs,
+                    validators=validators_common,
+                    perturb=perturb,
+                    monitor=_monitor(phase, pools is not None),
+                    state=state,
+                    best_weights=best,
+                    checkpoint_dir=out / "ckpt",
+                    on_epoch=on_epoch,
+                    on_checkpoint=on_checkpoint,
+                    phase=phase.name,
+                    eps_warmup=cfg.attack.eps_warmup,
+                )
                 global_epoch = state.global_epoch
-                summary = {f"{phase.name}/epochs_run": result.epochs_run, f"{phase.name}/best_epoch": result.best_epoch,
-                           f"{phase.name}/train_seconds": result.seconds}
+                summary = {
+                    f"{phase.name}/epochs_run": result.epochs_run,
+                    f"{phase.name}/best_epoch": result.best_epoch,
+                    f"{phase.name}/train_seconds": result.seconds,
+                }
                 mlflow.log_metrics(summary, run_id=parent_id)
         test = _final_clean_eval(model, mnist, excluded, cfg, out)
         for s in eval_sets.values():
@@ -197,5 +302,18 @@ def _log_model(model: keras.Model, example: np.ndarray) -> None:
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model"
         path.mkdir()
-        mlflow.keras.save_model(model, str(path), signature=signature, input_example=example)
+        mlflow.keras.save_model(
+            model,
+            str(path),
+            signature=signature,
+            input_example=example,
+            pip_requirements=_model_requirements(),
+        )
         mlflow.log_artifacts(str(path), "model")
+
+
+def _model_requirements() -> list[str]:
+    """Pinned serving requirements (MLflow's inference would re-import the model in a subprocess)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "keras", "tensorflow-cpu", "numpy")]

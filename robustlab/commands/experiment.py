@@ -1,0 +1,38 @@
+"""`robustlab experiment`: regimes × seeds under one parent run, with the reproduction report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+BUDGETS = (
+    "smoke",
+    "default",
+    "full",
+)  # see robustlab.experiment.BUDGETS (imported lazily: TensorFlow)
+DEFAULT_REGIMES = (
+    "vanilla,perturbation,invariance,invariance_target,sequential_ptb_inv,sequential_inv_ptb,joint"
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+    p = sub.add_parser(
+        "experiment", help="run regimes × seeds and write the thesis reproduction report"
+    )
+    p.add_argument("--budget", default="default", help=f"one of {list(BUDGETS)}")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--regimes", default=DEFAULT_REGIMES, help="comma-separated")
+    p.add_argument("--data-dir", type=lambda s: s or None, default=None)
+    p.add_argument("--eps", type=float, default=0.3)
+    p.set_defaults(func=run)
+    return ["experiment"]
+
+
+def run(args: argparse.Namespace) -> None:
+    from robustlab.experiment import run_experiment
+
+    run_id = run_experiment(args.budget, args.seeds, args.regimes, args.data_dir, args.eps)
+    print(
+        f"experiment {run_id} finished: report.md, comparison.csv and plots are in its artifacts",
+        file=sys.stderr,
+    )

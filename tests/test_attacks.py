@@ -1,0 +1,255 @@
+"""Attacks: the ART factory, the TF training-time attack, and their equivalence on a trained model."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+
+@functools.cache
+def trained_model():
+    """madry_cnn: 1 clean epoch on 8k MNIST images, then 2 FGSM-RS epochs at eps 0.3 (~25 s).
+
+    Cached per process so that test_evaluate.py reuses it. Returns (model, test split).
+    """
+    import keras
+    import tensorflow as tf
+
+    from robustlab.attacks import make_perturb_fn
+    from robustlab.config import AttackConfig
+    from robustlab.data.mnist import load_mnist
+    from robustlab.models import build_model
+
+    data = load_mnist(train_size=8000)
+    keras.utils.set_random_seed(0)
+    model = build_model("madry_cnn")
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn)
+    model.fit(data.train.x, data.train.y, batch_size=128, epochs=1, verbose=0)
+
+    perturb = make_perturb_fn(AttackConfig(eps=0.3, steps=1, step_size=0.375, method="fgsm_rs"))
+    opt = keras.optimizers.Adam(5e-4)
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y):
+        x_adv = perturb(model, x, y)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x_adv, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    for _ in range(2):
+        for i in range(0, len(data.train), 128):
+            step(tf.constant(data.train.x[i : i + 128]), tf.constant(data.train.y[i : i + 128]))
+    return model, data.test
+
+
+@pytest.fixture(scope="module")
+def model_and_test():
+    return trained_model()
+
+
+def _acc(model, x, y) -> float:
+    from robustlab.evaluation.stats import predict_logits
+
+    return float((predict_logits(model, x, 500).argmax(1) == y).mean())
+
+
+# --- the ART factory --------------------------------------------------------------------------
+
+
+def test_factory_builds_every_named_art_attack():
+    from art.attacks.evasion import (
+        AutoAttack,
+        AutoProjectedGradientDescent,
+        FastGradientMethod,
+        ProjectedGradientDescent,
+        SquareAttack,
+    )
+
+    from robustlab.attacks import ATTACK_NAMES, make_attack, make_classifier
+    from robustlab.models import build_model
+
+    clf = make_classifier(build_model("madry_cnn"))
+    expected = {
+        "fgsm": FastGradientMethod,
+        "pgd": ProjectedGradientDescent,
+        "apgd": AutoProjectedGradientDescent,
+        "autoattack": AutoAttack,
+        "square": SquareAttack,
+    }
+    assert set(ATTACK_NAMES) == set(expected)
+    for name, cls in expected.items():
+        assert isinstance(make_attack(name, clf, eps=0.3), cls), name
+    pgd = make_attack("pgd", clf, eps=0.2, steps=7, step_size=0.05, restarts=3, batch_size=64)
+    assert (pgd.max_iter, pgd.eps_step, pgd.num_random_init, pgd.batch_size) == (7, 0.05, 3, 64)
+    assert pgd.norm == np.inf and pgd.eps == 0.2
+    aa = make_attack("autoattack", clf, eps=0.3, square_queries=10)
+    assert [type(a).__name__ for a in aa.attacks] == [
+        "AutoProjectedGradientDescent",
+        "AutoProjectedGradientDescent",
+        "SquareAttack",
+    ]
+    assert [a.loss_type for a in aa.attacks[:2]] == ["cross_entropy", "difference_logits_ratio"]
+    assert aa.attacks[2].max_iter == 10
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "fragment"),
+    [
+        (
+            "cw",
+            {"eps": 0.3},
+            "unknown attack 'cw'; choose one of fgsm, pgd, apgd, autoattack, square",
+        ),
+        ("pgd", {"eps": 1.5}, "eps must lie in [0, 1]"),
+        ("pgd", {"eps": -0.1}, "eps must lie in [0, 1]"),
+        ("pgd", {"eps": 0.3, "steps": 0}, "steps must be >= 1"),
+        ("pgd", {"eps": 0.3, "step_size": 0.0}, "step_size must be > 0"),
+        ("pgd", {"eps": 0.3, "stepz": 3}, "unknown parameter(s) ['stepz']"),
+        ("square", {"eps": 0.3, "restarts": 0}, "restarts must be >= 1"),
+    ],
+)
+def test_factory_rejects_bad_input_with_one_line(name, kwargs, fragment):
+    from robustlab.attacks import make_attack, make_classifier
+    from robustlab.errors import ConfigError
+    from robustlab.models import build_model
+
+    clf = make_classifier(build_model("madry_cnn"))
+    with pytest.raises(ConfigError) as info:
+        make_attack(name, clf, **kwargs)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_tf_attacks_reject_bad_config():
+    from robustlab.attacks import make_perturb_fn, pgd_attack
+    from robustlab.config import AttackConfig
+    from robustlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eps"):
+        make_perturb_fn(AttackConfig(eps=2.0))
+    with pytest.raises(ConfigError, match="attack_steps"):
+        make_perturb_fn(AttackConfig(steps=0))
+    with pytest.raises(ConfigError, match="step_size"):
+        pgd_attack(
+            None,
+            np.zeros((1, 28, 28, 1), np.float32),
+            np.zeros(1),
+            eps=0.3,
+            steps=3,
+            step_size=-1.0,
+        )
+
+
+def test_classifier_outputs_the_models_logits(model_and_test):
+    from robustlab.attacks import make_classifier
+
+    model, test = model_and_test
+    x = test.x[:50]
+    clf = make_classifier(model)
+    pred = clf.predict(x)
+    np.testing.assert_allclose(pred, np.asarray(model(x, training=False)), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(pred.sum(axis=1), 1.0, atol=1e-3)  # logits, not probabilities
+    assert pred.min() < 0.0
+    assert clf.clip_values is not None and tuple(np.asarray(clf.clip_values).ravel()) == (0.0, 1.0)
+
+
+# --- the training-time TF attack ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["pgd", "fgsm_rs"])
+def test_perturb_stays_in_ball_and_box_and_raises_the_loss(model_and_test, method):
+    import tensorflow as tf
+
+    from robustlab.attacks import make_perturb_fn
+    from robustlab.config import AttackConfig
+
+    model, test = model_and_test
+    eps = 0.1
+    step = 0.125 if method == "fgsm_rs" else 0.025
+    perturb = make_perturb_fn(AttackConfig(eps=eps, steps=10, step_size=step, method=method))
+
+    @tf.function(reduce_retracing=True)  # how the lead's train step calls it: traced, dynamic B
+    def run(x, y):
+        return perturb(model, x, y)
+
+    x, y = test.x[:200], test.y[:200]
+    x_adv = run(tf.constant(x), tf.constant(y)).numpy()
+    assert x_adv.shape == x.shape and x_adv.dtype == np.float32
+    assert np.abs(x_adv - x).max() <= eps + 1e-6
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert np.abs(x_adv - x).max() > eps / 2  # it moved
+
+    def mean_loss(images):
+        logits = model(images, training=False)
+        return float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)))
+
+    assert mean_loss(x_adv) > mean_loss(x) + 0.05
+    assert _acc(model, x_adv, y) < _acc(model, x, y)
+    empty = run(tf.zeros((0, 28, 28, 1)), tf.zeros((0,), tf.int64))
+    assert tuple(empty.shape) == (0, 28, 28, 1)
+
+
+def test_perturb_output_carries_no_gradient(model_and_test):
+    import tensorflow as tf
+
+    from robustlab.attacks import make_perturb_fn
+    from robustlab.config import AttackConfig
+
+    model, test = model_and_test
+    perturb = make_perturb_fn(AttackConfig(eps=0.1, steps=2, step_size=0.05))
+    x = tf.constant(test.x[:8])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = tf.reduce_sum(perturb(model, x, tf.constant(test.y[:8])))
+    assert tape.gradient(out, x) is None
+
+
+def test_pgd_attack_restarts_keep_the_worst_case(model_and_test):
+    from robustlab.attacks import pgd_attack
+
+    model, test = model_and_test
+    x, y = test.x[:200], test.y[:200]
+    kw = {"eps": 0.15, "steps": 10, "step_size": 0.04, "batch_size": 200, "seed": 3}
+    one = pgd_attack(model, x, y, restarts=1, **kw)
+    again = pgd_attack(model, x, y, restarts=1, **kw)
+    np.testing.assert_array_equal(one, again)  # seeded
+    three = pgd_attack(model, x, y, restarts=3, **kw)  # its first restart is `one`
+    assert np.abs(three - x).max() <= 0.15 + 1e-6
+    wrong1 = model.predict(one, verbose=0).argmax(1) != y
+    wrong3 = model.predict(three, verbose=0).argmax(1) != y
+    assert np.all(wrong3[wrong1])  # every example broken by restart 1 stays broken
+    assert wrong3.sum() >= wrong1.sum()
+
+
+# --- equivalence with ART ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_pgd40_matches_art_projected_gradient_descent(model_and_test, eps):
+    """Issue 3: the training attack is the same attack as ART's PGD (robust acc within 1 pp)."""
+    from robustlab.attacks import make_attack, make_classifier, pgd_attack
+
+    model, test = model_and_test
+    x, y = test.x[:300], test.y[:300]
+    step = 2.5 * eps / 40
+    ours = pgd_attack(
+        model, x, y, eps=eps, steps=40, step_size=step, random_start=False, batch_size=300
+    )
+    art = make_attack(
+        "pgd", make_classifier(model), eps=eps, steps=40, step_size=step, restarts=0, batch_size=300
+    ).generate(x, y)
+    acc_ours, acc_art, clean = _acc(model, ours, y), _acc(model, art, y), _acc(model, x, y)
+    assert clean > 0.9
+    assert acc_ours < clean - 0.05  # the attack does something on this model
+    print(f"eps {eps}: clean {clean:.3f}, PGD-40 robustlab {acc_ours:.3f}, ART {acc_art:.3f}")
+    assert abs(acc_ours - acc_art) <= 0.01, (acc_ours, acc_art)
+    # and per example, the same outcome almost everywhere
+    same = (model.predict(ours, verbose=0).argmax(1) == y) == (
+        model.predict(art, verbose=0).argmax(1) == y
+    )
+    assert same.mean() >= 0.98

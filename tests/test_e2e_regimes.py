@@ -1,0 +1,192 @@
+"""End to end through `mlflow run`: perturbation, chaining via init_model, sequential, joint, experiment."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from robustlab.data.invariance import load_invariance_set
+from robustlab.tracking import ensure_experiment
+from tests.conftest import DATA_DIR
+from tests.test_e2e_vanilla import mlflow_run
+
+pytestmark = pytest.mark.slow
+TINY = [
+    "train_size=512",
+    "eval_size=150",
+    "batch_size=64",
+    "attack_steps=2",
+    "autoattack_size=40",
+    "pgd_restarts=1",
+    f"data_dir={DATA_DIR}",
+]
+
+
+def _runs(name: str | None = None):
+    runs = MlflowClient().search_runs(
+        [ensure_experiment("robustlab")], order_by=["attributes.start_time ASC"]
+    )
+    return [r for r in runs if name is None or r.info.run_name == name]
+
+
+def _json(run_id: str, path: str) -> dict:
+    with open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)) as f:
+        return json.load(f)
+
+
+def test_invariance_then_perturbation_chained_by_init_model(tracking, tmp_path):
+    ensure_experiment("robustlab")
+    out = mlflow_run("invariance", tmp_path, "epochs=1", "robust_eval=false", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [inv_run] = _runs()
+    excluded = set(_json(inv_run.info.run_id, "excluded_test_indices.json")["indices"])
+    assert excluded == set(
+        range(500)
+    )  # the thesis pool (train + validation) comes from test 0..499
+    m = inv_run.data.metrics
+    for key in (
+        "val/inv_acc",
+        "test/inv_acc/tramer_linf_eps0.3",
+        "test/inv_acc_changed/tramer_linf_eps0.3",
+        "test/inv_acc_kept/tramer_linf_eps0.3_ci_high",
+        "test/inv_acc/tramer_l0",
+    ):
+        assert key in m, key
+
+    out = mlflow_run(
+        "perturbation",
+        tmp_path,
+        "epochs=1",
+        "eps_warmup=0.5",
+        f"init_model=runs:/{inv_run.info.run_id}/model",
+        *TINY,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ptb_run = _runs()[-1]
+    ptb_id = ptb_run.info.run_id
+    m = ptb_run.data.metrics
+    for key in (
+        "test/clean_acc",
+        "test/pgd40_acc",
+        "test/pgd100x1_acc",
+        "test/autoattack_acc",
+        "test/square_acc",
+    ):
+        assert 0.0 <= m[key] <= 1.0 and m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
+    assert m["test/pgd100x1_acc"] <= m["test/pgd40_acc"] <= m["test/clean_acc"]
+    assert [h.step for h in MlflowClient().get_metric_history(ptb_id, "val/pgd_acc")] == [0]
+    # the chained model inherits the exclusions: no evaluated image is a source of a training example
+    assert set(_json(ptb_id, "excluded_test_indices.json")["indices"]) == excluded
+    evaluated = set(_json(ptb_id, "evaluated_test_indices.json")["indices"])
+    assert len(evaluated) == 150 and not evaluated & excluded
+    report = _json(ptb_id, "evaluation.json")
+    assert report["eps"] == pytest.approx(0.3)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(ptb_id)}
+    assert {
+        "evaluation.json",
+        "evaluation.md",
+        "eps_curve.png",
+        "adversarial_examples.png",
+        "model",
+    } <= artifacts
+
+
+def test_sequential_logs_one_nested_run_per_phase(tracking, tmp_path):
+    ensure_experiment("robustlab")
+    out = mlflow_run(
+        "sequential",
+        tmp_path,
+        "order=inv_ptb",
+        "ptb_epochs=1",
+        "inv_epochs=2",
+        "robust_eval=false",
+        *TINY,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    parent = next(r for r in _runs() if r.data.params.get("regime") == "sequential")
+    children = [r for r in _runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [c.info.run_name for c in children] == ["inv", "ptb"]
+    steps = [h.step for h in MlflowClient().get_metric_history(parent.info.run_id, "val/clean_acc")]
+    assert steps == [0, 1, 2]  # one curve across both phases
+    assert [
+        h.step for h in MlflowClient().get_metric_history(children[1].info.run_id, "val/pgd_acc")
+    ] == [2]
+    assert parent.data.metrics["inv/epochs_run"] == 2 and parent.data.metrics["ptb/epochs_run"] == 1
+
+
+def test_joint_validates_its_mixture_and_trains(tracking, tmp_path):
+    ensure_experiment("robustlab")
+    bad = mlflow_run("joint", tmp_path, "mix_clean=0.5", "mix_ptb=0.5", "mix_inv=0.5", *TINY)
+    assert bad.returncode != 0 and "must sum to 1" in bad.stderr
+    assert _runs()[-1].info.status == "FAILED"
+    out = mlflow_run(
+        "joint",
+        tmp_path,
+        "epochs=1",
+        "mix_clean=0.5",
+        "mix_ptb=0.25",
+        "mix_inv=0.25",
+        "robust_eval=false",
+        *TINY,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = _runs()[-1]
+    assert run.info.status == "FINISHED"
+    assert {"val/pgd_acc", "val/inv_acc", "test/inv_acc/tramer_linf_eps0.4"} <= set(
+        run.data.metrics
+    )
+
+
+def test_experiment_smoke_report(tracking, tmp_path):
+    ensure_experiment("robustlab")
+    out = mlflow_run("experiment", tmp_path, "budget=smoke", "seeds=2", f"data_dir={DATA_DIR}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = _runs()
+    parent = next(r for r in runs if r.data.tags.get("robustlab.kind") == "experiment")
+    pid = parent.info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
+    regimes = parent.data.params["regimes"].split(",")
+    assert len(regimes) == 7 and len(children) == 7 * 2
+    assert {c.data.tags["robustlab.experiment_regime"] for c in children} == set(regimes)
+
+    # comparison.csv: one row per regime x logged test metric, n_seeds = 2 everywhere
+    path = mlflow.artifacts.download_artifacts(run_id=pid, artifact_path="comparison.csv")
+    import csv
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["regime"] for r in rows} == set(regimes)
+    assert {r["n_seeds"] for r in rows} == {"2"}
+    for regime in regimes:
+        metrics = {r["metric"] for r in rows if r["regime"] == regime}
+        assert {"test/clean_acc", "test/pgd40_acc", "test/inv_acc/tramer_linf_eps0.3"} <= metrics
+    table = mlflow.artifacts.load_text(f"runs:/{pid}/comparison.md").splitlines()
+    assert len(table) == 2 + len(regimes)
+
+    report = mlflow.artifacts.load_text(f"runs:/{pid}/report.md")
+    verdict_lines = [line for line in report.splitlines() if line.startswith("**")]
+    assert len(verdict_lines) == 3
+    assert all(
+        line.split("**")[1] in ("supported", "not supported", "inconclusive")
+        for line in verdict_lines
+    )
+    for claim in ("1", "2", "3"):
+        assert parent.data.tags[f"robustlab.claim{claim}"] in (
+            "supported",
+            "not supported",
+            "inconclusive",
+        )
+    plots = {a.path for a in MlflowClient().list_artifacts(pid, "plots/curves")}
+    assert len(plots) == len(regimes)
+
+    # leakage: no evaluated test image is the source of any invariance example a run trained on
+    pool_sources = set(load_invariance_set("thesis_linf_eps0.3", DATA_DIR).source_index.tolist())
+    for child in children:
+        excluded = set(_json(child.info.run_id, "excluded_test_indices.json")["indices"])
+        evaluated = set(_json(child.info.run_id, "evaluated_test_indices.json")["indices"])
+        assert pool_sources <= excluded and not evaluated & excluded, child.info.run_name
+        assert np.isfinite(child.data.metrics["test/clean_acc"])

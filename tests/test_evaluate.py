@@ -1,0 +1,241 @@
+"""Robustness evaluation: metrics, intervals and artifacts in a real MLflow store; masking flags; CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_attacks import trained_model  # the same cached model (trained once per process)
+
+from robustlab.config import EvalConfig
+from robustlab.data.mnist import subsample
+
+
+@pytest.fixture(scope="module")
+def model_and_test():
+    return trained_model()
+
+
+def _check_interval(metrics: dict[str, float], name: str) -> None:
+    lo, value, hi = metrics[f"{name}_ci_low"], metrics[name], metrics[f"{name}_ci_high"]
+    assert 0.0 <= lo <= value <= hi <= 1.0, (name, lo, value, hi)
+    assert hi - lo > 0.0
+
+
+def test_evaluate_and_log_records_metrics_intervals_and_artifacts(
+    model_and_test, tracking, tmp_path
+):
+    import mlflow
+
+    from robustlab.evaluation.robustness import MASKING_TAG, evaluate_and_log
+    from robustlab.tracking import start_run
+
+    model, test = model_and_test
+    test = subsample(test, 120, seed=1)
+    cfg = EvalConfig(eps=0.1, autoattack_size=30, pgd_restarts=2, seed=0, batch_size=120)
+    with start_run("eval-test", system_metrics=False) as run:
+        metrics = evaluate_and_log(
+            model,
+            test,
+            cfg,
+            out_dir=tmp_path / "out",
+            eps_grid=(0.0, 0.1, 0.2),
+            curve_size=40,
+            square_queries=30,
+            autoattack_steps=10,
+        )
+    names = [
+        "test/clean_acc",
+        "test/pgd40_acc",
+        "test/pgd100x2_acc",
+        "test/autoattack_acc",
+        "test/square_acc",
+    ]
+    for name in names:
+        _check_interval(metrics, name)
+    clean, pgd40, pgd100 = (
+        metrics["test/clean_acc"],
+        metrics["test/pgd40_acc"],
+        metrics["test/pgd100x2_acc"],
+    )
+    assert clean > 0.85
+    assert pgd100 <= pgd40 < clean  # chained: PGD-100 x R is the worst case including PGD-40
+    assert pgd40 > 0.3  # this model is partly robust at eps 0.1
+    assert metrics["test/n_eval"] == 120
+
+    # what landed in the store
+    stored = mlflow.get_run(run.info.run_id)
+    for name in names:
+        assert stored.data.metrics[name] == pytest.approx(metrics[name])
+        assert f"{name}_ci_low" in stored.data.metrics
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "test/pgd_curve_acc")
+    assert sorted(m.step for m in history) == [0, 10, 20]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {
+        "evaluation.json",
+        "evaluation.md",
+        "eps_curve.png",
+        "adversarial_examples.png",
+    } <= artifacts
+    assert MASKING_TAG not in stored.data.tags  # an honestly trained model: no masking warning
+
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="evaluation.json"
+    )
+    with open(path) as f:
+        report = json.load(f)
+    assert report["eps"] == 0.1 and report["n_eval"] == 120 and report["n_autoattack"] == 30
+    assert report["metrics"]["test/pgd40_acc"] == pytest.approx(pgd40)
+    assert report["accuracies"]["test/clean_acc"]["n"] == 120
+    assert report["curve"]["eps"] == [0.0, 0.1, 0.2]
+    assert report["curve"]["acc"][0] >= report["curve"]["acc"][1] >= report["curve"]["acc"][2]
+    assert report["gradient_masking"] is False and report["warnings"] == []
+    assert report["attacks"]["autoattack"]["attacks"] == ["APGD-CE", "APGD-DLR", "Square"]
+    assert set(report["seconds"]) >= {
+        "clean",
+        "pgd40",
+        "pgd100x2",
+        "autoattack",
+        "square",
+        "curve",
+        "total",
+    }
+    summary = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "test/pgd100x2_acc" in summary and "No sign of gradient masking" in summary
+
+
+def test_autoattack_size_zero_skips_autoattack_and_square(model_and_test, tmp_path):
+    from robustlab.evaluation.robustness import evaluate_and_log
+
+    model, test = model_and_test
+    test = subsample(test, 50, seed=2)
+    cfg = EvalConfig(eps=0.1, autoattack_size=0, pgd_restarts=1, batch_size=50)
+    metrics = evaluate_and_log(
+        model, test, cfg, out_dir=tmp_path, log=False, eps_grid=(0.0, 0.1), curve_size=30
+    )
+    assert "test/autoattack_acc" not in metrics and "test/square_acc" not in metrics
+    assert {"test/clean_acc", "test/pgd40_acc", "test/pgd100x1_acc"} <= set(metrics)
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["n_autoattack"] == 0 and report["curve"]["n"] == 30
+
+
+@pytest.mark.parametrize(
+    ("pgd", "aa", "square", "curve", "expected"),
+    [
+        (0.80, 0.79, 0.85, [0.98, 0.9, 0.8], []),
+        (0.80, 0.60, 0.85, [0.98, 0.9, 0.8], ["AutoAttack accuracy 0.600"]),
+        (
+            0.80,
+            0.70,
+            0.40,
+            [0.98, 0.9, 0.8],
+            ["AutoAttack accuracy 0.700", "Square accuracy 0.400"],
+        ),
+        (0.80, None, None, [0.98, 0.5, 0.6], ["rises with eps: 0.500 at 0.1 -> 0.600 at 0.2"]),
+        (0.80, None, None, [0.98, 0.5, 0.51], []),  # within sampling tolerance
+    ],
+)
+def test_gradient_masking_rules(pgd, aa, square, curve, expected):
+    from robustlab.evaluation.robustness import gradient_masking_warnings
+
+    got = gradient_masking_warnings(pgd, aa, square, [0.0, 0.1, 0.2], curve)
+    assert len(got) == len(expected)
+    for message, fragment in zip(got, expected, strict=True):
+        assert fragment in message
+
+
+def test_masked_gradients_are_flagged_on_the_run(model_and_test, tracking, tmp_path):
+    """A model whose input gradient is zero fools PGD but not Square: the run gets the warning tag."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    from robustlab.evaluation.robustness import MASKING_TAG, evaluate_and_log
+    from robustlab.tracking import start_run
+
+    model, test = model_and_test
+
+    class Masked(keras.Model):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def call(self, x, training=False):
+            return self.inner(tf.stop_gradient(x) + 0.0 * x, training=training)  # d/dx == 0
+
+    masked = Masked(model)
+    test = subsample(test, 40, seed=3)
+    cfg = EvalConfig(eps=0.3, autoattack_size=40, pgd_restarts=1, batch_size=40)
+    with start_run("masked", system_metrics=False) as run:
+        metrics = evaluate_and_log(
+            masked,
+            test,
+            cfg,
+            out_dir=tmp_path,
+            eps_grid=(0.0, 0.3),
+            curve_size=10,
+            square_queries=100,
+            autoattack_steps=5,
+        )
+    assert metrics["test/square_acc"] < metrics["test/pgd_subset_acc"] - 0.05
+    tag = mlflow.get_run(run.info.run_id).data.tags.get(MASKING_TAG, "")
+    assert "Square accuracy" in tag
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--eps", "2"], "eps must lie in [0, 1]"),
+        (["--pgd-restarts", "0"], "pgd_restarts must be >= 1"),
+        (["--eval-size", "-5"], "must be >= 0"),
+    ],
+)
+def test_cli_rejects_bad_input_before_creating_a_run(tracking, capsys, argv, fragment):
+    from mlflow.tracking import MlflowClient
+
+    from robustlab.cli import main
+
+    rc = main(["evaluate", "--model-uri", "runs:/0123456789abcdef/model", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("robustlab evaluate: error:") and fragment in err
+    assert "\n" not in err
+    experiments = MlflowClient(tracking_uri=tracking).search_experiments()
+    runs = MlflowClient(tracking_uri=tracking).search_runs([e.experiment_id for e in experiments])
+    assert runs == []
+
+
+def test_cli_evaluates_a_logged_model_minus_its_excluded_sources(model_and_test, tracking, capsys):
+    import mlflow
+
+    from robustlab.cli import main
+    from robustlab.tracking import log_excluded_sources, start_run
+
+    model, _ = model_and_test
+    with start_run("train", system_metrics=False) as train_run:
+        mlflow.keras.log_model(model, name="model")
+        log_excluded_sources(np.arange(0, 9990))  # leaves exactly 10 test images
+    uri = f"runs:/{train_run.info.run_id}/model"
+    rc = main(
+        [
+            "evaluate",
+            "--model-uri",
+            uri,
+            "--autoattack-size",
+            "0",
+            "--eps",
+            "0.1",
+            "--pgd-restarts",
+            "1",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    client = mlflow.MlflowClient()
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = [r for r in client.search_runs(exp_ids) if r.data.tags.get("robustlab.model_uri") == uri]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["n_eval"] == "10" and run.data.params["n_excluded_sources"] == "9990"
+    assert run.data.metrics["test/n_eval"] == 10
+    assert run.info.status == "FINISHED"
