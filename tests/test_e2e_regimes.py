@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from robustlab.data.invariance import load_invariance_set
 from robustlab.tracking import ensure_experiment
+from robustlab.train.inv_pool import load_inv_pools
 from tests.conftest import DATA_DIR
 from tests.test_e2e_vanilla import mlflow_run
 
@@ -44,9 +44,11 @@ def test_invariance_then_perturbation_chained_by_init_model(tracking, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     [inv_run] = _runs()
     excluded = set(_json(inv_run.info.run_id, "excluded_test_indices.json")["indices"])
-    assert excluded == set(
-        range(500)
-    )  # the thesis pool (train + validation) comes from test 0..499
+    pools = load_inv_pools(
+        str(DATA_DIR)
+    )  # the thesis pool (train + validation): test images 0..499
+    assert excluded == set(pools.train.source_index) | set(pools.val.source_index)
+    assert len(excluded) == 493  # 500 minus the 7 rater ties the `drop` tie policy removes
     m = inv_run.data.metrics
     for key in (
         "val/inv_acc",
@@ -184,7 +186,8 @@ def test_experiment_smoke_report(tracking, tmp_path):
     assert len(plots) == len(regimes)
 
     # leakage: no evaluated test image is the source of any invariance example a run trained on
-    pool_sources = set(load_invariance_set("thesis_linf_eps0.3", DATA_DIR).source_index.tolist())
+    pools = load_inv_pools(str(DATA_DIR))
+    pool_sources = set(pools.train.source_index.tolist()) | set(pools.val.source_index.tolist())
     for child in children:
         excluded = set(_json(child.info.run_id, "excluded_test_indices.json")["indices"])
         evaluated = set(_json(child.info.run_id, "evaluated_test_indices.json")["indices"])

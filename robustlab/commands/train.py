@@ -60,7 +60,7 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         default=1000,
         help="final evaluation: AutoAttack/Square subset (0 = skip)",
     )
-    g.add_argument("--pgd-restarts", type=int, default=EvalConfig.pgd_restarts)
+    g.add_argument("--pgd-restarts", type=int, default=1, help="restarts of the final PGD-100 (evaluate: 5)")
     g.add_argument(
         "--robust-eval", type=_bool, default=True, help="run the robustness evaluation at the end"
     )

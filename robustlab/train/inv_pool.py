@@ -22,6 +22,7 @@ TRAIN_POOL_SETS = ("thesis_linf_eps0.3",)
 EVAL_SETS = ("tramer_linf_eps0.3", "tramer_linf_eps0.4", "tramer_l0")
 POOL_SPLIT_SEED = 7
 VAL_FRACTION = 0.2
+TIE_POLICY = "drop"  # training/validation: human labels from the raters' votes; ties are dropped
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def load_inv_pools(
     sets: tuple[str, ...] = TRAIN_POOL_SETS,
 ) -> InvPools:
     """Training/validation pools, split by source image (no source in both)."""
-    loaded = [load_invariance_set(name, data_dir) for name in sets]
+    loaded = [_load_pool_set(name, data_dir) for name in sets]
     for s in loaded:
         labels_for(s, label_source)
     merged = loaded[0] if len(loaded) == 1 else _concat(loaded)
@@ -82,6 +83,12 @@ def load_inv_pools(
             "the invariance pool is empty after the split by source image; add labelled examples"
         )
     return InvPools(train, val, label_source)
+
+
+def _load_pool_set(name: str, data_dir: str | os.PathLike | None) -> InvarianceSet:
+    """A labelled pool set; sets with per-rater votes get their labels under TIE_POLICY."""
+    s = load_invariance_set(name, data_dir)
+    return load_invariance_set(name, data_dir, tie_policy=TIE_POLICY) if s.votes is not None else s
 
 
 def _concat(sets: list[InvarianceSet]) -> InvarianceSet:
