@@ -59,16 +59,17 @@ BUDGETS: dict[str, Budget] = {
         curve_size=50,
         curve_points=3,
     ),
-    # a laptop afternoon (about 3 h on 2 cores): PGD-10 training, lighter strong-attack evaluation
+    # a laptop afternoon (about 3 h on 2 cores): PGD-7 training, lighter strong-attack evaluation
     "default": Budget(
         train_size=0,
         eval_size=0,
-        epochs=4,
-        ptb_epochs=4,
+        epochs=3,
+        ptb_epochs=3,
         inv_epochs=2,
-        attack_steps=10,
-        autoattack_size=500,
-        pgd_restarts=2,
+        attack_steps=7,
+        autoattack_size=200,
+        pgd_restarts=1,
+        curve_size=500,
     ),
     # Madry-style: PGD-40 training, full strong-attack evaluation
     "full": Budget(
@@ -108,7 +109,9 @@ def regime_for(label: str, b: Budget, mix: MixConfig | None = None) -> tuple[Reg
 
 
 def _config(b: Budget, seed: int, data_dir: str | None, eps: float) -> tuple[RunConfig, EvalConfig]:
-    attack = AttackConfig(eps=eps, steps=b.attack_steps, step_size=2.5 * eps / b.attack_steps)
+    attack = AttackConfig(
+        eps=eps, steps=b.attack_steps, step_size=2.5 * eps / b.attack_steps, eps_warmup=1.0
+    )
     cfg = RunConfig(
         DataConfig(data_dir, b.train_size, b.eval_size),
         TrainConfig(epochs=b.epochs, batch_size=b.batch_size, seed=seed, patience=b.patience),

@@ -10,40 +10,40 @@ import pytest
 
 @functools.cache
 def trained_model():
-    """madry_cnn: 1 clean epoch on 8k MNIST images, then 2 FGSM-RS epochs at eps 0.3 (~25 s).
+    """madry_cnn trained by robustlab's own loop on 8k MNIST images: 1 clean epoch, then 3
+    FGSM-RS epochs at eps 0.3 with a 1-epoch eps warm-up, so that it is partly robust at 0.3.
 
     Cached per process so that test_evaluate.py reuses it. Returns (model, test split).
     """
     import keras
-    import tensorflow as tf
 
     from robustlab.attacks import make_perturb_fn
-    from robustlab.config import AttackConfig
+    from robustlab.config import AttackConfig, MixConfig, TrainConfig
     from robustlab.data.mnist import load_mnist
     from robustlab.models import build_model
+    from robustlab.train.loop import fit
+    from robustlab.train.mixture import Mixture, Pool
 
     data = load_mnist(train_size=8000)
     keras.utils.set_random_seed(0)
     model = build_model("madry_cnn")
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn)
-    model.fit(data.train.x, data.train.y, batch_size=128, epochs=1, verbose=0)
-
-    perturb = make_perturb_fn(AttackConfig(eps=0.3, steps=1, step_size=0.375, method="fgsm_rs"))
-    opt = keras.optimizers.Adam(5e-4)
-
-    @tf.function(reduce_retracing=True)
-    def step(x, y):
-        x_adv = perturb(model, x, y)
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x_adv, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return loss
-
-    for _ in range(2):
-        for i in range(0, len(data.train), 128):
-            step(tf.constant(data.train.x[i : i + 128]), tf.constant(data.train.y[i : i + 128]))
+    pool = Pool(data.train.x, data.train.y, "mnist")
+    clean = TrainConfig(epochs=1, batch_size=128, patience=0)
+    fit(
+        model, keras.optimizers.Adam(1e-3), Mixture(pool, MixConfig(), 128), clean, 1, validators=[]
+    )
+    attack = AttackConfig(eps=0.3, steps=1, step_size=0.375, method="fgsm_rs")
+    adversarial = Mixture(pool, MixConfig(clean=0.0, ptb=1.0), 128)
+    fit(
+        model,
+        keras.optimizers.Adam(1e-3),
+        adversarial,
+        TrainConfig(epochs=3, batch_size=128, patience=0),
+        3,
+        validators=[],
+        perturb=make_perturb_fn(attack),
+        eps_warmup=1.0,
+    )
     return model, data.test
 
 
@@ -245,7 +245,7 @@ def test_pgd40_matches_art_projected_gradient_descent(model_and_test, eps):
     ).generate(x, y)
     acc_ours, acc_art, clean = _acc(model, ours, y), _acc(model, art, y), _acc(model, x, y)
     assert clean > 0.9
-    assert acc_ours < clean - 0.05  # the attack does something on this model
+    assert acc_ours < clean - 0.02  # the attack does something on this model
     print(f"eps {eps}: clean {clean:.3f}, PGD-40 robustlab {acc_ours:.3f}, ART {acc_art:.3f}")
     assert abs(acc_ours - acc_art) <= 0.01, (acc_ours, acc_art)
     # and per example, the same outcome almost everywhere

@@ -13,12 +13,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from robustlab.commands import optional
 from robustlab.config import EvalConfig
 from robustlab.errors import ConfigError
-
-
-def _opt(text: str) -> str | None:
-    return text or None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> list[str]:
@@ -45,11 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--batch-size", type=int, default=500, help="attack batch size (default 500)")
     p.add_argument(
         "--data-dir",
-        type=_opt,
+        type=optional,
         default=None,
         help="folder with mnist.npz (default $ROBUSTLAB_DATA_DIR)",
     )
-    p.add_argument("--run-name", type=_opt, default=None)
+    p.add_argument("--run-name", type=optional, default=None)
     p.set_defaults(func=run)
     return ["evaluate"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from robustlab.commands import optional
+
 BUDGETS = (
     "smoke",
     "default",
@@ -22,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--budget", default="default", help=f"one of {list(BUDGETS)}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--regimes", default=DEFAULT_REGIMES, help="comma-separated")
-    p.add_argument("--data-dir", type=lambda s: s or None, default=None)
+    p.add_argument("--data-dir", type=optional, default=None)
     p.add_argument("--eps", type=float, default=0.3)
     p.set_defaults(func=run)
     return ["experiment"]

@@ -22,15 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from robustlab.commands import optional
 from robustlab.data.mnist import load_raw_mnist
 from robustlab.errors import ConfigError
 from robustlab.invariance.generator import GENERATOR_VERSION, TrainingPool, check_eps, generate_linf
 
 NORMS = ("linf", "l0")
-
-
-def _opt(text: str) -> str | None:
-    return text or None
 
 
 def parse_eps(values: list[str]) -> tuple[float, ...]:
@@ -70,12 +67,14 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--norm", default="linf", help="linf (l0 is not implemented yet)")
     p.add_argument(
         "--data-dir",
-        type=_opt,
+        type=optional,
         default=None,
         help="folder with mnist.npz (default $ROBUSTLAB_DATA_DIR, then Keras)",
     )
-    p.add_argument("--out", type=_opt, default=None, help="also write candidates.npz to this path")
-    p.add_argument("--run-name", type=_opt, default=None)
+    p.add_argument(
+        "--out", type=optional, default=None, help="also write candidates.npz to this path"
+    )
+    p.add_argument("--run-name", type=optional, default=None)
     p.set_defaults(func=run)
     return ["generate"]
 

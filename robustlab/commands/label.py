@@ -13,12 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from robustlab.commands import optional
 from robustlab.errors import ConfigError, DataError
 from robustlab.invariance import labels as L
-
-
-def _opt(text: str) -> str | None:
-    return text or None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> list[str]:
@@ -31,11 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--store", required=True, help="label store JSON file")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
-        "--rater", type=_opt, default=None, help="serve the labelling page for this rater"
+        "--rater", type=optional, default=None, help="serve the labelling page for this rater"
     )
     mode.add_argument(
         "--init-from",
-        type=_opt,
+        type=optional,
         default=None,
         metavar="NPZ",
         help="create the store from candidates.npz",
@@ -43,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     mode.add_argument(
         "--import",
         dest="import_set",
-        type=_opt,
+        type=optional,
         default=None,
         metavar="SET",
         help="create the store from a published set: thesis or a Tramèr set name",
@@ -56,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     )
     p.add_argument(
         "--data-dir",
-        type=_opt,
+        type=optional,
         default=None,
         help="shared data folder (default $ROBUSTLAB_DATA_DIR)",
     )

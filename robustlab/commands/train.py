@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from robustlab.commands import optional
 from robustlab.config import AttackConfig, DataConfig, EvalConfig, MixConfig, RunConfig, TrainConfig
 from robustlab.regimes import ORDERS, make_regime
 from robustlab.train.inv_pool import LABEL_SOURCES
@@ -21,10 +22,6 @@ def _bool(text: str) -> bool | None:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _opt(text: str) -> str | None:
-    return text or None
-
-
 def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
     g = p.add_argument_group("shared training parameters")
     g.add_argument("--epochs", type=int, default=epochs)
@@ -35,18 +32,21 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
     )
     g.add_argument(
         "--data-dir",
-        type=_opt,
+        type=optional,
         default=None,
         help="folder with mnist.npz (default $ROBUSTLAB_DATA_DIR, then Keras)",
     )
     g.add_argument(
         "--init-model",
-        type=_opt,
+        type=optional,
         default=None,
         help="model URI to start from (runs:/…/model, models:/…)",
     )
     g.add_argument(
-        "--resume-run-id", type=_opt, default=None, help="continue from this run's last checkpoint"
+        "--resume-run-id",
+        type=optional,
+        default=None,
+        help="continue from this run's last checkpoint",
     )
     g.add_argument("--model", default="madry_cnn")
     g.add_argument("--batch-size", type=int, default=128)
@@ -60,7 +60,9 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         default=1000,
         help="final evaluation: AutoAttack/Square subset (0 = skip)",
     )
-    g.add_argument("--pgd-restarts", type=int, default=1, help="restarts of the final PGD-100 (evaluate: 5)")
+    g.add_argument(
+        "--pgd-restarts", type=int, default=1, help="restarts of the final PGD-100 (evaluate: 5)"
+    )
     g.add_argument(
         "--robust-eval", type=_bool, default=True, help="run the robustness evaluation at the end"
     )
@@ -70,10 +72,10 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         default=None,
         help="log val/pgd_acc and val/inv_acc every epoch whatever the regime trains on",
     )
-    g.add_argument("--run-name", type=_opt, default=None)
+    g.add_argument("--run-name", type=optional, default=None)
 
 
-def _attack(p: argparse.ArgumentParser, steps: int = 40, step_size: float = 0.01) -> None:
+def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) -> None:
     g = p.add_argument_group("perturbation attack")
     g.add_argument("--eps", type=float, default=0.3)
     g.add_argument("--attack-steps", type=int, default=steps)
@@ -88,7 +90,7 @@ def _attack(p: argparse.ArgumentParser, steps: int = 40, step_size: float = 0.01
     g.add_argument(
         "--eps-warmup",
         type=float,
-        default=0.0,
+        default=1.0,
         help="epochs over which eps ramps up from 0 (0 = none)",
     )
 
@@ -103,9 +105,9 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     }
     for name, help_text in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _shared(p, epochs=3 if name == "vanilla" else 2)
+        _shared(p, epochs={"vanilla": 3, "perturbation": 6}.get(name, 2))
         if name != "vanilla":
-            _attack(p, steps=10 if name != "perturbation" else 40, step_size=0.0)
+            _attack(p)
         if name in ("invariance", "sequential", "joint"):
             p.add_argument("--inv-label-source", choices=LABEL_SOURCES, default="human")
         if name in ("invariance", "sequential"):

@@ -170,8 +170,10 @@ def fit(
             metrics.update(validate(model))
         metrics["time/epoch_seconds"] = time.perf_counter() - t_epoch
         state.epoch, state.global_epoch = epoch, state.global_epoch + 1
-        value = metrics[monitor.metric]
-        if monitor.better(value, state.best_value):
+        value = metrics.get(monitor.metric)
+        if value is None:  # nothing to monitor (no validators): keep the last weights
+            state.best_epoch = epoch
+        elif monitor.better(value, state.best_value):
             state.best_value, state.best_epoch, state.wait = value, epoch, 0
             best_weights = [np.array(w) for w in model.get_weights()]
         else:
