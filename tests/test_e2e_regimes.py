@@ -47,7 +47,7 @@ def test_invariance_then_perturbation_chained_by_init_model(tracking, tmp_path):
     pools = load_inv_pools(
         str(DATA_DIR)
     )  # the thesis pool (train + validation): test images 0..499
-    assert excluded == set(pools.train.source_index) | set(pools.val.source_index)
+    assert excluded == {int(i) for s in pools.used_sets for i in s.source_index}
     assert len(excluded) == 493  # 500 minus the 7 rater ties the `drop` tie policy removes
     m = inv_run.data.metrics
     for key in (
@@ -187,7 +187,7 @@ def test_experiment_smoke_report(tracking, tmp_path):
 
     # leakage: no evaluated test image is the source of any invariance example a run trained on
     pools = load_inv_pools(str(DATA_DIR))
-    pool_sources = set(pools.train.source_index.tolist()) | set(pools.val.source_index.tolist())
+    pool_sources = {int(i) for s in pools.used_sets for i in s.source_index}
     for child in children:
         excluded = set(_json(child.info.run_id, "excluded_test_indices.json")["indices"])
         evaluated = set(_json(child.info.run_id, "evaluated_test_indices.json")["indices"])

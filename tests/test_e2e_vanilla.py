@@ -90,3 +90,59 @@ def test_bad_parameter_through_mlflow_run_marks_the_run_failed(tracking, tmp_pat
     assert "epochs must be >= 0" in out.stderr
     [run] = MlflowClient().search_runs([ensure_experiment("robustlab")])
     assert run.info.status == "FAILED"
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tracking, tmp_path):
+    import json
+    import signal
+    import time
+
+    from tests.test_cli import BIN
+
+    args = [
+        str(BIN / "robustlab"),
+        "vanilla",
+        "--epochs",
+        "3",
+        "--train-size",
+        "8000",
+        "--eval-size",
+        "300",
+        "--robust-eval",
+        "false",
+        "--patience",
+        "0",
+        "--data-dir",
+        str(DATA_DIR),
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = Path(os.environ["ROBUSTLAB_TRACKING_DIR"]) / "artifacts" / "robustlab"
+    deadline = time.time() + 300
+    state = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(folder.glob("*/artifacts/checkpoint/state.json"))
+        if found:
+            try:
+                state = json.loads(found[0].read_text())
+            except (OSError, ValueError):
+                state = None  # being written
+            if state is not None and state["epoch"] == 0:
+                proc.send_signal(signal.SIGKILL)  # a crash after the first epoch
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert state is not None and state["epoch"] == 0, "the first checkpoint never appeared"
+    [crashed] = MlflowClient().search_runs([ensure_experiment("robustlab")])
+    out = subprocess.run(
+        [*args, "--resume-run-id", crashed.info.run_id], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = next(
+        r
+        for r in MlflowClient().search_runs([ensure_experiment("robustlab")])
+        if r.info.run_id != crashed.info.run_id
+    )
+    assert resumed.data.tags["robustlab.resumed_from"] == crashed.info.run_id
+    steps = [m.step for m in MlflowClient().get_metric_history(resumed.info.run_id, "val/loss")]
+    assert steps == [1, 2]  # epochs 2 and 3 only: epoch 1 came from the checkpoint
+    assert resumed.data.metrics["test/clean_acc"] > 0.9

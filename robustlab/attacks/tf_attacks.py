@@ -12,6 +12,7 @@ to the eps-ball and to [0, 1] after every step, final iterate returned);
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import keras
@@ -109,6 +110,38 @@ def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
     return perturb
 
 
+_ATTACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _make_attack_batch(
+    model: keras.Model, eps: float, steps: int, step_size: float, random_start: bool, restarts: int
+):
+    """A `tf.function` running `restarts` PGD attacks on a batch, keeping the worst case."""
+    gen = tf.random.Generator.from_seed(0)
+
+    @tf.function(reduce_retracing=True)
+    def attack_batch(xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
+        best = xb
+        best_wrong = tf.zeros(tf.shape(yb), dtype=tf.bool)
+        best_loss = tf.fill(tf.shape(yb), tf.constant(-np.inf, tf.float32))
+        for _ in range(restarts):  # small Python loop: restarts are few, steps are a graph loop
+            if random_start:
+                delta0 = gen.uniform(tf.shape(xb), -eps, eps, dtype=tf.float32)
+            else:
+                delta0 = tf.zeros_like(xb)
+            x_adv = _pgd_from(model, xb, yb, delta0, eps=eps, steps=steps, step_size=step_size)
+            logits = model(x_adv, training=False)
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)
+            wrong = tf.argmax(logits, axis=1, output_type=tf.int64) != yb
+            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+            best = tf.where(better[:, None, None, None], x_adv, best)
+            best_wrong = best_wrong | wrong
+            best_loss = tf.where(better, loss, best_loss)
+        return best
+
+    return attack_batch, gen
+
+
 def pgd_attack(
     model: keras.Model,
     x: np.ndarray,
@@ -137,28 +170,12 @@ def pgd_attack(
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if len(x) == 0:
         return x.copy()
-    gen = tf.random.Generator.from_seed(int(seed))
-    eps, step_size, steps = float(eps), float(step_size), int(steps)
-
-    @tf.function(reduce_retracing=True)
-    def attack_batch(xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
-        best = xb
-        best_wrong = tf.zeros(tf.shape(yb), dtype=tf.bool)
-        best_loss = tf.fill(tf.shape(yb), tf.constant(-np.inf, tf.float32))
-        for _ in range(restarts):  # small Python loop: restarts are few, steps are a graph loop
-            if random_start:
-                delta0 = gen.uniform(tf.shape(xb), -eps, eps, dtype=tf.float32)
-            else:
-                delta0 = tf.zeros_like(xb)
-            x_adv = _pgd_from(model, xb, yb, delta0, eps=eps, steps=steps, step_size=step_size)
-            logits = model(x_adv, training=False)
-            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)
-            wrong = tf.argmax(logits, axis=1, output_type=tf.int64) != yb
-            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
-            best = tf.where(better[:, None, None, None], x_adv, best)
-            best_wrong = best_wrong | wrong
-            best_loss = tf.where(better, loss, best_loss)
-        return best
+    key = (float(eps), int(steps), float(step_size), bool(random_start), int(restarts))
+    per_model = _ATTACKS.setdefault(model, {})
+    if key not in per_model:  # one graph per model and attack setting, reused across calls
+        per_model[key] = _make_attack_batch(model, *key)
+    attack_batch, gen = per_model[key]
+    gen.reset_from_seed(int(seed))
 
     out = np.empty_like(x)
     for start in range(0, len(x), batch_size):

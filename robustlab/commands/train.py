@@ -8,7 +8,7 @@ import sys
 from robustlab.commands import optional
 from robustlab.config import AttackConfig, DataConfig, EvalConfig, MixConfig, RunConfig, TrainConfig
 from robustlab.regimes import ORDERS, make_regime
-from robustlab.train.inv_pool import LABEL_SOURCES
+from robustlab.train.inv_pool import LABEL_SOURCES, TRAIN_POOL_SETS
 
 
 def _bool(text: str) -> bool | None:
@@ -105,11 +105,16 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     }
     for name, help_text in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _shared(p, epochs={"vanilla": 3, "perturbation": 6}.get(name, 2))
+        _shared(p, epochs={"vanilla": 6, "perturbation": 6}.get(name, 2))
         if name != "vanilla":
             _attack(p)
         if name in ("invariance", "sequential", "joint"):
             p.add_argument("--inv-label-source", choices=LABEL_SOURCES, default="human")
+            p.add_argument(
+                "--inv-pool",
+                default=",".join(TRAIN_POOL_SETS),
+                help="comma-separated invariance sets (names or label-store .json files) to train on",
+            )
         if name in ("invariance", "sequential"):
             p.add_argument(
                 "--mix-inv", type=float, default=0.25, help="share of invariance examples per batch"
@@ -194,6 +199,11 @@ def run(args: argparse.Namespace) -> None:
     )
     extras = Extras(
         inv_label_source=getattr(args, "inv_label_source", "human"),
+        inv_pool=tuple(
+            t.strip()
+            for t in getattr(args, "inv_pool", ",".join(TRAIN_POOL_SETS)).split(",")
+            if t.strip()
+        ),
         all_curves=args.all_curves,
         robust_eval=args.robust_eval is not False,
         run_name=args.run_name,

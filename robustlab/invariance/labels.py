@@ -281,6 +281,38 @@ class LabelStore:
                 m[i, j] = e.votes.get(r, NO_LABEL)
         return m, raters
 
+    def to_invariance_set(self, policy: TiePolicy | None = None):
+        """The store as an InvarianceSet: images in [0, 1], labels side by side, every vote.
+
+        Human labels follow `policy` (default: the store's); ties that the policy leaves open
+        and "not a digit" majorities become -1 (unknown).
+        """
+        from robustlab.data.invariance import InvarianceSet
+
+        if not self.examples:
+            raise DataError(f"{self.path}: the label store is empty")
+        splits = {e.source_split for e in self.examples}
+        if len(splits) != 1:
+            raise DataError(
+                f"{self.path}: examples come from several MNIST splits {sorted(splits)}"
+            )
+        human, _ = self.labels(policy)
+        human = np.where((human >= 0) & (human <= 9), human, NO_LABEL)
+        votes, _ = self.vote_matrix()
+        eps = {e.eps for e in self.examples}
+        return InvarianceSet(
+            name=self.name or self.path.stem,
+            images=np.stack([e.image for e in self.examples]).astype(np.float32)[..., None],
+            original_label=np.array([e.original_label for e in self.examples], dtype=np.int64),
+            target_label=np.array([e.target_label for e in self.examples], dtype=np.int64),
+            human_label=human.astype(np.int64),
+            source_split=splits.pop(),
+            source_index=np.array([e.source_index for e in self.examples], dtype=np.int64),
+            eps=eps.pop() if len(eps) == 1 else float("nan"),
+            norm=self.examples[0].norm,
+            votes=votes if votes.size else None,
+        )
+
     def labels(self, policy: TiePolicy | None = None) -> tuple[np.ndarray, list[str]]:
         """Human labels and statuses under `policy` (default: the store's)."""
         pol = check_tie_policy(policy or self.tie_policy)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from robustlab.data.invariance import InvarianceSet, load_invariance_set
-from robustlab.errors import ConfigError, DataError
+from robustlab.errors import ConfigError
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.train.mixture import Pool
 
@@ -27,21 +27,25 @@ TIE_POLICY = "drop"  # training/validation: human labels from the raters' votes;
 
 @dataclass(frozen=True)
 class InvPools:
-    train: InvarianceSet
-    val: InvarianceSet
+    """Training and validation examples (one entry per source set), split by source image."""
+
+    train: list[InvarianceSet]
+    val: list[InvarianceSet]
     label_source: str
 
     def train_pool(self) -> Pool:
-        return Pool(
-            self.train.images,
-            labels_for(self.train, self.label_source),
-            f"inv-train[{self.label_source}]",
-        )
+        x = np.concatenate([s.images for s in self.train])
+        y = np.concatenate([labels_for(s, self.label_source) for s in self.train])
+        return Pool(x, y, f"inv-train[{self.label_source}]")
 
     @property
     def used_sets(self) -> list[InvarianceSet]:
         """Everything the model sees during training or model selection (for the leakage guard)."""
-        return [self.train, self.val]
+        return [*self.train, *self.val]
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.name for s in self.train)
 
 
 def labels_for(s: InvarianceSet, source: str) -> np.ndarray:
@@ -55,10 +59,24 @@ def labels_for(s: InvarianceSet, source: str) -> np.ndarray:
     ]
     if (labels < 0).any():
         raise ConfigError(
-            f"inv_label_source={source!r} but {int((labels < 0).sum())} examples of {s.name} have no {source} label; "
-            "label them first (robustlab label) or choose another label source"
+            f"inv_label_source={source!r} but {int((labels < 0).sum())} examples of {s.name} have "
+            f"no {source} label; label them first (robustlab label) or choose another label source"
         )
     return labels
+
+
+def load_pool_set(spec: str, data_dir: str | os.PathLike | None) -> InvarianceSet:
+    """A pool set by name (see robustlab.data.invariance) or a label-store file (*.json).
+
+    Sets with per-rater votes get their human labels under TIE_POLICY; examples that end up
+    without a human label (ties, "not a digit") are kept here and dropped by `load_inv_pools`.
+    """
+    if spec.endswith(".json"):
+        from robustlab.invariance.labels import LabelStore
+
+        return LabelStore.load(spec).to_invariance_set(TIE_POLICY)
+    s = load_invariance_set(spec, data_dir)
+    return load_invariance_set(spec, data_dir, tie_policy=TIE_POLICY) if s.votes is not None else s
 
 
 def load_inv_pools(
@@ -66,46 +84,33 @@ def load_inv_pools(
     label_source: str = "human",
     sets: tuple[str, ...] = TRAIN_POOL_SETS,
 ) -> InvPools:
-    """Training/validation pools, split by source image (no source in both)."""
-    loaded = [_load_pool_set(name, data_dir) for name in sets]
-    for s in loaded:
+    """Training/validation pools from `sets`, each split by source image (no source in both)."""
+    if not sets:
+        raise ConfigError("inv_pool is empty; name at least one labelled invariance set")
+    train, val = [], []
+    for spec in sets:
+        s = load_pool_set(spec, data_dir)
+        if label_source == "human":
+            if not (s.human_label >= 0).any():
+                raise ConfigError(
+                    f"inv_label_source='human' but {s.name} has no human labels (unlabelled "
+                    "candidates); label them with `robustlab label` or choose another label source"
+                )
+            s = s.take(np.flatnonzero(s.human_label >= 0))
         labels_for(s, label_source)
-    merged = loaded[0] if len(loaded) == 1 else _concat(loaded)
-    sources = np.unique(merged.source_index)
-    rng = np.random.default_rng(POOL_SPLIT_SEED)
-    val_sources = rng.choice(
-        sources, size=max(1, round(VAL_FRACTION * len(sources))), replace=False
-    )
-    is_val = np.isin(merged.source_index, val_sources)
-    train, val = merged.take(np.flatnonzero(~is_val)), merged.take(np.flatnonzero(is_val))
-    if len(train) == 0 or len(val) == 0:
-        raise ConfigError(
-            "the invariance pool is empty after the split by source image; add labelled examples"
-        )
+        sources = np.unique(s.source_index)
+        rng = np.random.default_rng(POOL_SPLIT_SEED)
+        n_val = round(VAL_FRACTION * len(sources))
+        is_val = np.isin(s.source_index, rng.choice(sources, size=n_val, replace=False))
+        tr, va = s.take(np.flatnonzero(~is_val)), s.take(np.flatnonzero(is_val))
+        if len(tr) == 0 or len(va) == 0:
+            raise ConfigError(
+                f"the invariance pool {s.name} has {len(s)} usable examples: too few to split by "
+                "source image into training and validation; add labelled examples"
+            )
+        train.append(tr)
+        val.append(va)
     return InvPools(train, val, label_source)
-
-
-def _load_pool_set(name: str, data_dir: str | os.PathLike | None) -> InvarianceSet:
-    """A labelled pool set; sets with per-rater votes get their labels under TIE_POLICY."""
-    s = load_invariance_set(name, data_dir)
-    return load_invariance_set(name, data_dir, tie_policy=TIE_POLICY) if s.votes is not None else s
-
-
-def _concat(sets: list[InvarianceSet]) -> InvarianceSet:
-    if len({s.source_split for s in sets}) != 1:
-        raise DataError("invariance training sets must come from one MNIST split")
-    cat = lambda key: np.concatenate([getattr(s, key) for s in sets])  # noqa: E731
-    return InvarianceSet(
-        "+".join(s.name for s in sets),
-        cat("images"),
-        cat("original_label"),
-        cat("target_label"),
-        cat("human_label"),
-        sets[0].source_split,
-        cat("source_index"),
-        sets[0].eps,
-        sets[0].norm,
-    )
 
 
 def load_eval_sets(
@@ -146,9 +151,14 @@ def inv_accuracy(model, s: InvarianceSet, prefix: str) -> dict[str, float]:
 
 def inv_validation(pools: InvPools):
     """Validator: val/inv_acc (agreement with human labels) on the validation pool."""
+    images = np.concatenate([s.images for s in pools.val])
+    human = np.concatenate([s.human_label for s in pools.val])
+    known = human >= 0  # a pool trained on target labels may include examples without one
 
     def validate(model) -> dict[str, float]:
-        pred = np.argmax(predict_logits(model, pools.val.images), axis=1)
-        return {"val/inv_acc": float(np.mean(pred == pools.val.human_label))}
+        if not known.any():
+            return {}
+        pred = np.argmax(predict_logits(model, images[known]), axis=1)
+        return {"val/inv_acc": float(np.mean(pred == human[known]))}
 
     return validate

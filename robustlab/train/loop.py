@@ -126,7 +126,7 @@ def fit(
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
     for epoch in range(state.epoch + 1, epochs):
-        if state.done:
+        if cfg.patience and state.wait >= cfg.patience:  # resumed from an early-stopped phase
             break
         t_epoch = time.perf_counter()
         loss_sum = correct_sum = seen = 0.0

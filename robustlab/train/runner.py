@@ -29,6 +29,7 @@ from robustlab.tracking import (
 )
 from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT, LoopState, load_checkpoint
 from robustlab.train.inv_pool import (
+    TRAIN_POOL_SETS,
     InvPools,
     inv_accuracy,
     inv_validation,
@@ -49,6 +50,7 @@ class Extras:
     """Regime options beyond RunConfig."""
 
     inv_label_source: str = "human"
+    inv_pool: tuple[str, ...] = TRAIN_POOL_SETS  # set names or label-store files (*.json)
     # per-epoch val/pgd_acc and val/inv_acc for every regime (default: only the ones it trains on);
     # loading the invariance validation pool also excludes its sources from evaluation
     all_curves: bool | None = None
@@ -124,9 +126,8 @@ def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
             )
             mlflow.log_input(ds, context=context)
         if pools is not None:
-            ds = mlflow.data.from_numpy(
-                pools.train.images, targets=pools.train_pool().y, name=pools.train.name
-            )
+            pool = pools.train_pool()
+            ds = mlflow.data.from_numpy(pool.x, targets=pool.y, name=f"invariance-{pools.name}")
             mlflow.log_input(ds, context="training")
 
 
@@ -165,7 +166,7 @@ def run_training(
     mnist = load_mnist(cfg.data.data_dir, train_size=cfg.data.train_size)
     all_curves = bool(extras.all_curves)
     pools = (
-        load_inv_pools(cfg.data.data_dir, extras.inv_label_source)
+        load_inv_pools(cfg.data.data_dir, extras.inv_label_source, extras.inv_pool)
         if (regime.uses_inv or all_curves)
         else None
     )
@@ -188,6 +189,7 @@ def run_training(
         "regime": regime.name,
         **cfg.flat_params(),
         "inv_label_source": extras.inv_label_source,
+        "inv_pool": ",".join(extras.inv_pool) if (regime.uses_inv or all_curves) else "",
         "phases": ",".join(f"{p.name}:{p.epochs}" for p in regime.phases),
     }
     tags = {
