@@ -20,7 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 def mlflow_run(entry: str, tracking_dir: Path, *params: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        # sample system metrics every second so that even a seconds-long test run records some
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+        "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
+    }
     cmd = [
         str(Path(sys.executable).parent / "mlflow"),
         "run",
