@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,10 @@ CURVE_RISE_TOL = 0.02  # robust accuracy may wobble this much upwards with eps (
 SQUARE_QUERIES = 5000  # queries of Square, inside AutoAttack and stand-alone
 PGD_STEP_FACTOR = 2.5  # step size = 2.5 * eps / steps (Madry et al.)
 GRID_COLUMNS = 10
+
+
+def _progress(stage: str, seconds: float) -> None:
+    print(f"[evaluate] {stage} done ({seconds:.0f} s)", file=sys.stderr, flush=True)
 
 
 def _pgd_step(eps: float, steps: int) -> float:
@@ -174,6 +179,7 @@ def evaluate_and_log(
     clean_pred = _predict(model, x, bs)
     clean_ok = clean_pred == y
     seconds["clean"] = time.perf_counter() - t
+    _progress("clean", seconds["clean"])
 
     t = time.perf_counter()
     x_adv = x.copy()
@@ -192,6 +198,7 @@ def evaluate_and_log(
         restarts=1,
     )
     seconds["pgd40"] = time.perf_counter() - t
+    _progress("pgd40", seconds["pgd40"])
 
     t = time.perf_counter()
     pgd100_ok = pgd40_ok
@@ -211,6 +218,7 @@ def evaluate_and_log(
             restarts=1,
         )
     seconds[f"pgd100x{R}"] = time.perf_counter() - t
+    _progress(f"pgd100x{R}", seconds[f"pgd100x{R}"])
 
     accs: dict[str, Accuracy] = {
         "test/clean_acc": accuracy(clean_ok),
@@ -242,6 +250,7 @@ def evaluate_and_log(
             adv = aa.generate(xs, ys).astype(np.float32)
             aa_ok &= _predict(model, adv, bs) == ys
         seconds["autoattack"] = time.perf_counter() - t
+        _progress("autoattack", seconds["autoattack"])
         t = time.perf_counter()
         sq_ok = _attack_survivors(
             model,
@@ -256,6 +265,7 @@ def evaluate_and_log(
             restarts=1,
         )
         seconds["square"] = time.perf_counter() - t
+        _progress("square", seconds["square"])
         accs["test/autoattack_acc"] = accuracy(aa_ok)
         accs["test/square_acc"] = accuracy(sq_ok)
         accs["test/pgd_subset_acc"] = accuracy(pgd100_ok[sub_idx])
@@ -290,6 +300,7 @@ def evaluate_and_log(
         )
         curve_accs.append(accuracy(ok))
     seconds["curve"] = time.perf_counter() - t
+    _progress("curve", seconds["curve"])
 
     pgd_ref = (
         accs["test/pgd_subset_acc"].value
