@@ -12,7 +12,7 @@ export ROBUSTLAB_DATA_DIR
 export MLFLOW_TRACKING_URI ?= $(TRACKING_URI)
 # Short default budget for the main job; override e.g. RUN_ARGS="-P epochs=10".
 RUN_ENTRY ?= joint
-RUN_ARGS ?= -P epochs=1 -P autoattack_size=200
+RUN_ARGS ?= -P epochs=1
 PYTEST_ARGS ?=
 
 .PHONY: setup test run server ui lint bench clean

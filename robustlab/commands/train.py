@@ -57,7 +57,7 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
     g.add_argument(
         "--autoattack-size",
         type=int,
-        default=1000,
+        default=200,
         help="final evaluation: AutoAttack/Square subset (0 = skip)",
     )
     g.add_argument(
