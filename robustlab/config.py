@@ -141,12 +141,15 @@ class EvalConfig:
     batch_size: int = 500
     curve_size: int = 1000  # seeded subset for the accuracy-vs-eps curve
     curve_points: int = 9  # eps values from 0 to 0.4 on that curve
+    square_queries: int = 5000  # Square's query budget, inside AutoAttack and alone
 
     def validate(self) -> EvalConfig:
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
             raise ConfigError(f"eps must lie in [0, 1], got {self.eps}")
         if self.eval_size < 0 or self.autoattack_size < 0 or self.curve_size < 0:
             raise ConfigError("eval_size and autoattack_size must be >= 0 (0 = all / skip)")
+        if self.square_queries < 1:
+            raise ConfigError(f"square_queries must be >= 1, got {self.square_queries}")
         if self.curve_points < 2:
             raise ConfigError(f"curve_points must be >= 2, got {self.curve_points}")
         if self.pgd_restarts < 1:

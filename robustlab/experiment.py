@@ -42,6 +42,7 @@ class Budget:
     patience: int = 3
     curve_size: int = 1000
     curve_points: int = 9
+    square_queries: int = 1000
 
 
 BUDGETS: dict[str, Budget] = {
@@ -82,6 +83,7 @@ BUDGETS: dict[str, Budget] = {
         autoattack_size=1000,
         pgd_restarts=10,
         patience=5,
+        square_queries=5000,
     ),
 }
 
@@ -126,6 +128,7 @@ def _config(b: Budget, seed: int, data_dir: str | None, eps: float) -> tuple[Run
         seed=seed,
         curve_size=b.curve_size,
         curve_points=b.curve_points,
+        square_queries=b.square_queries,
     )
     return cfg.validate(), ev.validate()
 

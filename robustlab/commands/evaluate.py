@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
         default=None,
         help="folder with mnist.npz (default $ROBUSTLAB_DATA_DIR)",
     )
+    p.add_argument(
+        "--square-queries", type=int, default=5000, help="Square's query budget (default 5000)"
+    )
     p.add_argument("--run-name", type=optional, default=None)
     p.set_defaults(func=run)
     return ["evaluate"]
@@ -63,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         pgd_restarts=args.pgd_restarts,
         seed=args.seed,
         batch_size=args.batch_size,
+        square_queries=args.square_queries,
     ).validate()
 
 

@@ -149,7 +149,7 @@ def evaluate_and_log(
     log: bool = True,
     eps_grid: Sequence[float] | None = None,
     curve_size: int | None = None,
-    square_queries: int = SQUARE_QUERIES,
+    square_queries: int | None = None,
     autoattack_steps: int = 100,
 ) -> dict[str, float]:
     """Evaluate `model` (logits) on `test` with ART attacks and log the results.
@@ -274,6 +274,7 @@ def evaluate_and_log(
     # accuracy vs eps: PGD-40 with one random start on a seeded subset
     t = time.perf_counter()
     curve_size = cfg.curve_size if curve_size is None else curve_size
+    square_queries = cfg.square_queries if square_queries is None else square_queries
     if eps_grid is None:
         eps_grid = (
             EPS_GRID
