@@ -39,6 +39,10 @@ def _no_running_runs(uri: str) -> None:
         (["perturbation", "--attack-steps", "0"], "attack_steps must be >= 1"),
         (["joint", "--mix-clean", "0.5", "--mix-ptb", "0.5", "--mix-inv", "0.5"], "must sum to 1"),
         (["sequential", "--order", "sideways"], "unknown order 'sideways'"),
+        (["perturbation", "--step-size", "-0.1"], "step_size must be > 0"),
+        (["perturbation", "--eps", "-0.1"], "eps must lie in [0, 1]"),
+        (["perturbation", "--init-model", "runs:/0123456789abcdef/model"], "cannot load model"),
+        (["invariance", "--inv-pool", "thesis_linf_eps0.4"], "has no human labels"),
     ],
 )
 def test_bad_parameters_fail_before_training(tracking, args, message):
@@ -71,3 +75,18 @@ def test_unreachable_tracking_server(tracking):
         env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
     )
     assert out.returncode == 2 and "is unreachable" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_init_model_with_the_wrong_input_shape_is_refused(tmp_path):
+    import keras
+    import mlflow
+
+    from robustlab.errors import RobustlabError
+    from robustlab.tracking import load_keras_model
+
+    cifar_like = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    mlflow.keras.save_model(cifar_like, str(tmp_path / "m"))
+    with pytest.raises(RobustlabError, match=r"expected input \(28, 28, 1\)"):
+        load_keras_model(str(tmp_path / "m"))
