@@ -167,6 +167,7 @@ def evaluate_and_log(
     keep tests fast; leave the defaults for reported numbers.
     """
     cfg.validate()
+    square_queries = cfg.square_queries if square_queries is None else square_queries
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eps, bs, R = float(cfg.eps), int(cfg.batch_size), int(cfg.pgd_restarts)
@@ -274,7 +275,6 @@ def evaluate_and_log(
     # accuracy vs eps: PGD-40 with one random start on a seeded subset
     t = time.perf_counter()
     curve_size = cfg.curve_size if curve_size is None else curve_size
-    square_queries = cfg.square_queries if square_queries is None else square_queries
     if eps_grid is None:
         eps_grid = (
             EPS_GRID
