@@ -448,19 +448,7 @@ def import_thesis(
 
     s = load_thesis_set(0.3, data_dir)
     table = read_rater_votes(_thesis_folder(data_dir) / "rater_votes.csv")
-    store = store_from_arrays(
-        path,
-        s.images,
-        source_split=s.source_split,
-        source_index=s.source_index,
-        original_label=s.original_label,
-        target_label=s.target_label,
-        eps=s.eps,
-        norm=s.norm,
-        name=s.name,
-        prefix="thesis-eps0.3-",
-        tie_policy=tie_policy,
-    )
+    store = store_from_set(path, s, prefix="thesis-eps0.3-", tie_policy=tie_policy)
     for e, row in zip(store.examples, table["votes"], strict=True):
         e.votes = {str(r): int(v) for r, v in zip(table["raters"], row, strict=True) if v >= 0}
     return store
@@ -476,6 +464,20 @@ def import_tramer(
     from robustlab.data.invariance import load_tramer_set
 
     s = load_tramer_set(name, data_dir)
+    return store_from_set(
+        path, s, prefix=f"{name}-", published_label=s.human_label, tie_policy=tie_policy
+    )
+
+
+def store_from_set(
+    path: str | os.PathLike,
+    s,
+    *,
+    prefix: str,
+    published_label: np.ndarray | None = None,
+    tie_policy: TiePolicy = "flag",
+) -> LabelStore:
+    """A new store holding the examples of an InvarianceSet (no votes yet)."""
     return store_from_arrays(
         path,
         s.images,
@@ -486,8 +488,8 @@ def import_tramer(
         eps=s.eps,
         norm=s.norm,
         name=s.name,
-        prefix=f"{name}-",
-        published_label=s.human_label,
+        prefix=prefix,
+        published_label=published_label,
         tie_policy=tie_policy,
     )
 
