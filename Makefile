@@ -14,8 +14,11 @@ export MLFLOW_TRACKING_URI ?= $(TRACKING_URI)
 RUN_ENTRY ?= joint
 RUN_ARGS ?= -P epochs=1
 PYTEST_ARGS ?=
+# The thesis reproduction experiment (make experiment): budget smoke | default | full
+BUDGET ?= default
+SEEDS ?= 3
 
-.PHONY: setup test run server ui lint bench clean
+.PHONY: setup test run experiment server ui lint bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +34,11 @@ test: setup
 run: setup
 	source $(BIN)/activate && robustlab tracking-init && \
 	  mlflow run . -e $(RUN_ENTRY) --env-manager local --experiment-name robustlab $(RUN_ARGS)
+
+experiment: setup
+	source $(BIN)/activate && robustlab tracking-init && \
+	  mlflow run . -e experiment --env-manager local --experiment-name robustlab \
+	    -P budget=$(BUDGET) -P seeds=$(SEEDS)
 
 server: setup
 	source $(BIN)/activate && MLFLOW_TRACKING_URI=$(TRACKING_URI) robustlab tracking-init && \

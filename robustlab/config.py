@@ -129,6 +129,9 @@ class RunConfig:
         return out
 
 
+PGD_ENGINES = ("art", "robustlab")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """The robustness evaluation run at the end of every training run and by `evaluate`."""
@@ -136,12 +139,13 @@ class EvalConfig:
     eps: float = 0.3
     eval_size: int = 0  # 0 = whole test set minus excluded sources
     autoattack_size: int = 1000  # seeded subset for AutoAttack and Square
-    pgd_restarts: int = 5  # random restarts of the PGD-100 attack
+    pgd_restarts: int = 5  # random restarts of the PGD-100 attack (0 = PGD-40 only)
     seed: int = 0
     batch_size: int = 500
     curve_size: int = 1000  # seeded subset for the accuracy-vs-eps curve
     curve_points: int = 9  # eps values from 0 to 0.4 on that curve
     square_queries: int = 5000  # Square's query budget, inside AutoAttack and alone
+    pgd_engine: str = "art"  # "art" or "robustlab" (in-graph PGD, same result, about 2x faster)
 
     def validate(self) -> EvalConfig:
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
@@ -152,6 +156,10 @@ class EvalConfig:
             raise ConfigError(f"square_queries must be >= 1, got {self.square_queries}")
         if self.curve_points < 2:
             raise ConfigError(f"curve_points must be >= 2, got {self.curve_points}")
-        if self.pgd_restarts < 1:
-            raise ConfigError(f"pgd_restarts must be >= 1, got {self.pgd_restarts}")
+        if self.pgd_restarts < 0:
+            raise ConfigError(
+                f"pgd_restarts must be >= 0 (0 = PGD-40 only), got {self.pgd_restarts}"
+            )
+        if self.pgd_engine not in PGD_ENGINES:
+            raise ConfigError(f"pgd_engine must be one of {PGD_ENGINES}, got {self.pgd_engine!r}")
         return self

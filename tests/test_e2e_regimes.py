@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import mlflow
@@ -9,6 +11,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from robustlab.errors import ConfigError
+from robustlab.experiment import run_experiment
 from robustlab.tracking import ensure_experiment
 from robustlab.train.inv_pool import load_inv_pools
 from tests.conftest import DATA_DIR
@@ -157,8 +161,6 @@ def test_experiment_smoke_report(tracking, tmp_path):
 
     # comparison.csv: one row per regime x logged test metric, n_seeds = 2 everywhere
     path = mlflow.artifacts.download_artifacts(run_id=pid, artifact_path="comparison.csv")
-    import csv
-
     with open(path) as f:
         rows = list(csv.DictReader(f))
     assert {r["regime"] for r in rows} == set(regimes)
@@ -193,3 +195,48 @@ def test_experiment_smoke_report(tracking, tmp_path):
         evaluated = set(_json(child.info.run_id, "evaluated_test_indices.json")["indices"])
         assert pool_sources <= excluded and not evaluated & excluded, child.info.run_name
         assert np.isfinite(child.data.metrics["test/clean_acc"])
+
+
+def test_experiment_resume_reuses_finished_children(tracking, tmp_path):
+    ensure_experiment("robustlab")
+    first = ("budget=smoke", "regimes=vanilla,invariance", f"data_dir={DATA_DIR}")
+    out = mlflow_run("experiment", tmp_path, "seeds=1", *first)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = _runs()
+    old_parent = next(r for r in runs if r.data.tags.get("robustlab.kind") == "experiment")
+    old = {
+        r.data.tags["robustlab.experiment_regime"]: r.info.run_id
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == old_parent.info.run_id
+    }
+    # simulate an interruption inside the invariance child
+    MlflowClient().set_terminated(old["invariance"], "FAILED")
+
+    with pytest.raises(ConfigError, match="same budget"):
+        run_experiment(
+            "default", 2, "vanilla,invariance", str(DATA_DIR), resume_run_id=old_parent.info.run_id
+        )
+
+    out = mlflow_run(
+        "experiment", tmp_path, "seeds=2", *first, f"resume_run_id={old_parent.info.run_id}"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reusing run " + old["vanilla"] in out.stderr
+    runs = _runs()
+    parent = next(
+        r for r in runs if r.data.tags.get("robustlab.resumed_from") == old_parent.info.run_id
+    )
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    by_key = {
+        (c.data.tags["robustlab.experiment_regime"], c.data.tags["robustlab.seed"]): c
+        for c in children
+    }
+    assert set(by_key) == {(r, s) for r in ("vanilla", "invariance") for s in ("0", "1")}
+    assert (
+        by_key[("vanilla", "0")].info.run_id == old["vanilla"]
+    )  # reused, moved under the new parent
+    assert by_key[("invariance", "0")].info.run_id != old["invariance"]  # the failed one ran again
+    assert all(c.info.status == "FINISHED" for c in children)
+    text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/comparison.csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows and {r["n_seeds"] for r in rows} == {"2"}  # the reused seed counts

@@ -120,6 +120,35 @@ def test_autoattack_size_zero_skips_autoattack_and_square(model_and_test, tmp_pa
     assert report["n_autoattack"] == 0 and report["curve"]["n"] == 30
 
 
+def test_robustlab_pgd_engine_matches_art_and_zero_restarts_skip_pgd100(model_and_test, tmp_path):
+    from robustlab.evaluation.robustness import evaluate_and_log
+
+    model, test = model_and_test
+    test = subsample(test, 200, seed=3)
+    results = {}
+    for engine in ("art", "robustlab"):
+        cfg = EvalConfig(
+            eps=0.1, autoattack_size=0, pgd_restarts=0, batch_size=100, pgd_engine=engine
+        )
+        out = tmp_path / engine
+        results[engine] = evaluate_and_log(
+            model, test, cfg, out_dir=out, log=False, eps_grid=(0.0, 0.1), curve_size=50
+        )
+        assert not any(k.startswith("test/pgd100") for k in results[engine])
+        report = json.loads((out / "evaluation.json").read_text())
+        assert report["pgd_engine"] == engine and report["pgd_restarts"] == 0
+    art, ours = results["art"]["test/pgd40_acc"], results["robustlab"]["test/pgd40_acc"]
+    assert 0.2 < art < results["art"]["test/clean_acc"]  # a partly robust model, so the check bites
+    assert abs(art - ours) <= 0.02  # same attack, different random starts
+
+
+def test_unknown_pgd_engine_is_refused():
+    from robustlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pgd_engine"):
+        EvalConfig(pgd_engine="foolbox").validate()
+
+
 @pytest.mark.parametrize(
     ("pgd", "aa", "square", "curve", "expected"),
     [
@@ -187,7 +216,8 @@ def test_masked_gradients_are_flagged_on_the_run(model_and_test, tracking, tmp_p
     ("argv", "fragment"),
     [
         (["--eps", "2"], "eps must lie in [0, 1]"),
-        (["--pgd-restarts", "0"], "pgd_restarts must be >= 1"),
+        (["--pgd-restarts", "-1"], "pgd_restarts must be >= 0"),
+        (["--pgd-engine", "foolbox"], "pgd_engine must be one of"),
         (["--eval-size", "-5"], "must be >= 0"),
     ],
 )

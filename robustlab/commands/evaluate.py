@@ -37,7 +37,15 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--eps", type=float, default=0.3, help="L-inf budget in [0, 1] (default 0.3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--pgd-restarts", type=int, default=5, help="random restarts of PGD-100 (default 5)"
+        "--pgd-restarts",
+        type=int,
+        default=5,
+        help="random restarts of PGD-100 (default 5; 0 = PGD-40 only)",
+    )
+    p.add_argument(
+        "--pgd-engine",
+        default="art",
+        help="PGD implementation: art (default) or robustlab (in-graph, same result, ~2x faster)",
     )
     p.add_argument("--batch-size", type=int, default=500, help="attack batch size (default 500)")
     p.add_argument(
@@ -67,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         seed=args.seed,
         batch_size=args.batch_size,
         square_queries=args.square_queries,
+        pgd_engine=args.pgd_engine,
     ).validate()
 
 

@@ -26,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--regimes", default=DEFAULT_REGIMES, help="comma-separated")
     p.add_argument("--data-dir", type=optional, default=None)
     p.add_argument("--eps", type=float, default=0.3)
+    p.add_argument(
+        "--resume-run-id",
+        type=optional,
+        default=None,
+        help="an interrupted experiment's parent run: reuse its finished regime × seed runs",
+    )
     p.set_defaults(func=run)
     return ["experiment"]
 
@@ -33,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     from robustlab.experiment import run_experiment
 
-    run_id = run_experiment(args.budget, args.seeds, args.regimes, args.data_dir, args.eps)
+    run_id = run_experiment(
+        args.budget, args.seeds, args.regimes, args.data_dir, args.eps, args.resume_run_id
+    )
     print(
         f"experiment {run_id} finished: report.md, comparison.csv and plots are in its artifacts",
         file=sys.stderr,

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from robustlab.attacks.art_factory import make_attack, make_classifier
+from robustlab.attacks.tf_attacks import pgd_attack
 from robustlab.config import EvalConfig
 from robustlab.data.mnist import Split, subsample
 from robustlab.evaluation.plots import image_grid, line_plot
@@ -65,18 +66,35 @@ def _attack_survivors(
     eps: float,
     batch_size: int,
     x_adv: np.ndarray | None = None,
+    engine: str = "art",
+    seed: int = 0,
     **params: Any,
 ) -> np.ndarray:
-    """Run ART attack `name` on the examples flagged `robust`; returns the updated flags.
+    """Run attack `name` on the examples flagged `robust`; returns the updated flags.
 
+    Attacks come from ART, except PGD with `engine="robustlab"`: the in-graph PGD of
+    `robustlab.attacks.tf_attacks` (tested to match ART's PGD per example, about 2x faster).
     When `x_adv` is given, the adversarial images that broke an example are written into it.
     """
     robust = robust.copy()
     idx = np.flatnonzero(robust)
     if len(idx) == 0 or eps == 0:
         return robust
-    attack = make_attack(name, classifier, eps=eps, batch_size=batch_size, **params)
-    adv = attack.generate(x[idx], y[idx]).astype(np.float32)
+    if name == "pgd" and engine == "robustlab":
+        adv = pgd_attack(
+            model,
+            x[idx],
+            y[idx],
+            eps=eps,
+            steps=params["steps"],
+            step_size=params["step_size"],
+            restarts=params.get("restarts", 1),
+            batch_size=batch_size,
+            seed=seed,
+        )
+    else:
+        attack = make_attack(name, classifier, eps=eps, batch_size=batch_size, **params)
+        adv = attack.generate(x[idx], y[idx]).astype(np.float32)
     broken = _predict(model, adv, batch_size) != y[idx]
     robust[idx[broken]] = False
     if x_adv is not None:
@@ -119,7 +137,8 @@ def _md_summary(metrics: dict[str, float], accs: dict[str, Accuracy], info: dict
         f"# Robustness evaluation (L-inf, eps = {info['eps']:g})",
         "",
         f"{info['n_eval']} test images; AutoAttack/Square on {info['n_autoattack']}, "
-        f"eps-curve on {info['n_curve']}; all attacks from ART; 95% Wilson intervals.",
+        f"eps-curve on {info['n_curve']}; PGD from {info['attacks']['pgd40']['library']}, "
+        "AutoAttack and Square from ART; 95% Wilson intervals.",
         "",
         "| metric | accuracy | 95% interval | n |",
         "|---|---|---|---|",
@@ -157,7 +176,7 @@ def evaluate_and_log(
     `test` is already stripped of excluded sources and subsampled by the caller. Metrics (each
     with `_ci_low`/`_ci_high`, 95% Wilson): `test/clean_acc`, `test/pgd40_acc` (PGD-40, one
     random start, step 2.5 eps / 40), `test/pgd100x{R}_acc` (worst case over PGD-40 and R
-    restarts of PGD-100, see the module docstring), `test/autoattack_acc`, `test/square_acc` and
+    restarts of PGD-100, not logged when R = 0, see the module docstring), `test/autoattack_acc`, `test/square_acc` and
     `test/pgd_subset_acc` (the PGD-100 x R accuracy on that same subset, for comparison) when
     `cfg.autoattack_size` > 0 (0 skips them), `test/pgd_curve_acc` logged with step = eps in
     hundredths. Artifacts in `out_dir` (and in the active MLflow run when `log`):
@@ -171,6 +190,7 @@ def evaluate_and_log(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eps, bs, R = float(cfg.eps), int(cfg.batch_size), int(cfg.pgd_restarts)
+    engine = {"engine": cfg.pgd_engine, "seed": cfg.seed}
     np.random.seed(cfg.seed)  # ART draws its random starts from numpy's global generator
     classifier = make_classifier(model)
     x, y = test.x, test.y
@@ -197,6 +217,7 @@ def evaluate_and_log(
         steps=40,
         step_size=_pgd_step(eps, 40),
         restarts=1,
+        **engine,
     )
     seconds["pgd40"] = time.perf_counter() - t
     _progress("pgd40", seconds["pgd40"])
@@ -217,15 +238,16 @@ def evaluate_and_log(
             steps=100,
             step_size=_pgd_step(eps, 100),
             restarts=1,
+            **engine,
         )
-    seconds[f"pgd100x{R}"] = time.perf_counter() - t
-    _progress(f"pgd100x{R}", seconds[f"pgd100x{R}"])
-
     accs: dict[str, Accuracy] = {
         "test/clean_acc": accuracy(clean_ok),
         "test/pgd40_acc": accuracy(pgd40_ok),
-        f"test/pgd100x{R}_acc": accuracy(pgd100_ok),
     }
+    if R > 0:  # R = 0: PGD-40 is the strongest PGD; AutoAttack stays the strong attack
+        seconds[f"pgd100x{R}"] = time.perf_counter() - t
+        _progress(f"pgd100x{R}", seconds[f"pgd100x{R}"])
+        accs[f"test/pgd100x{R}_acc"] = accuracy(pgd100_ok)
 
     aa_acc = sq_acc = None
     n_aa = 0
@@ -298,16 +320,13 @@ def evaluate_and_log(
             steps=40,
             step_size=_pgd_step(float(e), 40),
             restarts=1,
+            **engine,
         )
         curve_accs.append(accuracy(ok))
     seconds["curve"] = time.perf_counter() - t
     _progress("curve", seconds["curve"])
 
-    pgd_ref = (
-        accs["test/pgd_subset_acc"].value
-        if aa_acc is not None
-        else accs[f"test/pgd100x{R}_acc"].value
-    )
+    pgd_ref = accs["test/pgd_subset_acc"].value if aa_acc is not None else accuracy(pgd100_ok).value
     warnings = gradient_masking_warnings(
         pgd_ref, aa_acc, sq_acc, list(eps_grid), [a.value for a in curve_accs]
     )
@@ -339,8 +358,14 @@ def evaluate_and_log(
             title=f"Clean vs worst PGD adversarial (label→prediction), eps={eps:g}",
         )
 
+    pgd_library = (
+        "ART ProjectedGradientDescent"
+        if cfg.pgd_engine == "art"
+        else "robustlab.attacks.tf_attacks.pgd_attack (matches ART's PGD, tested)"
+    )
     info: dict[str, Any] = {
         "eps": eps,
+        "pgd_engine": cfg.pgd_engine,
         "norm": "inf",
         "seed": cfg.seed,
         "n_eval": len(test),
@@ -349,13 +374,13 @@ def evaluate_and_log(
         "pgd_restarts": R,
         "attacks": {
             "pgd40": {
-                "library": "ART ProjectedGradientDescent",
+                "library": pgd_library,
                 "steps": 40,
                 "step_size": _pgd_step(eps, 40),
                 "random_starts": 1,
             },
             f"pgd100x{R}": {
-                "library": "ART ProjectedGradientDescent",
+                "library": pgd_library,
                 "steps": 100,
                 "step_size": _pgd_step(eps, 100),
                 "restarts": R,
