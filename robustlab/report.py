@@ -47,8 +47,11 @@ class Summary:
     n: int
 
 
-def summarize(values: Sequence[float]) -> Summary:
-    """Mean, sample std and 95% t-interval over seeds (NaN interval for one seed)."""
+def summarize(values: Sequence[float], bounds: tuple[float, float] | None = None) -> Summary:
+    """Mean, sample std and 95% t-interval over seeds (NaN interval for one seed).
+
+    `bounds`: the metric's range (an accuracy's is [0, 1]); the interval is clipped to it.
+    """
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
     n = len(v)
     if n == 0:
@@ -58,7 +61,10 @@ def summarize(values: Sequence[float]) -> Summary:
         return Summary(mean, math.nan, math.nan, math.nan, 1)
     std = float(v.std(ddof=1))
     half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
-    return Summary(mean, std, mean - half, mean + half, n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Summary(mean, std, low, high, n)
 
 
 def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float] | None:
@@ -79,8 +85,17 @@ def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float
 Results = dict[str, dict[str, list[float]]]  # regime -> metric -> one value per seed
 
 
+def is_accuracy(metric: str) -> bool:
+    """Whether `metric` is a fraction in [0, 1] (accuracies and their interval bounds)."""
+    return "acc" in metric.split("/")[-1] or "/inv_acc" in metric
+
+
 def aggregate(results: Results) -> dict[str, dict[str, Summary]]:
-    return {r: {m: summarize(v) for m, v in metrics.items()} for r, metrics in results.items()}
+    """Per regime and metric: mean, std and 95% t-interval (accuracies' clipped to [0, 1])."""
+    return {
+        r: {m: summarize(v, (0.0, 1.0) if is_accuracy(m) else None) for m, v in metrics.items()}
+        for r, metrics in results.items()
+    }
 
 
 def write_comparison(agg: dict[str, dict[str, Summary]], csv_path: Path, md_path: Path) -> None:
@@ -192,7 +207,7 @@ def write_report(
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += [
         "",
-        "Accuracies are means over seeds ± std [95% t-interval]; every test accuracy is on the MNIST",
+        "Accuracies are means over seeds ± std [95% t-interval, clipped to [0, 1]]; every test accuracy is on the MNIST",
         "test set minus the source images of every invariance example used in training or validation.",
         f"INV = agreement with human labels on Tramèr's L∞ ε=0.3 set ({INV_SET}).",
         "",

@@ -32,6 +32,22 @@ def test_summary_is_mean_std_and_t_interval():
     assert one.mean == 0.5 and math.isnan(one.ci_low)
 
 
+def test_accuracy_intervals_are_clipped_to_their_range_and_other_metrics_are_not():
+    near_one = [1.0, 1.0, 0.96]  # unclipped t-interval reaches above 1
+    assert summarize(near_one).ci_high > 1.0
+    agg = aggregate(
+        {
+            "r": {
+                "test/inv_acc_kept/tramer_linf_eps0.3": near_one,
+                "test/eval_seconds": [-1.0, 1.0, 2.0],
+            }
+        }
+    )["r"]
+    kept = agg["test/inv_acc_kept/tramer_linf_eps0.3"]
+    assert kept.ci_high == 1.0 and kept.ci_low == pytest.approx(summarize(near_one).ci_low)
+    assert agg["test/eval_seconds"].ci_low < -1.0  # not an accuracy: left as computed
+
+
 def test_welch_difference_interval():
     d, lo, hi = diff_ci([0.8, 0.82, 0.81], [0.5, 0.52, 0.51])
     assert d == pytest.approx(0.3) and 0.25 < lo < d < hi < 0.35
