@@ -126,7 +126,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tracking, tmp_path):
     deadline = time.time() + 300
     state = None
     while time.time() < deadline and proc.poll() is None:
-        found = list(folder.glob("*/artifacts/checkpoint/state.json"))
+        found = list(folder.glob("*/artifacts/checkpoint/slot0/state.json"))
         if found:
             try:
                 state = json.loads(found[0].read_text())

@@ -102,3 +102,29 @@ def test_early_stopping_keeps_the_best_weights(data, tmp_path):
     assert result.stopped_early and result.epochs_run == 4 and result.best_epoch == 1
     for w, best in zip(model.get_weights(), snapshots[1], strict=True):
         np.testing.assert_array_equal(w, best)
+
+
+def test_resume_skips_a_checkpoint_slot_truncated_by_a_crash(data, tmp_path):
+    import shutil
+
+    from robustlab.errors import RobustlabError
+    from robustlab.train.checkpoint import LoopState, save_checkpoint
+
+    pool, val = data
+    model, opt, _ = _fit(pool, val, 1, tmp_path)
+    logged = tmp_path / "logged"  # the run's checkpoint/ artifact folder, two slots
+    shutil.copytree(tmp_path / "ckpt", logged / "slot0")
+    save_checkpoint(logged / "slot1", model, opt, None, LoopState(epoch=1, global_epoch=1))
+
+    def epoch_of() -> int:
+        model = build_model("madry_cnn")
+        return load_checkpoint(logged, model, keras.optimizers.Adam())[0].epoch
+
+    assert epoch_of() == 1  # the newest intact slot
+    weights = logged / "slot1" / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # killed mid-copy
+    assert epoch_of() == 0  # falls back to the older, intact slot
+    weights = logged / "slot0" / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RobustlabError, match="no intact checkpoint"):
+        epoch_of()

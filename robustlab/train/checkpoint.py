@@ -1,7 +1,13 @@
-"""Per-epoch checkpoints (weights, optimizer, loop state) so an interrupted run can resume."""
+"""Per-epoch checkpoints (weights, optimizer, loop state) so an interrupted run can resume.
+
+In the MLflow run they alternate between `checkpoint/slot0` and `checkpoint/slot1`, each file's
+SHA-256 recorded in its `state.json`, which is logged last: a run killed while logging one slot
+still has the other, intact, and resuming picks the newest slot whose files match their digests.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -11,7 +17,10 @@ from typing import Any
 import keras
 import numpy as np
 
+from robustlab.errors import RobustlabError
+
 CHECKPOINT_ARTIFACT = "checkpoint"
+STATE = "state.json"
 
 
 @dataclass
@@ -43,16 +52,54 @@ def save_checkpoint(
     np.savez(tmp / "optimizer.npz", *[np.asarray(v) for v in optimizer.variables])
     if best_weights is not None:
         np.savez(tmp / "best.npz", *best_weights)
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    (tmp / STATE).write_text(json.dumps({**asdict(state), "files": files}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def log_checkpoint(folder: Path, run_id: str) -> None:
+    """Log `folder` into the run's slot for its epoch (alternating), state.json last."""
+    import mlflow
+
+    state = json.loads((folder / STATE).read_text())
+    slot = f"{CHECKPOINT_ARTIFACT}/slot{state['global_epoch'] % 2}"
+    for f in sorted(folder.iterdir()):
+        if f.name != STATE:
+            mlflow.log_artifact(str(f), slot, run_id=run_id)
+    mlflow.log_artifact(str(folder / STATE), slot, run_id=run_id)
+
+
+def newest_intact(folder: Path) -> Path:
+    """The newest checkpoint under `folder` (itself or its slots) whose files match their digests."""
+    best: tuple[int, Path] | None = None
+    for candidate in [folder, *sorted(folder.glob("slot*"))]:
+        try:
+            data = json.loads((candidate / STATE).read_text())
+            intact = all(_sha256(candidate / n) == d for n, d in data.get("files", {}).items())
+        except (OSError, ValueError):
+            continue
+        if intact and (best is None or data["global_epoch"] > best[0]):
+            best = (data["global_epoch"], candidate)
+    if best is None:
+        raise RobustlabError(
+            f"no intact checkpoint in {folder} (the run stopped before finishing its first "
+            "checkpoint); start a fresh run instead of resuming this one"
+        )
+    return best[1]
+
+
 def load_checkpoint(
     folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer
 ) -> tuple[LoopState, list[np.ndarray] | None]:
-    """Restore model and optimizer in place; return the loop state and best weights."""
+    """Restore model and optimizer in place from the newest intact checkpoint under `folder`;
+    return the loop state and best weights."""
+    folder = newest_intact(folder)
     model.load_weights(folder / "model.weights.h5")
     optimizer.build(model.trainable_variables)
     with np.load(folder / "optimizer.npz") as f:
@@ -63,5 +110,7 @@ def load_checkpoint(
     if (folder / "best.npz").is_file():
         with np.load(folder / "best.npz") as f:
             best = [f[f"arr_{i}"] for i in range(len(f.files))]
-    state = LoopState(**json.loads((folder / "state.json").read_text()))
+    data = json.loads((folder / STATE).read_text())
+    data.pop("files", None)
+    state = LoopState(**data)
     return state, best

@@ -27,7 +27,12 @@ from robustlab.tracking import (
     log_excluded_sources,
     start_run,
 )
-from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT, LoopState, load_checkpoint
+from robustlab.train.checkpoint import (
+    CHECKPOINT_ARTIFACT,
+    LoopState,
+    load_checkpoint,
+    log_checkpoint,
+)
 from robustlab.train.inv_pool import (
     TRAIN_POOL_SETS,
     InvPools,
@@ -257,7 +262,7 @@ def run_training(
                         mlflow.log_metrics(metrics, step=step, run_id=_phase_run.info.run_id)
 
                 def on_checkpoint(folder: Path) -> None:
-                    mlflow.log_artifacts(str(folder), CHECKPOINT_ARTIFACT, run_id=parent_id)
+                    log_checkpoint(folder, parent_id)
 
                 result = fit(
                     model,
