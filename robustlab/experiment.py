@@ -21,7 +21,7 @@ from robustlab.errors import ConfigError
 from robustlab.evaluation.plots import line_plot
 from robustlab.regimes import Regime, make_regime
 from robustlab.report import KEY_METRICS, aggregate, write_comparison, write_report
-from robustlab.tracking import start_run
+from robustlab.tracking import configure_tracking, start_run
 from robustlab.train.runner import Extras, run_training
 
 DEFAULT_REGIMES = tuple(_cli.DEFAULT_REGIMES.split(","))
@@ -213,6 +213,7 @@ assert tuple(BUDGETS) == _cli.BUDGETS
 
 def finished_children(parent_id: str, budget: str, eps: float) -> dict[tuple[str, int], Run]:
     """The FINISHED regime × seed children of experiment `parent_id`, checked to be comparable."""
+    configure_tracking()  # before the parent run exists: look in the same store it will use
     client = MlflowClient()
     try:
         parent = client.get_run(parent_id)

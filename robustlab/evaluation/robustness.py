@@ -379,13 +379,6 @@ def evaluate_and_log(
                 "step_size": _pgd_step(eps, 40),
                 "random_starts": 1,
             },
-            f"pgd100x{R}": {
-                "library": pgd_library,
-                "steps": 100,
-                "step_size": _pgd_step(eps, 100),
-                "restarts": R,
-                "note": "worst case with PGD-40; each restart attacks the survivors",
-            },
             "autoattack": {
                 "library": "ART AutoAttack",
                 "attacks": ["APGD-CE", "APGD-DLR", "Square"],
@@ -414,6 +407,14 @@ def evaluate_and_log(
         "excluded_sources_removed_by_caller": True,
         "source_indices_sha": _indices_digest(test.source_index),
     }
+    if R > 0:
+        info["attacks"][f"pgd100x{R}"] = {
+            "library": pgd_library,
+            "steps": 100,
+            "step_size": _pgd_step(eps, 100),
+            "restarts": R,
+            "note": "worst case with PGD-40; each restart attacks the survivors",
+        }
     json_path = out_dir / "evaluation.json"
     json_path.write_text(
         json.dumps(_finite(info), indent=2, default=_json_default, allow_nan=False)

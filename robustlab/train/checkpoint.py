@@ -75,23 +75,24 @@ def log_checkpoint(folder: Path, run_id: str) -> None:
     mlflow.log_artifact(str(folder / STATE), slot, run_id=run_id)
 
 
-def newest_intact(folder: Path) -> Path:
-    """The newest checkpoint under `folder` (itself or its slots) whose files match their digests."""
-    best: tuple[int, Path] | None = None
+def newest_intact(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint under `folder` (itself or its slots) whose files match their
+    digests, with its parsed state.json."""
+    best: tuple[Path, dict[str, Any]] | None = None
     for candidate in [folder, *sorted(folder.glob("slot*"))]:
         try:
             data = json.loads((candidate / STATE).read_text())
             intact = all(_sha256(candidate / n) == d for n, d in data.get("files", {}).items())
         except (OSError, ValueError):
             continue
-        if intact and (best is None or data["global_epoch"] > best[0]):
-            best = (data["global_epoch"], candidate)
+        if intact and (best is None or data["global_epoch"] > best[1]["global_epoch"]):
+            best = (candidate, data)
     if best is None:
         raise RobustlabError(
             f"no intact checkpoint in {folder} (the run stopped before finishing its first "
             "checkpoint); start a fresh run instead of resuming this one"
         )
-    return best[1]
+    return best
 
 
 def load_checkpoint(
@@ -99,7 +100,7 @@ def load_checkpoint(
 ) -> tuple[LoopState, list[np.ndarray] | None]:
     """Restore model and optimizer in place from the newest intact checkpoint under `folder`;
     return the loop state and best weights."""
-    folder = newest_intact(folder)
+    folder, data = newest_intact(folder)
     model.load_weights(folder / "model.weights.h5")
     optimizer.build(model.trainable_variables)
     with np.load(folder / "optimizer.npz") as f:
@@ -110,7 +111,6 @@ def load_checkpoint(
     if (folder / "best.npz").is_file():
         with np.load(folder / "best.npz") as f:
             best = [f[f"arr_{i}"] for i in range(len(f.files))]
-    data = json.loads((folder / STATE).read_text())
     data.pop("files", None)
     state = LoopState(**data)
     return state, best
