@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 BUDGET ?= default
 SEEDS ?= 3
 
-.PHONY: setup test run experiment server ui lint bench clean
+.PHONY: setup test run experiment server ui lint bench clean services services-stop
 
 setup: $(STAMP)
 
@@ -44,6 +44,14 @@ server: setup
 	source $(BIN)/activate && MLFLOW_TRACKING_URI=$(TRACKING_URI) robustlab tracking-init && \
 	  mlflow server --backend-store-uri $(TRACKING_URI) \
 	    --artifacts-destination $(CURDIR)/tracking/artifacts --host 127.0.0.1 --port $(PORT)
+
+# One PostgreSQL (MLflow + Optuna databases) and one MLflow server on it, for many workers;
+# writes tracking/services.env (see README, "Scaling out"). Idempotent.
+services: setup
+	$(BIN)/robustlab services start
+
+services-stop: setup
+	$(BIN)/robustlab services stop
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)

@@ -1,0 +1,139 @@
+"""`robustlab services`: a real PostgreSQL and a real MLflow server on it, started and stopped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")),
+        reason="PostgreSQL is not installed (.ci/run installs it)",
+    ),
+]
+
+
+def services(action: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "robustlab"), "services", action],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def svc_env(tmp_path):
+    folder = tmp_path / "tracking"
+    folder.mkdir()
+    env = {
+        **os.environ,
+        "ROBUSTLAB_TRACKING_DIR": str(folder),
+        "ROBUSTLAB_PG_PORT": str(free_port()),
+        "ROBUSTLAB_SERVICES_PORT": str(free_port()),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    yield env
+    services("stop", env)
+    from robustlab.services import Services
+
+    pg_root = Services(folder / "services").pg_root
+    if pg_root.is_relative_to("/var/lib/postgresql"):  # pytest's tmp is private: see pg_root
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def test_services_start_reuse_use_and_stop(svc_env):
+    first = services("start", svc_env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    values = _read_env(Path(svc_env["ROBUSTLAB_TRACKING_DIR"]) / "services.env")
+    assert values["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{svc_env['ROBUSTLAB_SERVICES_PORT']}"
+    assert values["ROBUSTLAB_OPTUNA_STORAGE"].startswith("postgresql+psycopg://robustlab:")
+    assert "***" in first.stdout  # the password is not printed
+
+    again = services("start", svc_env)  # idempotent: reuses both
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _read_env(Path(svc_env["ROBUSTLAB_TRACKING_DIR"]) / "services.env") == values
+
+    # a run with an artifact through the server, a study in the Optuna database
+    code = (
+        "import mlflow, optuna, sys\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "with mlflow.start_run() as r:\n"
+        "    mlflow.log_metric('m', 0.5); mlflow.log_text('hello', 'a/x.txt')\n"
+        "print(mlflow.artifacts.load_text(f'runs:/{r.info.run_id}/a/x.txt'))\n"
+        "s = optuna.create_study(storage=sys.argv[2], study_name='s', direction='maximize')\n"
+        "s.optimize(lambda t: t.suggest_float('x', 0, 1), n_trials=2)\n"
+        "print(len(optuna.load_study(study_name='s', storage=sys.argv[2]).trials))\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            values["MLFLOW_TRACKING_URI"],
+            values["ROBUSTLAB_OPTUNA_STORAGE"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["hello", "2"]
+    # the artifact travelled through the server into its artifact store, not a local mlruns
+    stored = list(
+        (Path(svc_env["ROBUSTLAB_TRACKING_DIR"]) / "services" / "artifacts").rglob("x.txt")
+    )
+    assert len(stored) == 1
+
+    # wrong credentials are refused by PostgreSQL (password authentication over TCP)
+    bad = values["ROBUSTLAB_OPTUNA_STORAGE"].replace("robustlab:", "robustlab:wrong", 1)
+    out = subprocess.run(
+        [sys.executable, "-c", f"import optuna; optuna.storages.RDBStorage({bad!r})"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "password authentication failed" in out.stderr
+
+    stopped = services("stop", svc_env)
+    assert stopped.returncode == 0 and "mlflow server" in stopped.stdout
+    assert "postgresql" in stopped.stdout
+    status = services("status", svc_env)
+    assert "postgresql: stopped" in status.stdout and "mlflow server: stopped" in status.stdout
+
+
+def test_a_taken_port_is_one_clear_line(svc_env):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", int(svc_env["ROBUSTLAB_PG_PORT"])))
+        s.listen()
+        out = services("start", svc_env)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is taken by another program" in lines[0], out.stderr
+    assert "ROBUSTLAB_PG_PORT" in lines[0] and "Traceback" not in out.stderr
+    assert not (Path(svc_env["ROBUSTLAB_TRACKING_DIR"]) / "services.env").exists()
+
+
+def test_missing_postgresql_binaries_are_named(svc_env, monkeypatch):
+    from robustlab import services as s
+    from robustlab.errors import RobustlabError
+
+    monkeypatch.setattr(s.Path, "glob", lambda self, pattern: iter(()))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RobustlabError, match="apt-get install postgresql"):
+        s._pg_bin("initdb")
