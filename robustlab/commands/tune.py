@@ -64,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     w.add_argument("--study-name", required=True)
     w.add_argument("--storage", required=True)
     w.add_argument("--worker-index", type=int, default=0)
+    w.add_argument("--timeout", type=_timeout, default=None, help="seconds (empty: none)")
     w.set_defaults(func=run_worker)
     return ["tune", "tune-worker"]
 
@@ -106,4 +107,8 @@ def run(args: argparse.Namespace) -> None:
 def run_worker(args: argparse.Namespace) -> None:
     from robustlab.tune.study import run_worker as work
 
-    work(args.study_name, args.storage, args.worker_index)
+    if args.timeout is not None and not args.timeout > 0:
+        from robustlab.errors import ConfigError
+
+        raise ConfigError(f"timeout must be > 0 seconds (empty = no limit), got {args.timeout}")
+    work(args.study_name, args.storage, args.worker_index, args.timeout)
