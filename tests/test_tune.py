@@ -89,13 +89,8 @@ def test_simplex_sampling_is_uniform_on_the_simplex():
 
 
 def _smoke(tmp_path: Path, **kw) -> TuneConfig:
-    return TuneConfig(
-        budget="smoke",
-        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-        data_dir=str(DATA_DIR),
-        clean_floor=0.0,
-        **kw,
-    )
+    base = {"budget": "smoke", "data_dir": str(DATA_DIR), "clean_floor": 0.0}
+    return TuneConfig(storage=f"sqlite:///{tmp_path / 'optuna.db'}", **{**base, **kw})
 
 
 def _children(parent_id: str) -> list:
