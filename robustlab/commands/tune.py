@@ -60,7 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     )
     p.add_argument("--pin-cpus", type=_bool, default=False, help="pin worker i to core i (taskset)")
     p.set_defaults(func=run)
-    w = sub.add_parser("tune-worker", help=argparse.SUPPRESS)
+    w = sub.add_parser(
+        "tune-worker",
+        help="join a tune study as one worker (tune starts these; or another machine)",
+    )
     w.add_argument("--study-name", required=True)
     w.add_argument("--storage", required=True)
     w.add_argument("--worker-index", type=int, default=0)
