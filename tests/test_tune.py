@@ -195,6 +195,8 @@ def test_a_killed_workers_trial_is_retried(tracking, tmp_path):
     failed = next(t for t in trials if t.state == TrialState.FAIL)
     done = next(t for t in trials if t.state == TrialState.COMPLETE)
     assert done.params == failed.params  # the same point, retried
+    retry_run = MlflowClient().get_run(done.user_attrs["mlflow_run_id"])
+    assert retry_run.data.tags["robustlab.tune.retry_of"] == str(failed.number)
     lost = MlflowClient().get_run(failed.user_attrs["mlflow_run_id"])
     assert lost.info.status == "RUNNING"  # SIGKILL left it so; the next summary ends it
     run_tune(cfg)  # the study is complete: no new trial, only the summary

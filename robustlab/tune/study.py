@@ -265,7 +265,6 @@ def run_worker(study_name: str, url: str, worker: int = 0, timeout: float | None
         tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
     from robustlab.tune.objective import Objective
 
-    objective = Objective(ctx)
     study = optuna.load_study(
         study_name=study_name,
         storage=open_storage(url, cfg),
@@ -275,6 +274,7 @@ def run_worker(study_name: str, url: str, worker: int = 0, timeout: float | None
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= cfg.n_trials:
         return
+    objective = Objective(ctx)
     study.optimize(
         objective,
         n_trials=None,
