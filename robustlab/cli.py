@@ -22,6 +22,8 @@ COMMANDS = {
     "experiment": "experiment",
     "tracking-init": "tracking_init",
     "services": "services",
+    "tune": "tune",
+    "tune-worker": "tune",
 }
 
 
