@@ -232,6 +232,31 @@ def _ensure_databases(svc: Services) -> None:
             _psql(svc, f"CREATE DATABASE {db} OWNER {ROLE}")
 
 
+def restart_postgres(svc: Services) -> None:
+    """`pg_ctl restart` (fast mode: open connections are cut, as after a crash or a failover)."""
+    opts = f"-p {svc.pg_port} -k {svc.socket_dir} -c listen_addresses={HOST}"
+    _run(
+        _as_postgres(
+            [
+                _pg_bin("pg_ctl"),
+                "-D",
+                str(svc.pgdata),
+                "-o",
+                opts,
+                "-l",
+                str(svc.pg_root / "postgres.log"),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ]
+        ),
+        "restarting PostgreSQL",
+    )
+
+
 def stop_postgres(svc: Services) -> bool:
     if not _pg_running(svc):
         return False

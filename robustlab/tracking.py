@@ -45,6 +45,11 @@ def configure_tracking() -> str:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
                 ok = resp.status == 200
+        except urllib.error.HTTPError as exc:
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI={uri} answered /health with HTTP {exc.code}: it is not an "
+                "MLflow tracking server; check the host and port"
+            ) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(
@@ -54,10 +59,49 @@ def configure_tracking() -> str:
             raise TrackingError(
                 f"MLFLOW_TRACKING_URI={uri} answered /health with an error; check the server"
             )
+        check_mlflow_server(uri)
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials the MLflow client would send ($MLFLOW_TRACKING_TOKEN or basic auth)."""
+    import base64
+
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        pair = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+    return {}
+
+
+def check_mlflow_server(uri: str) -> None:
+    """TrackingError unless `uri` answers MLflow's REST API (not just any /health)."""
+    import json
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(url, headers=_auth_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            body = json.loads(resp.read().decode() or "null")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI={uri} refused our credentials (HTTP {exc.code}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        body = None
+    except (urllib.error.URLError, OSError, ValueError):
+        body = None
+    if not isinstance(body, dict):
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={uri} answers /health but is not an MLflow tracking server "
+            "(no MLflow REST API at /api/2.0/mlflow); check the host and port"
+        )
 
 
 def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from robustlab.commands import optional
@@ -59,13 +60,24 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
         "--threads", type=int, default=0, help="TensorFlow threads per worker (0: default)"
     )
     p.add_argument("--pin-cpus", type=_bool, default=False, help="pin worker i to core i (taskset)")
+    p.add_argument(
+        "--create-only",
+        type=_bool,
+        default=False,
+        help="create the study and its parent run, run no trial (workers join with tune-worker)",
+    )
     p.set_defaults(func=run)
     w = sub.add_parser(
         "tune-worker",
         help="join a tune study as one worker (tune starts these; or another machine)",
     )
     w.add_argument("--study-name", required=True)
-    w.add_argument("--storage", required=True)
+    w.add_argument(
+        "--storage",
+        type=optional,
+        default=None,
+        help="the study's RDB URL (default $ROBUSTLAB_OPTUNA_STORAGE)",
+    )
     w.add_argument("--worker-index", type=int, default=0)
     w.add_argument("--timeout", type=_timeout, default=None, help="seconds (empty: none)")
     w.set_defaults(func=run_worker)
@@ -99,7 +111,14 @@ def run(args: argparse.Namespace) -> None:
     ).validate()
     from robustlab.tune.study import run_tune
 
-    run_id = run_tune(cfg)
+    run_id = run_tune(cfg, create_only=args.create_only)
+    if args.create_only:
+        print(
+            f"study {cfg.name} created (parent run {run_id}); join it from any machine with: "
+            f"robustlab tune-worker --study-name {cfg.name} [--storage URL]",
+            file=sys.stderr,
+        )
+        return
     print(
         f"tune {cfg.name} finished: parent run {run_id} holds trials.csv, front.csv/front.md "
         "and plots/",
@@ -114,4 +133,13 @@ def run_worker(args: argparse.Namespace) -> None:
         from robustlab.errors import ConfigError
 
         raise ConfigError(f"timeout must be > 0 seconds (empty = no limit), got {args.timeout}")
-    work(args.study_name, args.storage, args.worker_index, args.timeout)
+    from robustlab.tune.study import STORAGE_ENV
+
+    storage = args.storage or os.environ.get(STORAGE_ENV)
+    if not storage:
+        from robustlab.errors import ConfigError
+
+        raise ConfigError(
+            f"tune-worker needs --storage URL or ${STORAGE_ENV} (the study's RDB URL)"
+        )
+    work(args.study_name, storage, args.worker_index, args.timeout)

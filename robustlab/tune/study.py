@@ -54,9 +54,28 @@ def storage_url(cfg: TuneConfig) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
+class _TolerantRDBStorage(RDBStorage):
+    """An RDBStorage whose heartbeat survives a database restart: Optuna's heartbeat thread dies
+    on the first failed write, which would get a live trial retried; skip one beat instead."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy OperationalError and friends
+            print(f"note: heartbeat skipped ({type(exc).__name__})", file=sys.stderr, flush=True)
+
+
 def open_storage(url: str, cfg: TuneConfig | None = None) -> RDBStorage:
-    """An RDB storage (heartbeats when `cfg` is given); ConfigError when it cannot be opened."""
-    engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None
+    """An RDB storage (heartbeats when `cfg` is given); ConfigError when it cannot be opened.
+
+    Connections are checked before use (`pool_pre_ping`), so a restarted PostgreSQL is
+    reconnected to rather than failing the worker."""
+    if url.startswith("sqlite"):
+        engine_kwargs: dict | None = {"connect_args": {"timeout": 30}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+        if url.startswith("postgresql"):
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}
     heartbeat = {}
     if cfg is not None:
         heartbeat = {
@@ -69,13 +88,33 @@ def open_storage(url: str, cfg: TuneConfig | None = None) -> RDBStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            return _TolerantRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/Optuna raise many types for a bad URL
-        msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"cannot open the study storage {url!r} ({msg}); pass an RDB URL such as "
-            "sqlite:////abs/path/optuna.db or postgresql://user@host/db"
-        ) from None
+        raise ConfigError(_storage_problem(url, exc)) from None
+
+
+def _storage_problem(url: str, exc: Exception) -> str:
+    """One line for a storage that cannot be opened, without the password."""
+    text = " ".join(str(exc).split())
+    shown = _redact(url)
+    if url.startswith("postgresql"):
+        if "password authentication failed" in text or "no password supplied" in text:
+            why = "PostgreSQL refused the user or password"
+            fix = "check the user and $ROBUSTLAB_PG_PASSWORD (tracking/services.env holds the URL)"
+        elif "does not exist" in text:
+            why = text.split("FATAL:")[-1].strip()[:120]
+            fix = "check the database name in the URL"
+        else:
+            why = "cannot connect to PostgreSQL"
+            fix = "check host and port, and that it runs (robustlab services status)"
+        return f"cannot open the study storage {shown} ({why}); {fix}"
+    msg = text[:160] if text else type(exc).__name__
+    if url in msg:
+        msg = msg.replace(url, shown)
+    return (
+        f"cannot open the study storage {shown!r} ({msg}); pass an RDB URL such as "
+        "sqlite:////abs/path/optuna.db or postgresql+psycopg://user@host/db"
+    )
 
 
 def make_sampler(cfg: TuneConfig, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -137,8 +176,12 @@ def existing_study(storage: RDBStorage, cfg: TuneConfig) -> optuna.Study | None:
     return study
 
 
-def run_tune(cfg: TuneConfig) -> str:
-    """Create or resume the study, run its workers, summarize it on the parent run; its run id."""
+def run_tune(cfg: TuneConfig, create_only: bool = False) -> str:
+    """Create or resume the study, run its workers, summarize it on the parent run; its run id.
+
+    `create_only`: create (or check) the study and its parent run, run no trial and no summary;
+    workers on any machine then join with `robustlab tune-worker`, and running `tune` again
+    with the same arguments summarizes (and finishes the study if trials are missing)."""
     cfg.validate()
     make_sampler(cfg)  # refuses gp without torch
     url = storage_url(cfg)
@@ -152,6 +195,8 @@ def run_tune(cfg: TuneConfig) -> str:
     tags = {"robustlab.kind": "tune", "robustlab.study": cfg.name}
     if old is not None:
         tags["robustlab.resumed_study"] = "true"
+    if create_only:
+        tags["robustlab.tune.create_only"] = "true"
     with start_run(f"tune-{cfg.name}", params=params, tags=tags) as parent:
         parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
         study = optuna.create_study(
@@ -173,6 +218,8 @@ def run_tune(cfg: TuneConfig) -> str:
             _adopt_trial_runs(study, parent_id)
         mlflow.log_dict(split, "selection_split.json")
         mlflow.set_tag("robustlab.optuna_storage", _redact(url))
+        if create_only:
+            return parent_id
         t0 = time.perf_counter()
         if cfg.workers == 1 and not cfg.threads and not cfg.pin_cpus:
             run_worker(cfg.name, url, 0, cfg.timeout)
@@ -246,10 +293,19 @@ def load_context(study_name: str, url: str):
         raise ConfigError(
             f"no study {study_name!r} in {_redact(url)}; start it with robustlab tune"
         )
-    attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    attrs = study.user_attrs
     if ATTR_PARENT not in attrs or ATTR_CONFIG not in attrs:
         raise ConfigError(f"study {study_name!r} was not created by robustlab tune")
     cfg = TuneConfig(**json.loads(attrs[ATTR_CONFIG]))
+    wanted = [optuna.study.StudyDirection.MAXIMIZE] * len(DIRECTIONS[cfg.objective])
+    if list(study.directions) != wanted:
+        raise ConfigError(
+            f"study {study_name!r} has {len(study.directions)} objective direction(s) "
+            f"{[d.name.lower() for d in study.directions]}, but its configuration asks for "
+            f"objective={cfg.objective} ({len(wanted)} x maximize); it was not made by this "
+            "robustlab version: start a new study with robustlab tune"
+        )
     return StudyContext(cfg, study_name, attrs[ATTR_PARENT], attrs[ATTR_EXPERIMENT])
 
 

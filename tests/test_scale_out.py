@@ -1,0 +1,196 @@
+"""Workers that share nothing but two URLs: a real PostgreSQL and a real MLflow server on it.
+
+Each worker runs in its own cwd with its own HOME; models travel through the server.
+Also the bad input of the scaled set-up: wrong credentials or host, a tracking URI that is not
+MLflow, a worker on a study whose objectives differ.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import subprocess
+import sys
+import threading
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from robustlab.cli import main
+from robustlab.tune.study import ATTR_CONFIG, ATTR_EXPERIMENT, ATTR_PARENT
+from tests.conftest import DATA_DIR, free_port
+from tests.scale_support import (
+    machine,
+    needs_postgres,
+    robustlab,
+    start_services,
+    stop_services,
+    trial_runs,
+    tune_args,
+    worker,
+)
+
+SEL_METRICS = ("sel/clean_acc", "sel/pgd_acc", "sel/inv_bal_acc")
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    services = start_services(tmp_path_factory.mktemp("scale") / "tracking")
+    yield services
+    stop_services(services)
+
+
+def _one_error_line(out: subprocess.CompletedProcess, command: str) -> str:
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"robustlab {command}: error: "), out.stderr
+    return lines[0]
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_two_workers_on_two_urls_complete_every_trial_once(live, tmp_path):
+    name, n_trials = "scale2", 3
+    coord, coord_env = machine(tmp_path, "coordinator", live)
+    made = robustlab([*tune_args(name, n_trials), "--create-only", "true"], coord, coord_env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=live.storage)
+    assert study.get_trials() == []  # created, no trial run
+    parent_id = study.user_attrs[ATTR_PARENT]
+
+    places = [machine(tmp_path, f"worker{i}", live) for i in range(2)]
+    procs = [worker(name, cwd, env) for cwd, env in places]
+    codes = [p.wait(timeout=900) for p in procs]
+    logs = [(cwd / "worker.log").read_text() for cwd, _ in places]
+    assert codes == [0, 0], [log[-2000:] for log in logs]
+
+    trials = optuna.load_study(study_name=name, storage=live.storage).get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
+    assert n_trials <= len(trials) <= n_trials + 1  # MaxTrialsCallback: overshoot <= workers - 1
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
+    assert len(set(run_ids)) == len(trials)  # one run per trial, none shared
+    runs = {r.info.run_id: r for r in trial_runs(live, parent_id)}
+    assert set(runs) == set(run_ids)  # and no stray run under the parent
+    for t in trials:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["robustlab.trial"] == str(t.number)
+        assert [run.data.metrics[m] for m in SEL_METRICS] == pytest.approx(t.values)
+    # both workers did trials, and each trial was done by one of them only
+    done = [set(re.findall(r"^trial (\d+): ", log, re.M)) for log in logs]
+    assert all(done) and not done[0] & done[1], logs
+    assert set.union(*done) == {str(t.number) for t in trials}
+    for cwd, _ in places:  # nothing was written on the "machines": no local store, no mlruns
+        assert not (cwd / "mlruns").exists() and not (cwd / "mlflow.db").exists()
+        assert not (cwd / "tracking").exists()
+    stored = list((live.folder / "services" / "artifacts").rglob("MLmodel"))
+    assert len(stored) >= len(trials)
+
+    # a third machine loads every model over HTTP
+    reader, reader_env = machine(tmp_path, "reader", live)
+    code = (
+        "import sys, numpy as np, mlflow\n"
+        "for run_id in sys.argv[1:]:\n"
+        "    m = mlflow.pyfunc.load_model(f'runs:/{run_id}/model')\n"
+        "    print(m.predict(np.zeros((2, 28, 28, 1), np.float32)).shape)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *run_ids],
+        cwd=reader,
+        env=reader_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["(2,", "10)"] * len(run_ids)
+
+    # the coordinator summarizes the finished study: no new trial, a parent holding the summary
+    summary = robustlab(tune_args(name, n_trials), coord, coord_env)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    after = optuna.load_study(study_name=name, storage=live.storage)
+    assert len(after.get_trials()) == len(trials)
+    new_parent = after.user_attrs[ATTR_PARENT]
+    assert new_parent != parent_id
+    assert {r.info.run_id for r in trial_runs(live, new_parent)} == set(run_ids)  # adopted
+    names = {a.path for a in live.client().list_artifacts(new_parent)}
+    assert {"trials.csv", "front.csv", "front.md"} <= names
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_wrong_credentials_or_host_are_one_line_and_leave_nothing(live, tmp_path):
+    coord, env = machine(tmp_path, "coordinator", live)
+    wrong_password = live.storage.replace("robustlab:", "robustlab:x", 1)
+    secret = live.storage.split(":")[2].split("@")[0]
+    wrong_host = live.storage.rsplit("@", 1)[0] + f"@127.0.0.1:{free_port()}/optuna"
+    for storage, why in (
+        (wrong_password, "refused the user or password"),
+        (wrong_host, "cannot connect to PostgreSQL"),
+    ):
+        for argv, command in (
+            ([*tune_args("bad", 1), "--storage", storage], "tune"),
+            (["tune-worker", "--study-name", "bad", "--storage", storage], "tune-worker"),
+        ):
+            out = robustlab(argv, coord, env, timeout=120)
+            line = _one_error_line(out, command)
+            assert why in line and "cannot open the study storage" in line
+            assert secret not in line  # the password is never printed
+    assert "bad" not in optuna.get_all_study_names(live.storage)
+    exps = [e.experiment_id for e in live.client().search_experiments()]
+    assert not [
+        r for r in live.client().search_runs(exps) if r.data.tags.get("robustlab.study") == "bad"
+    ]
+
+
+class _NotMlflow(http.server.BaseHTTPRequestHandler):
+    code = 200
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(self.code)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html>OK</html>")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [(200, "is not an MLflow tracking server"), (404, "answered /health with HTTP 404")],
+)
+def test_a_tracking_uri_that_is_not_mlflow_is_one_line(
+    tracking, tmp_path, capsys, monkeypatch, code, message
+):
+    handler = type("Handler", (_NotMlflow,), {"code": code})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
+        storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+        argv = ["tune", "--budget", "smoke", "--storage", storage, "--data-dir", str(DATA_DIR)]
+        assert main([*argv, "--create-only", "true"]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("robustlab tune: error: ") and message in err[0]
+    assert optuna.get_all_study_names(storage) == []  # nothing half-written
+
+
+def test_a_worker_on_a_study_with_other_objectives_is_refused(tracking, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # a study that claims a 3-objective (pareto) configuration but has one direction
+    study = optuna.create_study(study_name="odd", storage=storage, direction="minimize")
+    study.set_user_attr(ATTR_PARENT, "0" * 32)
+    study.set_user_attr(ATTR_EXPERIMENT, "0")
+    study.set_user_attr(ATTR_CONFIG, json.dumps({"objective": "pareto", "budget": "smoke"}))
+    assert main(["tune-worker", "--study-name", "odd", "--storage", storage]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("robustlab tune-worker: error: ")
+    assert "1 objective direction(s) ['minimize']" in err[0] and "objective=pareto" in err[0]
+    assert study.get_trials() == []
+    assert main(["tune-worker", "--study-name", "nosuch", "--storage", storage]) == 2
+    assert "no study 'nosuch'" in capsys.readouterr().err
