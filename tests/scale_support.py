@@ -119,6 +119,17 @@ def worker(name: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+@pytest.fixture(name="reap")
+def reap_fixture():
+    """Worker processes a test started; killed at teardown if a failed assertion left them."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def tune_args(name: str, n_trials: int, *extra: str) -> list[str]:
     """A smoke study (tiny trials) on the storage in $ROBUSTLAB_OPTUNA_STORAGE."""
     return [

@@ -24,6 +24,7 @@ from tests.conftest import DATA_DIR, free_port
 from tests.scale_support import (
     machine,
     needs_postgres,
+    reap_fixture,  # noqa: F401 - the `reap` fixture
     robustlab,
     start_services,
     stop_services,
@@ -51,7 +52,7 @@ def _one_error_line(out: subprocess.CompletedProcess, command: str) -> str:
 
 @needs_postgres
 @pytest.mark.slow
-def test_two_workers_on_two_urls_complete_every_trial_once(live, tmp_path):
+def test_two_workers_on_two_urls_complete_every_trial_once(live, tmp_path, reap):
     name, n_trials = "scale2", 3
     coord, coord_env = machine(tmp_path, "coordinator", live)
     made = robustlab([*tune_args(name, n_trials), "--create-only", "true"], coord, coord_env)
@@ -62,6 +63,7 @@ def test_two_workers_on_two_urls_complete_every_trial_once(live, tmp_path):
 
     places = [machine(tmp_path, f"worker{i}", live) for i in range(2)]
     procs = [worker(name, cwd, env) for cwd, env in places]
+    reap.extend(procs)
     codes = [p.wait(timeout=900) for p in procs]
     logs = [(cwd / "worker.log").read_text() for cwd, _ in places]
     assert codes == [0, 0], [log[-2000:] for log in logs]
@@ -94,7 +96,7 @@ def test_two_workers_on_two_urls_complete_every_trial_once(live, tmp_path):
         "import sys, numpy as np, mlflow\n"
         "for run_id in sys.argv[1:]:\n"
         "    m = mlflow.pyfunc.load_model(f'runs:/{run_id}/model')\n"
-        "    print(m.predict(np.zeros((2, 28, 28, 1), np.float32)).shape)\n"
+        "    print('shape', *m.predict(np.zeros((2, 28, 28, 1), np.float32)).shape)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, *run_ids],
@@ -105,7 +107,8 @@ def test_two_workers_on_two_urls_complete_every_trial_once(live, tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["(2,", "10)"] * len(run_ids)
+    shapes = [line for line in out.stdout.splitlines() if line.startswith("shape ")]
+    assert shapes == ["shape 2 10"] * len(run_ids), out.stdout[-2000:]
 
     # the coordinator summarizes the finished study: no new trial, a parent holding the summary
     summary = robustlab(tune_args(name, n_trials), coord, coord_env)

@@ -53,6 +53,19 @@ def score(clean: float, pgd: float, inv_bal: float, clean_floor: float) -> float
     return (pgd + inv_bal) / 2 - max(0.0, clean_floor - clean)
 
 
+def _checkpointed_run(run_id: str | None) -> str | None:
+    """`run_id` when that (lost) trial run left a checkpoint to continue from, else None."""
+    from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT
+
+    if not run_id:
+        return None
+    try:
+        found = MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT)
+    except Exception:  # noqa: BLE001 - no such run or artifact: start afresh
+        return None
+    return run_id if found else None
+
+
 @dataclass(frozen=True)
 class StudyContext:
     """What every worker reads from the study's user attributes."""
@@ -78,7 +91,7 @@ class Objective:
         val_small = subsample(mnist.val, self.budget.val_attack_size, seed=0)
         self.pgd_val = _pgd_validation(val_small.x, val_small.y, self._run_config(1e-3, 1.0, None))
 
-    def _run_config(self, lr: float, warmup: float, mix) -> RunConfig:
+    def _run_config(self, lr: float, warmup: float, mix, resume: str | None = None) -> RunConfig:
         cfg, b = self.ctx.cfg, self.budget
         attack = AttackConfig(
             eps=cfg.eps,
@@ -87,7 +100,12 @@ class Objective:
             eps_warmup=warmup,
         )
         train = TrainConfig(
-            epochs=b.epochs, batch_size=b.batch_size, learning_rate=lr, seed=cfg.seed, patience=0
+            epochs=b.epochs,
+            batch_size=b.batch_size,
+            learning_rate=lr,
+            seed=cfg.seed,
+            patience=0,
+            resume_run_id=resume,
         )
         data = DataConfig(cfg.data_dir, b.train_size, b.eval_size)
         return RunConfig(data, train, mix, attack) if mix else RunConfig(data, train, attack=attack)
@@ -96,7 +114,17 @@ class Objective:
         cfg, b = self.ctx.cfg, self.budget
         keras.backend.clear_session()
         mix, lr, warmup = suggest(trial, cfg)
-        run_cfg = self._run_config(lr, warmup, mix)
+        # Optuna 5 has no Trial.system_attrs: ask about the stored (frozen) trial
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(
+            trial.study.get_trials(deepcopy=False)[trial.number]
+        )
+        # a retried trial inherits the lost trial's user attributes, its run id included
+        resume = (
+            _checkpointed_run(trial.user_attrs.get("mlflow_run_id"))
+            if retry_of is not None
+            else None
+        )
+        run_cfg = self._run_config(lr, warmup, mix, resume)
         ev = EvalConfig(
             eps=cfg.eps, eval_size=b.eval_size, autoattack_size=0, pgd_restarts=0, seed=cfg.seed
         )
@@ -140,10 +168,6 @@ class Objective:
             "robustlab.study": self.ctx.study_name,
             "robustlab.trial": str(trial.number),
         }
-        # Optuna 5 has no Trial.system_attrs: ask about the stored (frozen) trial
-        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(
-            trial.study.get_trials(deepcopy=False)[trial.number]
-        )
         if retry_of is not None:
             tags["robustlab.tune.retry_of"] = str(retry_of)
         extras = Extras(
