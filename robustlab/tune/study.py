@@ -285,8 +285,6 @@ def _spawn_workers(cfg: TuneConfig, url: str) -> None:
 
 def load_context(study_name: str, url: str):
     """The StudyContext a worker needs, from the study's user attributes."""
-    from robustlab.tune.objective import StudyContext
-
     storage = open_storage(url)
     names = {s.study_name for s in storage.get_all_studies()}
     if study_name not in names:
@@ -306,6 +304,8 @@ def load_context(study_name: str, url: str):
             f"objective={cfg.objective} ({len(wanted)} x maximize); it was not made by this "
             "robustlab version: start a new study with robustlab tune"
         )
+    from robustlab.tune.objective import StudyContext  # imports TensorFlow: after the checks
+
     return StudyContext(cfg, study_name, attrs[ATTR_PARENT], attrs[ATTR_EXPERIMENT])
 
 
