@@ -169,7 +169,9 @@ def trial_runs(live: Live, parent_id: str) -> list:
     return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-def running_runs(live: Live) -> list:
+def running_runs(live: Live, study: str) -> list:
+    """The runs of `study` (its parents and trials) that are still RUNNING."""
     client = live.client()
     exps = [e.experiment_id for e in client.search_experiments()]
-    return [r for r in client.search_runs(exps) if r.info.status == "RUNNING"]
+    runs = client.search_runs(exps, f"tags.`robustlab.study` = '{study}'")
+    return [r for r in runs if r.info.status == "RUNNING"]

@@ -38,6 +38,15 @@ def live(tmp_path_factory):
     stop_services(started)
 
 
+def _checkpoint_complete(live, run_id: str) -> bool:
+    """A checkpoint slot whose state.json (uploaded last) is there."""
+    client = live.client()
+    slots = client.list_artifacts(run_id, "checkpoint")
+    return any(
+        a.path.endswith("state.json") for s in slots for a in client.list_artifacts(run_id, s.path)
+    )
+
+
 def test_a_sigkilled_worker_is_retried_and_nothing_stays_running(live, tmp_path, reap):
     name = "killed"
     coord, coord_env = machine(tmp_path, "coordinator", live)
@@ -54,7 +63,7 @@ def test_a_sigkilled_worker_is_retried_and_nothing_stays_running(live, tmp_path,
     reap.append(survivor)
     lost_run = lost.user_attrs["mlflow_run_id"]
     deadline = time.time() + 120  # the victim's checkpoint, which the retry continues from
-    while not live.client().list_artifacts(lost_run, "checkpoint"):
+    while not _checkpoint_complete(live, lost_run):
         assert time.time() < deadline and victim.poll() is None, "no checkpoint before the end"
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
@@ -85,7 +94,7 @@ def test_a_sigkilled_worker_is_retried_and_nothing_stays_running(live, tmp_path,
     assert retry_run.info.status == "FINISHED"
     assert retry_run.data.tags["robustlab.tune.retry_of"] == str(failed.number)
     assert retry_run.data.tags["robustlab.resumed_from"] == lost_run  # its checkpoint reused
-    assert running_runs(live) == []
+    assert running_runs(live, name) == []
 
 
 def test_mlflow_server_and_postgresql_restarts_under_a_running_worker(live, tmp_path, reap):
@@ -122,4 +131,4 @@ def test_mlflow_server_and_postgresql_restarts_under_a_running_worker(live, tmp_
     assert run.info.status == "FINISHED"
     assert run.data.metrics["sel/clean_acc"] == pytest.approx(trials[0].values[0])
     assert [a.path for a in live.client().list_artifacts(run.info.run_id, "model")]
-    assert running_runs(live) == []
+    assert running_runs(live, name) == []

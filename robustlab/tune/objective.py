@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import mlflow
@@ -54,16 +55,23 @@ def score(clean: float, pgd: float, inv_bal: float, clean_floor: float) -> float
 
 
 def _checkpointed_run(run_id: str | None) -> str | None:
-    """`run_id` when that (lost) trial run left a checkpoint to continue from, else None."""
-    from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT
+    """`run_id` when that (lost) trial run left an intact checkpoint to continue from (a worker
+    killed while uploading leaves a partial one: start afresh then), else None."""
+    import tempfile
+
+    from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT, newest_intact
 
     if not run_id:
         return None
-    try:
-        found = MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT)
-    except Exception:  # noqa: BLE001 - no such run or artifact: start afresh
-        return None
-    return run_id if found else None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp
+            )
+            newest_intact(Path(folder))
+        except Exception:  # noqa: BLE001 - no run, no checkpoint or a partial one: start afresh
+            return None
+    return run_id
 
 
 @dataclass(frozen=True)
