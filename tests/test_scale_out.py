@@ -197,3 +197,28 @@ def test_a_worker_on_a_study_with_other_objectives_is_refused(tracking, tmp_path
     assert study.get_trials() == []
     assert main(["tune-worker", "--study-name", "nosuch", "--storage", storage]) == 2
     assert "no study 'nosuch'" in capsys.readouterr().err
+
+
+def test_a_retry_continues_only_from_an_intact_checkpoint(tracking, tmp_path):
+    import keras
+    import mlflow
+
+    from robustlab.train.checkpoint import LoopState, log_checkpoint, save_checkpoint
+    from robustlab.tune.objective import _checkpointed_run
+
+    model = keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    folder = save_checkpoint(tmp_path / "ckpt", model, optimizer, None, LoopState(global_epoch=0))
+    with mlflow.start_run() as whole:
+        log_checkpoint(folder, whole.info.run_id)
+    with mlflow.start_run() as partial:  # killed while uploading: state.json never arrived
+        mlflow.log_artifact(str(folder / "model.weights.h5"), "checkpoint/slot0")
+    with mlflow.start_run() as none:
+        pass
+    assert _checkpointed_run(whole.info.run_id) == whole.info.run_id
+    assert _checkpointed_run(partial.info.run_id) is None
+    assert _checkpointed_run(none.info.run_id) is None
+    assert _checkpointed_run(None) is None
