@@ -9,6 +9,7 @@ import time
 
 import optuna
 import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from robustlab import services
@@ -28,6 +29,7 @@ from tests.scale_support import (
 )
 
 pytestmark = [needs_postgres, pytest.mark.slow]
+retried_trial_number = RetryHeartbeatStaleTrialCallback.retried_trial_number
 HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "4")
 
 
@@ -76,9 +78,11 @@ def test_a_sigkilled_worker_is_retried_and_nothing_stays_running(live, tmp_path,
     assert len(trials) == 3  # nothing RUNNING or WAITING left
     failed = next(t for t in trials if t.state == TrialState.FAIL)
     assert failed.number == lost.number
-    retried = [t for t in trials if t.user_attrs.get("mix_inv") == failed.user_attrs["mix_inv"]]
-    assert len(retried) == 2 and retried[1].state == TrialState.COMPLETE
-    assert retried[1].params == failed.params  # the same point, re-queued
+    retried = [t for t in trials if retried_trial_number(t) == failed.number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == failed.params  # the same point, re-queued
+    fresh = next(t for t in trials if t not in (failed, retried[0]))
+    assert fresh.params != failed.params  # the survivor sampled a point of its own
 
     # the coordinator's summary ends the lost run; no run anywhere stays RUNNING
     summary = robustlab(args, coord, coord_env)
@@ -90,7 +94,7 @@ def test_a_sigkilled_worker_is_retried_and_nothing_stays_running(live, tmp_path,
     assert runs[failed.user_attrs["mlflow_run_id"]].data.tags["robustlab.tune.worker_lost"] == (
         "true"
     )
-    retry_run = runs[retried[1].user_attrs["mlflow_run_id"]]
+    retry_run = runs[retried[0].user_attrs["mlflow_run_id"]]
     assert retry_run.info.status == "FINISHED"
     assert retry_run.data.tags["robustlab.tune.retry_of"] == str(failed.number)
     assert retry_run.data.tags["robustlab.resumed_from"] == lost_run  # its checkpoint reused

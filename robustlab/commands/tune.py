@@ -78,7 +78,13 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
         default=None,
         help="the study's RDB URL (default $ROBUSTLAB_OPTUNA_STORAGE)",
     )
-    w.add_argument("--worker-index", type=int, default=0)
+    w.add_argument(
+        "--worker-index",
+        type=int,
+        default=None,
+        help="seeds this worker's sampler (default: a random one, so that workers started "
+        "on several machines do not propose the same points)",
+    )
     w.add_argument("--timeout", type=_timeout, default=None, help="seconds (empty: none)")
     w.set_defaults(func=run_worker)
     return ["tune", "tune-worker"]
@@ -142,4 +148,9 @@ def run_worker(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"tune-worker needs --storage URL or ${STORAGE_ENV} (the study's RDB URL)"
         )
-    work(args.study_name, storage, args.worker_index, args.timeout)
+    index = args.worker_index
+    if index is None:
+        import secrets
+
+        index = 1 + secrets.randbelow(999_999)
+    work(args.study_name, storage, index, args.timeout)
