@@ -33,6 +33,12 @@ def tracking_dir() -> Path:
     return Path(os.environ.get(TRACKING_DIR_ENV) or project_root() / "tracking").resolve()
 
 
+def local_checkpoint_dir(run_id: str) -> Path:
+    """Where a training run keeps its per-epoch checkpoint on this machine (besides the run's
+    artifacts), so that it survives a tracking server that goes away mid-run."""
+    return tracking_dir() / "checkpoints" / run_id
+
+
 def default_tracking_uri() -> str:
     """SQLite store `tracking/mlflow.db` (absolute URI: four slashes)."""
     return f"sqlite:///{tracking_dir() / 'mlflow.db'}"
@@ -108,6 +114,62 @@ def start_run(
         if tags:
             mlflow.set_tags(tags)
         yield run
+
+
+MODEL_URI_SCHEMES = (
+    "runs",
+    "models",
+    "file",
+    "http",
+    "https",
+    "s3",
+    "gs",
+    "wasbs",
+    "hdfs",
+    "dbfs",
+    "mlflow-artifacts",
+)
+
+
+def check_model_uri(model_uri: str, what: str = "model URI") -> None:
+    """Cheap checks of a model URI before anything runs (the tracking URI must be configured):
+    a known scheme, an existing run for runs:/, an existing registered model for models:/,
+    an existing path for a plain path. Raises a one-line ConfigError."""
+    from mlflow.exceptions import MlflowException
+
+    from robustlab.errors import ConfigError
+
+    hint = "use runs:/<run_id>/model, models:/<name>@<alias> or a local model folder"
+    scheme, sep, rest = model_uri.partition(":")
+    if not sep or len(scheme) < 2:  # no scheme (a Windows drive letter is not one either)
+        if not Path(model_uri).expanduser().exists():
+            raise ConfigError(f"{what} {model_uri!r}: no such file or folder; {hint}")
+        return
+    if scheme not in MODEL_URI_SCHEMES:
+        raise ConfigError(f"{what} {model_uri!r}: unknown scheme {scheme + ':'!r}; {hint}")
+    client = MlflowClient()
+    if scheme == "runs":
+        run_id = rest.lstrip("/").split("/", 1)[0]
+        if not run_id or "/" not in rest.lstrip("/"):
+            raise ConfigError(f"{what} {model_uri!r} is incomplete; {hint}")
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(
+                f"{what} {model_uri!r}: no run {run_id} in this tracking store "
+                f"({mlflow.get_tracking_uri()}); check the run id"
+            ) from None
+    elif scheme == "models":
+        name = rest.lstrip("/").split("@", 1)[0].split("/", 1)[0]
+        if not name:
+            raise ConfigError(f"{what} {model_uri!r} names no model; {hint}")
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            raise ConfigError(
+                f"{what} {model_uri!r}: no registered model {name!r} in this tracking store; "
+                "register it first (or check the name)"
+            ) from None
 
 
 def run_id_of(model_uri: str) -> str | None:
