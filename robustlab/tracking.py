@@ -189,7 +189,8 @@ def load_keras_model(model_uri: str):
     import keras
 
     try:
-        model = mlflow.keras.load_model(model_uri)
+        # safe_mode: never deserialize Python code (Lambda layers) from a model file
+        model = mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
         raise RobustlabError(
             f"cannot load model {model_uri!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the URI"
