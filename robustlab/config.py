@@ -91,7 +91,8 @@ class TrainConfig:
     init_model: str | None = None  # model URI to start from (runs:/..., models:/...)
     resume_run_id: str | None = None  # continue from this run's last checkpoint
 
-    def validate(self) -> None:
+    def validate(self, check_model: bool = True) -> None:
+        """`check_model=False` skips the model-name check, which imports Keras."""
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ConfigError(f"seed must lie in [0, 2**32 - 1], got {self.seed}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0, got {self.patience}")
+        if not check_model:
+            return
         from robustlab.models import available_models
 
         if self.model not in available_models():
@@ -118,9 +121,12 @@ class RunConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
 
-    def validate(self) -> RunConfig:
-        for part in (self.data, self.train, self.mix, self.attack):
+    def validate(self, check_model: bool = True) -> RunConfig:
+        """Raise a one-line ConfigError for the first bad value; `check_model=False` skips the
+        model-name check (it imports Keras), for checks that must stay fast."""
+        for part in (self.data, self.mix, self.attack):
             part.validate()
+        self.train.validate(check_model)
         if 0 < self.data.train_size < self.train.batch_size:
             raise ConfigError(
                 f"train_size {self.data.train_size} is smaller than one batch "

@@ -182,7 +182,7 @@ def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
         ),
         mix=mix,
         attack=attack,
-    ).validate()
+    ).validate(check_model=False)  # run() checks the model name last: it imports Keras
     ev = EvalConfig(
         eps=attack.eps,
         eval_size=args.eval_size,
@@ -281,6 +281,7 @@ def run(args: argparse.Namespace) -> None:
         check_model_uri(cfg.train.init_model, "--init-model")
     if cfg.train.resume_run_id:
         check_resume_run(cfg.train.resume_run_id, regime.name)
+    cfg.validate()  # now with the model name (imports Keras)
 
     from robustlab.train.runner import Extras, run_training
 
