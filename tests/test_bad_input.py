@@ -124,7 +124,11 @@ EVALUATE_CASES = [
     ("evaluate-no-model-uri", ["evaluate"], "the following arguments are required: --model-uri"),
     ("evaluate-empty-model-uri", ["evaluate", "--model-uri", " "], "--model-uri is empty"),
     ("evaluate-eps", ["evaluate", "--model-uri", NO_RUN, "--eps", "2"], "eps must lie in [0, 1]"),
-    ("evaluate-batch", ["evaluate", "--model-uri", NO_RUN, "--batch-size", "0"], "batch-size must be >= 1"),
+    (
+        "evaluate-batch",
+        ["evaluate", "--model-uri", NO_RUN, "--batch-size", "0"],
+        "batch-size must be >= 1",
+    ),
     ("evaluate-seed", ["evaluate", "--model-uri", NO_RUN, "--seed", "-1"], "seed must lie in"),
     ("evaluate-engine", ["evaluate", "--model-uri", NO_RUN, "--pgd-engine", "x"], "pgd_engine"),
     (
