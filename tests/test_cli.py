@@ -3,6 +3,9 @@ matrix, tests/test_bad_input.py.)"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import keras
 import mlflow
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 
 from robustlab.errors import RobustlabError
 from robustlab.tracking import load_keras_model
+
+BIN = Path(sys.executable).parent  # the venv's console scripts (used by other tests)
 
 
 def test_an_init_model_with_the_wrong_input_shape_is_refused(tmp_path):
