@@ -237,6 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _check_host(self) -> bool:
         if self.server.allowed_host(self.headers.get("Host")):
             return True
+        self.close_connection = True  # a body, if any, is left unread
         self._json(HTTPStatus.MISDIRECTED_REQUEST, {"error": "unknown Host"})
         return False
 
