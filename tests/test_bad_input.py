@@ -284,7 +284,16 @@ def test_bad_input(store, args, message):
 
 
 @pytest.mark.slow
-def test_bad_input_through_mlflow_run_fails_the_run_with_the_error(store):
+@pytest.mark.parametrize(
+    ("param", "line"),
+    [
+        # rejected by argparse
+        ("robust_eval=maybe", "argument --robust-eval: expected true/false, got 'maybe'"),
+        # rejected by our own checks
+        ("seed=-1", "seed must lie in [0, 2**32 - 1], got -1"),
+    ],
+)
+def test_bad_input_through_mlflow_run_fails_the_run_with_the_error(store, param, line):
     """`mlflow run` creates the run before our command starts: it must end FAILED, with the one
     error line recorded on it as the tag robustlab.error."""
     before = count_runs(store["uri"])
@@ -300,7 +309,7 @@ def test_bad_input_through_mlflow_run_fails_the_run_with_the_error(store):
             "--experiment-name",
             "robustlab",
             "-P",
-            "robust_eval=maybe",
+            param,
         ],
         capture_output=True,
         text=True,
@@ -309,7 +318,7 @@ def test_bad_input_through_mlflow_run_fails_the_run_with_the_error(store):
         timeout=300,
     )
     assert out.returncode != 0
-    assert "robustlab vanilla: error: argument --robust-eval" in out.stderr
+    assert f"robustlab vanilla: error: {line}" in out.stderr
     client = MlflowClient(tracking_uri=store["uri"])
     runs = client.search_runs(
         [client.get_experiment_by_name("robustlab").experiment_id],
@@ -319,9 +328,7 @@ def test_bad_input_through_mlflow_run_fails_the_run_with_the_error(store):
     assert count_runs(store["uri"]) == before + 1
     run = runs[0]
     assert run.info.status == "FAILED"
-    assert run.data.tags["robustlab.error"].startswith(
-        "robustlab vanilla: error: argument --robust-eval: expected true/false, got 'maybe'"
-    )
+    assert run.data.tags["robustlab.error"].startswith(f"robustlab vanilla: error: {line}")
 
 
 def test_unreachable_tracking_server_leaves_nothing_behind(tmp_path):
