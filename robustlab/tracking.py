@@ -14,7 +14,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from robustlab.errors import RobustlabError, TrackingError
+from robustlab.errors import ConfigError, RobustlabError, TrackingError
 
 TRACKING_DIR_ENV = "ROBUSTLAB_TRACKING_DIR"
 DEFAULT_EXPERIMENT = "robustlab"
@@ -136,8 +136,6 @@ def check_model_uri(model_uri: str, what: str = "model URI") -> None:
     a known scheme, an existing run for runs:/, an existing registered model for models:/,
     an existing path for a plain path. Raises a one-line ConfigError."""
     from mlflow.exceptions import MlflowException
-
-    from robustlab.errors import ConfigError
 
     hint = "use runs:/<run_id>/model, models:/<name>@<alias> or a local model folder"
     scheme, sep, rest = model_uri.partition(":")
