@@ -126,6 +126,7 @@ def resume_checkpoint_folder(resume_run_id: str) -> Path:
         raise RobustlabError(
             f"resume_run_id={resume_run_id}: no checkpoint found in that run ({type(exc).__name__})"
         ) from None
+    newest_intact(Path(folder))  # none intact: one line before a run exists
     print(f"resuming {resume_run_id} from the checkpoint in its artifacts", file=sys.stderr)
     return Path(folder)
 
