@@ -14,7 +14,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from robustlab.errors import RobustlabError, TrackingError
+from robustlab.errors import ConfigError, RobustlabError, TrackingError
 
 TRACKING_DIR_ENV = "ROBUSTLAB_TRACKING_DIR"
 DEFAULT_EXPERIMENT = "robustlab"
@@ -31,6 +31,12 @@ def project_root(start: Path | None = None) -> Path:
 
 def tracking_dir() -> Path:
     return Path(os.environ.get(TRACKING_DIR_ENV) or project_root() / "tracking").resolve()
+
+
+def local_checkpoint_dir(run_id: str) -> Path:
+    """Where a training run keeps its per-epoch checkpoint on this machine (besides the run's
+    artifacts), so that it survives a tracking server that goes away mid-run."""
+    return tracking_dir() / "checkpoints" / run_id
 
 
 def default_tracking_uri() -> str:
@@ -120,6 +126,60 @@ def start_run(
         yield run
 
 
+MODEL_URI_SCHEMES = (
+    "runs",
+    "models",
+    "file",
+    "http",
+    "https",
+    "s3",
+    "gs",
+    "wasbs",
+    "hdfs",
+    "dbfs",
+    "mlflow-artifacts",
+)
+
+
+def check_model_uri(model_uri: str, what: str = "model URI") -> None:
+    """Cheap checks of a model URI before anything runs (the tracking URI must be configured):
+    a known scheme, an existing run for runs:/, an existing registered model for models:/,
+    an existing path for a plain path. Raises a one-line ConfigError."""
+    from mlflow.exceptions import MlflowException
+
+    hint = "use runs:/<run_id>/model, models:/<name>@<alias> or a local model folder"
+    scheme, sep, rest = model_uri.partition(":")
+    if not sep or len(scheme) < 2:  # no scheme (a Windows drive letter is not one either)
+        if not Path(model_uri).expanduser().exists():
+            raise ConfigError(f"{what} {model_uri!r}: no such file or folder; {hint}")
+        return
+    if scheme not in MODEL_URI_SCHEMES:
+        raise ConfigError(f"{what} {model_uri!r}: unknown scheme {scheme + ':'!r}; {hint}")
+    client = MlflowClient()
+    if scheme == "runs":
+        run_id = rest.lstrip("/").split("/", 1)[0]
+        if not run_id or "/" not in rest.lstrip("/"):
+            raise ConfigError(f"{what} {model_uri!r} is incomplete; {hint}")
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(
+                f"{what} {model_uri!r}: no run {run_id} in this tracking store "
+                f"({mlflow.get_tracking_uri()}); check the run id"
+            ) from None
+    elif scheme == "models":
+        name = rest.lstrip("/").split("@", 1)[0].split("/", 1)[0]
+        if not name:
+            raise ConfigError(f"{what} {model_uri!r} names no model; {hint}")
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            raise ConfigError(
+                f"{what} {model_uri!r}: no registered model {name!r} in this tracking store; "
+                "register it first (or check the name)"
+            ) from None
+
+
 def run_id_of(model_uri: str) -> str | None:
     """The run that logged `model_uri` (runs:/ or models:/), or None when it cannot be told."""
     if model_uri.startswith("runs:/"):
@@ -137,7 +197,8 @@ def load_keras_model(model_uri: str):
     import keras
 
     try:
-        model = mlflow.keras.load_model(model_uri)
+        # safe_mode: never deserialize Python code (Lambda layers) from a model file
+        model = mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
         raise RobustlabError(
             f"cannot load model {model_uri!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the URI"

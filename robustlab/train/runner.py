@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
+import urllib.request
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from robustlab.config import EvalConfig, RunConfig
 from robustlab.data.mnist import Mnist, load_mnist, subsample
-from robustlab.errors import DataError, RobustlabError
+from robustlab.errors import DataError, RobustlabError, TrackingError
 from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
@@ -25,6 +27,7 @@ from robustlab.regimes import Phase, Regime
 from robustlab.tracking import (
     excluded_sources_of,
     load_keras_model,
+    local_checkpoint_dir,
     log_excluded_sources,
     start_run,
 )
@@ -33,6 +36,7 @@ from robustlab.train.checkpoint import (
     LoopState,
     load_checkpoint,
     log_checkpoint,
+    newest_intact,
 )
 from robustlab.train.inv_pool import (
     TRAIN_POOL_SETS,
@@ -113,9 +117,17 @@ def _perturb_fn(cfg: RunConfig):
     return make_perturb_fn(cfg.attack)
 
 
-def _restore(
-    resume_run_id: str, model: keras.Model
-) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
+def resume_checkpoint_folder(resume_run_id: str) -> Path:
+    """The checkpoint to resume `resume_run_id` from: the local copy under
+    tracking/checkpoints/<run_id>/ when it holds an intact checkpoint, else the run's artifacts."""
+    local = local_checkpoint_dir(resume_run_id)
+    try:
+        newest_intact(local)
+    except RobustlabError:
+        pass
+    else:
+        print(f"resuming {resume_run_id} from the local checkpoint {local}", file=sys.stderr)
+        return local
     try:
         folder = mlflow.artifacts.download_artifacts(
             run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT
@@ -124,9 +136,61 @@ def _restore(
         raise RobustlabError(
             f"resume_run_id={resume_run_id}: no checkpoint found in that run ({type(exc).__name__})"
         ) from None
+    newest_intact(Path(folder))  # none intact: one line before a run exists
+    print(f"resuming {resume_run_id} from the checkpoint in its artifacts", file=sys.stderr)
+    return Path(folder)
+
+
+def _restore(
+    folder: Path, model: keras.Model
+) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
     optimizer = keras.optimizers.Adam()
-    state, best = load_checkpoint(Path(folder), model, optimizer)
+    state, best = load_checkpoint(folder, model, optimizer)
     return state, optimizer, best
+
+
+def _tracking_server_down() -> bool:
+    """True when the tracking URI is an HTTP server that does not answer /health now."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return False
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+            return resp.status != 200
+    except OSError:
+        return True
+
+
+def lost_server_error(run_id: str, exc: BaseException) -> TrackingError:
+    """The one-line error for a tracking server that went away mid-run and did not come back."""
+    folder = local_checkpoint_dir(run_id)
+    if (folder / "state.json").is_file():
+        kept = (
+            f"the last epoch checkpoint is kept in {folder}; once the server is back, "
+            f"resume with --resume-run-id {run_id}"
+        )
+    else:
+        kept = "no epoch had finished, so there is no checkpoint; start a fresh run"
+    return TrackingError(
+        f"lost the tracking server {mlflow.get_tracking_uri()} during run {run_id} (still down "
+        f"after MLflow's retries, {type(exc).__name__}); {kept}"
+    )
+
+
+class _Guard:
+    run_id: str | None = None
+
+
+@contextmanager
+def _lost_server_guard() -> Iterator[_Guard]:
+    """Turn a failure inside a run whose HTTP tracking server is gone into `lost_server_error`."""
+    guard = _Guard()
+    try:
+        yield guard
+    except Exception as exc:
+        if guard.run_id is not None and _tracking_server_down():
+            raise lost_server_error(guard.run_id, exc) from None
+        raise
 
 
 def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
@@ -214,6 +278,9 @@ def run_training(
         "robustlab.mnist_digest": mnist.digest,
         **(extras.tags or {}),
     }
+    resume_folder = (
+        resume_checkpoint_folder(cfg.train.resume_run_id) if cfg.train.resume_run_id else None
+    )
     run_ctx = start_run(
         extras.run_name or regime.name,
         params=params,
@@ -223,15 +290,13 @@ def run_training(
         parent_run_id=extras.parent_run_id,
         experiment_id=extras.experiment_id,
     )
-    with run_ctx as run, tempfile.TemporaryDirectory() as tmp:
+    with _lost_server_guard() as guard, run_ctx as run, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        parent_id = run.info.run_id
+        parent_id = guard.run_id = run.info.run_id
         _log_datasets(mnist, pools)
         log_excluded_sources(excluded)
         model = init_model or build_model(cfg.train.model)
-        resumed: tuple | None = (
-            _restore(cfg.train.resume_run_id, model) if cfg.train.resume_run_id else None
-        )
+        resumed: tuple | None = _restore(resume_folder, model) if resume_folder else None
         if resumed:
             mlflow.set_tag("robustlab.resumed_from", cfg.train.resume_run_id)
         global_epoch = resumed[0].global_epoch if resumed else -1
@@ -292,7 +357,7 @@ def run_training(
                     monitor=_monitor(phase, pools is not None),
                     state=state,
                     best_weights=best,
-                    checkpoint_dir=out / "ckpt",
+                    checkpoint_dir=local_checkpoint_dir(parent_id),
                     on_epoch=on_epoch,
                     on_checkpoint=on_checkpoint,
                     phase=phase.name,
@@ -315,7 +380,10 @@ def run_training(
 
             evaluate_and_log(model, test, eval_cfg, out_dir=out / "eval")
         _log_model(model, test.x[:4])
-        return parent_id
+    shutil.rmtree(local_checkpoint_dir(parent_id), ignore_errors=True)  # the run has the model
+    if cfg.train.resume_run_id:
+        shutil.rmtree(local_checkpoint_dir(cfg.train.resume_run_id), ignore_errors=True)
+    return parent_id
 
 
 def _log_model(model: keras.Model, example: np.ndarray) -> None:
