@@ -82,8 +82,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> dict[str, float]:
     # everything that can be checked without the tracking store is checked before a run exists
     cfg = config_from_args(args)
-    from robustlab.data.mnist import load_mnist, subsample
     from robustlab.attacks.checks import check_logits
+    from robustlab.data.mnist import load_mnist, subsample
     from robustlab.evaluation.robustness import check_eval_inputs, evaluate_and_log
     from robustlab.tracking import (
         configure_tracking,
