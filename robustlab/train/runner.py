@@ -16,6 +16,7 @@ import numpy as np
 from robustlab.config import EvalConfig, RunConfig
 from robustlab.data.mnist import Mnist, load_mnist, subsample
 from robustlab.errors import DataError, RobustlabError
+from robustlab.evaluation.indices import log_evaluated_indices, take_test_indices
 from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
@@ -63,6 +64,9 @@ class Extras:
     run_name: str | None = None
     nested: bool = False  # a child run of the active run (the experiment runner)
     tags: dict[str, str] | None = None
+    # MNIST test indices to evaluate on instead of a subset of eval_size (the experiment passes
+    # one set shared by all its runs); refused when it holds one of the model's excluded sources
+    test_indices: tuple[int, ...] | None = None
 
 
 def _pgd_validation(val_x: np.ndarray, val_y: np.ndarray, cfg: RunConfig) -> Validator:
@@ -137,15 +141,23 @@ def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
 
 
 def _final_clean_eval(
-    model: keras.Model, mnist: Mnist, excluded: np.ndarray, cfg: RunConfig, out: Path
+    model: keras.Model,
+    mnist: Mnist,
+    excluded: np.ndarray,
+    cfg: RunConfig,
+    out: Path,
+    test_indices: tuple[int, ...] | None = None,
 ):
-    test = subsample(mnist.test.without_sources(excluded), cfg.data.eval_size, seed=cfg.train.seed)
+    if test_indices is not None:
+        test = take_test_indices(mnist.test, test_indices, excluded)
+    else:
+        test = subsample(
+            mnist.test.without_sources(excluded), cfg.data.eval_size, seed=cfg.train.seed
+        )
     pred = np.argmax(predict_logits(model, test.x), axis=1)
     acc = accuracy(pred == test.y)
     mlflow.log_metrics({**acc.as_metrics("test/clean_acc"), "test/n_images": float(acc.n)})
-    mlflow.log_dict(
-        {"mnist_split": "test", "indices": test.source_index.tolist()}, EVALUATED_ARTIFACT
-    )
+    log_evaluated_indices(test)
     idx = np.arange(min(16, len(test)))
     image_grid(
         [("test", test.x[idx])],
@@ -181,6 +193,8 @@ def run_training(
         init_model = load_keras_model(cfg.train.init_model)
         init_excluded = excluded_sources_of(cfg.train.init_model)
     excluded = np.union1d(init_excluded, excluded_test_indices(pools.used_sets if pools else []))
+    if extras.test_indices is not None:  # fail closed before the run exists
+        take_test_indices(mnist.test, extras.test_indices, excluded)
     try:
         eval_sets = load_eval_sets(cfg.data.data_dir, excluded)
     except DataError as exc:
@@ -288,7 +302,7 @@ def run_training(
                     f"{phase.name}/train_seconds": result.seconds,
                 }
                 mlflow.log_metrics(summary, run_id=parent_id)
-        test = _final_clean_eval(model, mnist, excluded, cfg, out)
+        test = _final_clean_eval(model, mnist, excluded, cfg, out, extras.test_indices)
         for s in eval_sets.values():
             mlflow.log_metrics(inv_accuracy(model, s, "test"))
         if extras.robust_eval:
