@@ -176,5 +176,19 @@ def test_generate_then_label_init_from_and_stats(trained, tmp_path, capsys):
     assert f"{n} examples, 0 raters" in stats and "no votes yet" in stats
 
 
+def test_generate_space_separated_eps_and_label_import(trained, tmp_path, capsys):
+    """docs/invariance.md: `--eps 0.3 0.4 --out candidates.npz`; `label --import <set>`."""
+    out = tmp_path / "candidates.npz"
+    argv = ["generate", "--split", "train", "--start", "5", "--count", "1", "--eps", "0.3", "0.4"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    with np.load(out) as z:
+        assert z["eps"].tolist() == [0.3, 0.4] and z["source_index"].tolist() == [5, 5]
+    store = tmp_path / "tramer.json"
+    assert cli.main(["label", "--store", str(store), "--import", "tramer_linf_eps0.3"]) == 0
+    capsys.readouterr()
+    assert cli.main(["label", "--store", str(store), "--stats"]) == 0
+    assert "100 examples" in capsys.readouterr().out
+
+
 def _artifacts(run_id: str) -> set[str]:
     return {a.path for a in MlflowClient().list_artifacts(run_id)}
