@@ -491,7 +491,8 @@ def evaluate_and_log(
             "steps": 100,
             "step_size": _pgd_step(eps, 100),
             "restarts": R,
-            "note": "worst case with PGD-40; each restart attacks the survivors",
+            "start_seeds": [attack_seed(cfg.seed, "pgd100", r) for r in range(R)],
+            "note": "worst case with PGD-40; each restart attacks the survivors from a new start",
         }
     json_path = out_dir / "evaluation.json"
     json_path.write_text(
