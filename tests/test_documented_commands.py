@@ -11,6 +11,8 @@ workflow `tracking-init` -> `mlflow run -e generate` -> `label --init-from` -> `
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,6 +70,13 @@ def trained(tmp_path_factory):
         yield SimpleNamespace(
             folder=folder, run=run, model_uri=f"runs:/{run.info.run_id}/model", excluded=excluded
         )
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_experiment_id(monkeypatch):
+    """In-process commands (mlflow.set_experiment) export MLFLOW_EXPERIMENT_ID, which makes a
+    later `mlflow run --experiment-name` refuse to start; a user's shell would not have it."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
 
 
 def test_training_entry_point_evaluates_with_zero_restarts(trained):
@@ -146,7 +155,13 @@ def test_robustlab_evaluate_every_documented_flag(trained, capsys):
 
 def test_generate_then_label_init_from_and_stats(trained, tmp_path, capsys):
     """README: generate candidates, start a label store from them, print its statistics."""
-    assert cli.main(["tracking-init"]) == 0
+    init = subprocess.run(
+        [str(Path(sys.executable).parent / "robustlab"), "tracking-init"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert init.returncode == 0 and "experiment 'robustlab'" in init.stdout, init.stderr[-2000:]
     out = mlflow_run(
         "generate",
         trained.folder,
