@@ -403,3 +403,30 @@ def test_cli_evaluates_a_logged_model_minus_its_excluded_sources(model_and_test,
     assert run.data.params["n_eval"] == "10" and run.data.params["n_excluded_sources"] == "9990"
     assert run.data.metrics["test/n_eval"] == 10
     assert run.info.status == "FINISHED"
+
+
+def test_a_shared_test_set_holding_an_excluded_source_is_refused_before_the_run(tracking):
+    """Issue 12.4: the runner fails closed when given test indices it must not evaluate on."""
+    from mlflow.tracking import MlflowClient
+
+    from robustlab.errors import RobustlabError
+    from robustlab.experiment import BUDGETS, _config, regime_for, shared_test_indices
+    from robustlab.train.runner import Extras, run_training
+
+    shared = shared_test_indices({"human", "target"}, 200, None)
+    assert len(shared) == len(set(shared)) == 200 and min(shared) >= 0 and max(shared) < 10_000
+    assert shared == shared_test_indices({"human", "target"}, 200, None)  # fixed per experiment
+    b = BUDGETS["smoke"]
+    regime, source = regime_for("invariance", b)
+    cfg, ev = _config(b, 0, None, 0.3)
+    for bad, fragment in (
+        ((shared[0], 0), "would leak"),  # test[0] is a source of the thesis pool
+        ((shared[0], shared[0]), "repeated"),
+        ((shared[0], 10_000), "not in the MNIST test split"),
+    ):
+        extras = Extras(inv_label_source=source, all_curves=True, test_indices=bad)
+        with pytest.raises(RobustlabError, match=fragment):
+            run_training(regime, cfg, ev, extras)
+    client = MlflowClient(tracking_uri=tracking)
+    experiments = client.search_experiments()
+    assert client.search_runs([e.experiment_id for e in experiments]) == []
