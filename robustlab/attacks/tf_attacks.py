@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from robustlab.attacks.checks import check_logits
 from robustlab.config import AttackConfig
 from robustlab.errors import ConfigError
 
@@ -158,8 +159,10 @@ def pgd_attack(
     """L-inf PGD adversarials of `x` (numpy float32 in [0, 1]), worst case over `restarts`.
 
     Per example, the restart that misclassifies wins; among equals, the one with the highest
-    cross-entropy. Deterministic for a given `seed`. One `tf.function` per call, traced once per
-    batch shape (at most two: full batches and the remainder).
+    cross-entropy. Deterministic for a given `seed`: the random starts are drawn afresh from
+    `seed` on every call, so independent restarts across calls need different seeds. A model
+    that outputs probabilities instead of logits is refused (ConfigError). One `tf.function`
+    per call, traced once per batch shape (at most two: full batches and the remainder).
     """
     _check(eps, steps, step_size)
     if restarts < 1:
@@ -170,6 +173,7 @@ def pgd_attack(
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if len(x) == 0:
         return x.copy()
+    check_logits(model, x)
     key = (float(eps), int(steps), float(step_size), bool(random_start), int(restarts))
     per_model = _ATTACKS.setdefault(model, {})
     if key not in per_model:  # one graph per model and attack setting, reused across calls

@@ -19,6 +19,7 @@ import numpy as np
 from robustlab.config import EvalConfig, RunConfig
 from robustlab.data.mnist import Mnist, load_mnist, subsample
 from robustlab.errors import DataError, RobustlabError, TrackingError
+from robustlab.evaluation.indices import log_evaluated_indices, take_test_indices
 from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
@@ -78,6 +79,9 @@ class Extras:
     excluded: tuple[int, ...] = ()
     on_trained: Callable[[keras.Model], dict[str, float]] | None = None
     val_attack_size: int = VAL_ATTACK_SIZE
+    # MNIST test indices to evaluate on instead of a subset of eval_size (the experiment passes
+    # one set shared by all its runs); refused when it holds one of the model's excluded sources
+    test_indices: tuple[int, ...] | None = None
 
 
 def _pgd_validation(val_x: np.ndarray, val_y: np.ndarray, cfg: RunConfig) -> Validator:
@@ -212,15 +216,23 @@ def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
 
 
 def _final_clean_eval(
-    model: keras.Model, mnist: Mnist, excluded: np.ndarray, cfg: RunConfig, out: Path
+    model: keras.Model,
+    mnist: Mnist,
+    excluded: np.ndarray,
+    cfg: RunConfig,
+    out: Path,
+    test_indices: tuple[int, ...] | None = None,
 ):
-    test = subsample(mnist.test.without_sources(excluded), cfg.data.eval_size, seed=cfg.train.seed)
+    if test_indices is not None:
+        test = take_test_indices(mnist.test, test_indices, excluded)
+    else:
+        test = subsample(
+            mnist.test.without_sources(excluded), cfg.data.eval_size, seed=cfg.train.seed
+        )
     pred = np.argmax(predict_logits(model, test.x), axis=1)
     acc = accuracy(pred == test.y)
     mlflow.log_metrics({**acc.as_metrics("test/clean_acc"), "test/n_images": float(acc.n)})
-    mlflow.log_dict(
-        {"mnist_split": "test", "indices": test.source_index.tolist()}, EVALUATED_ARTIFACT
-    )
+    log_evaluated_indices(test)
     idx = np.arange(min(16, len(test)))
     image_grid(
         [("test", test.x[idx])],
@@ -257,6 +269,8 @@ def run_training(
         init_excluded = excluded_sources_of(cfg.train.init_model)
     excluded = np.union1d(init_excluded, excluded_test_indices(pools.used_sets if pools else []))
     excluded = np.union1d(excluded, np.asarray(extras.excluded, dtype=np.int64))
+    if extras.test_indices is not None:  # fail closed before the run exists
+        take_test_indices(mnist.test, extras.test_indices, excluded)
     try:
         eval_sets = load_eval_sets(cfg.data.data_dir, excluded)
     except DataError as exc:
@@ -372,7 +386,7 @@ def run_training(
                 mlflow.log_metrics(summary, run_id=parent_id)
         if extras.on_trained is not None:
             mlflow.log_metrics(extras.on_trained(model))
-        test = _final_clean_eval(model, mnist, excluded, cfg, out)
+        test = _final_clean_eval(model, mnist, excluded, cfg, out, extras.test_indices)
         for s in eval_sets.values():
             mlflow.log_metrics(inv_accuracy(model, s, "test"))
         if extras.robust_eval:
