@@ -80,13 +80,17 @@ def start_run(
     tags: dict[str, str] | None = None,
     nested: bool = False,
     system_metrics: bool = True,
+    run_id: str | None = None,
 ) -> Iterator[Run]:
     """An MLflow run that ends FAILED (never RUNNING) if the body raises.
 
     Under `mlflow run` the run created by MLflow ($MLFLOW_RUN_ID) is picked up; otherwise the
-    experiment $MLFLOW_EXPERIMENT_NAME (default "robustlab") is used.
+    experiment $MLFLOW_EXPERIMENT_NAME (default "robustlab") is used. `run_id` reopens that
+    existing run (in its own experiment) instead of creating one: resuming continues it.
     """
-    if not nested and not os.environ.get("MLFLOW_RUN_ID"):
+    if run_id is not None:
+        configure_tracking()
+    elif not nested and not os.environ.get("MLFLOW_RUN_ID"):
         configure_tracking()
         mlflow.set_experiment(
             experiment_id=ensure_experiment(
@@ -96,7 +100,10 @@ def start_run(
     elif not nested:
         configure_tracking()
     with mlflow.start_run(
-        run_name=run_name, nested=nested, log_system_metrics=system_metrics
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        nested=nested,
+        log_system_metrics=system_metrics,
     ) as run:
         if params:
             # `mlflow run` has already logged the entry point's parameters (quoting empty ones);

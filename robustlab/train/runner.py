@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import warnings
@@ -15,13 +16,15 @@ import numpy as np
 
 from robustlab.config import EvalConfig, RunConfig
 from robustlab.data.mnist import Mnist, load_mnist, subsample
-from robustlab.errors import DataError, RobustlabError
+from robustlab.errors import ConfigError, DataError, RobustlabError
 from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
 from robustlab.models import build_model
 from robustlab.regimes import Phase, Regime
+from robustlab.seeding import seed_everything
 from robustlab.tracking import (
+    configure_tracking,
     excluded_sources_of,
     load_keras_model,
     log_excluded_sources,
@@ -32,6 +35,7 @@ from robustlab.train.checkpoint import (
     LoopState,
     load_checkpoint,
     log_checkpoint,
+    newest_intact,
 )
 from robustlab.train.inv_pool import (
     TRAIN_POOL_SETS,
@@ -102,19 +106,89 @@ def _perturb_fn(cfg: RunConfig):
     return make_perturb_fn(cfg.attack)
 
 
-def _restore(
-    resume_run_id: str, model: keras.Model
-) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
+# params that may differ between a run and its resumption (they do not change the training)
+RESUME_FREE_PARAMS = frozenset({"resume_run_id", "data_dir", "eval_size"})
+
+
+def _same_param(logged: str, value: object) -> bool:
+    """Whether a logged param string and a config value agree (MLflow logs `str`, `mlflow run`
+    logs what the user typed: `1e-3` and `0.001` agree)."""
+    text = "" if value is None else str(value)
+    if logged == text or {logged, text} <= {"", "None"}:
+        return True
     try:
-        folder = mlflow.artifacts.download_artifacts(
-            run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT
+        return float(logged) == float(text)
+    except ValueError:
+        return logged.strip().lower() in ("true", "1", "false", "0") and (
+            logged.strip().lower() in ("true", "1")
+        ) == (text.strip().lower() in ("true", "1"))
+
+
+def _check_resume(
+    resume_run_id: str, regime: Regime, params: dict, mnist_digest: str
+) -> mlflow.entities.Run:
+    """The run to resume, refused (one line, before anything is written) when it does not exist,
+    trained another regime, ran with other training parameters or data, or FINISHED."""
+    configure_tracking()
+    try:
+        old = mlflow.tracking.MlflowClient().get_run(resume_run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for an unknown id
+        raise ConfigError(
+            f"resume_run_id={resume_run_id}: no such run in {mlflow.get_tracking_uri()}; "
+            "pass the id of the interrupted run"
+        ) from None
+    ran = old.data.tags.get("robustlab.regime")
+    if ran != regime.name:
+        raise ConfigError(
+            f"resume_run_id={resume_run_id} is a {ran or 'non-training'} run, not {regime.name}; "
+            f"resume it with `robustlab {ran}`" + ("" if ran else " or start a fresh run")
+        )
+    if old.info.status == "FINISHED":
+        raise ConfigError(
+            f"resume_run_id={resume_run_id} FINISHED already; nothing to resume (start a new run, "
+            "or use init_model=runs:/<id>/model to train on from its model)"
+        )
+    differ = sorted(
+        k
+        for k, v in params.items()
+        if k not in RESUME_FREE_PARAMS
+        and k in old.data.params
+        and not _same_param(old.data.params[k], v)
+    )
+    if old.data.tags.get("robustlab.mnist_digest", mnist_digest) != mnist_digest:
+        raise ConfigError(
+            f"resume_run_id={resume_run_id} trained on another MNIST file (digest differs); "
+            "point data_dir at the data that run used"
+        )
+    if differ:
+        shown = ", ".join(f"{k}={old.data.params[k]!r} (now {params[k]!r})" for k in differ[:4])
+        raise ConfigError(
+            f"resume_run_id={resume_run_id} ran with {shown}; resume with that run's parameters"
+        )
+    return old
+
+
+def _checkpoint_folder(resume_run_id: str) -> Path:
+    """A local folder holding the run's checkpoint slots (checked to hold an intact one)."""
+    try:
+        folder = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT
+            )
         )
     except Exception as exc:  # noqa: BLE001
         raise RobustlabError(
             f"resume_run_id={resume_run_id}: no checkpoint found in that run ({type(exc).__name__})"
         ) from None
+    newest_intact(folder)  # refuse now, before a run is reopened, when none is intact
+    return folder
+
+
+def _restore(
+    folder: Path, model: keras.Model
+) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
     optimizer = keras.optimizers.Adam()
-    state, best = load_checkpoint(Path(folder), model, optimizer)
+    state, best = load_checkpoint(folder, model, optimizer)
     return state, optimizer, best
 
 
@@ -202,24 +276,34 @@ def run_training(
         "robustlab.mnist_digest": mnist.digest,
         **(extras.tags or {}),
     }
+    resume_id, ckpt_folder = cfg.train.resume_run_id, None
+    if resume_id:
+        _check_resume(resume_id, regime, params, mnist.digest)
+        ckpt_folder = _checkpoint_folder(resume_id)
+    # through the CLI a resumed run continues itself; under `mlflow run` (or nested) MLflow has
+    # already created a new run, which records where it resumed from
+    same_run = bool(resume_id) and not extras.nested and not os.environ.get("MLFLOW_RUN_ID")
     run_ctx = start_run(
         extras.run_name or regime.name,
         params=params,
         tags=tags,
         nested=extras.nested,
         system_metrics=not extras.nested,
+        run_id=resume_id if same_run else None,
     )
     with run_ctx as run, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         parent_id = run.info.run_id
-        _log_datasets(mnist, pools)
-        log_excluded_sources(excluded)
+        if not same_run:  # a reopened run logged its datasets and excluded sources already
+            _log_datasets(mnist, pools)
+            log_excluded_sources(excluded)
+        seed_everything(cfg.train.seed)
         model = init_model or build_model(cfg.train.model)
-        resumed: tuple | None = (
-            _restore(cfg.train.resume_run_id, model) if cfg.train.resume_run_id else None
-        )
+        resumed: tuple | None = _restore(ckpt_folder, model) if ckpt_folder else None
+        if resumed and not same_run:
+            mlflow.set_tag("robustlab.resumed_from", resume_id)
         if resumed:
-            mlflow.set_tag("robustlab.resumed_from", cfg.train.resume_run_id)
+            mlflow.set_tag("robustlab.resumed_after_epoch", str(resumed[0].global_epoch))
         global_epoch = resumed[0].global_epoch if resumed else -1
         mnist_pool = Pool(mnist.train.x, mnist.train.y, "mnist-train")
         perturb = _perturb_fn(cfg) if regime.uses_ptb else None
@@ -283,7 +367,7 @@ def run_training(
                 )
                 global_epoch = state.global_epoch
                 summary = {
-                    f"{phase.name}/epochs_run": result.epochs_run,
+                    f"{phase.name}/epochs_run": result.phase_epochs,
                     f"{phase.name}/best_epoch": result.best_epoch,
                     f"{phase.name}/train_seconds": result.seconds,
                 }
