@@ -170,6 +170,11 @@ def _check_resume(
 
 def _checkpoint_folder(resume_run_id: str) -> Path:
     """A local folder holding the run's checkpoint slots (checked to hold an intact one)."""
+    if not mlflow.tracking.MlflowClient().list_artifacts(resume_run_id, CHECKPOINT_ARTIFACT):
+        raise RobustlabError(
+            f"resume_run_id={resume_run_id}: no checkpoint in that run (it stopped before its "
+            "first epoch ended); start a fresh run instead"
+        )
     try:
         folder = Path(
             mlflow.artifacts.download_artifacts(
