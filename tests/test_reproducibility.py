@@ -25,10 +25,10 @@ from tests.conftest import DATA_DIR
 
 ROBUSTLAB = str(Path(sys.executable).parent / "robustlab")
 SMALL = ["--train-size", "1024", "--eval-size", "300", "--robust-eval", "false"]
-# 2048 images in batches of 64: 32 PGD-7 steps per epoch, time enough to be killed mid-epoch
+# 2048 images in batches of 64: 32 PGD-3 steps per epoch, time enough to be killed mid-epoch
 RESUMABLE = [
     "--epochs", "2", "--train-size", "2048", "--batch-size", "64", "--eval-size", "300",
-    "--robust-eval", "false", "--patience", "0", "--seed", "5",
+    "--robust-eval", "false", "--patience", "0", "--seed", "5", "--attack-steps", "3",
 ]  # fmt: skip
 COMPARED = ("train/loss", "train/acc", "val/loss", "val/clean_acc", "val/pgd_acc")
 

@@ -154,6 +154,8 @@ def _check_resume(
         if k not in RESUME_FREE_PARAMS
         and k in old.data.params
         and not _same_param(old.data.params[k], v)
+        # `mlflow run` logged the entry point's step_size=0 ("method default") as typed
+        and not (k == "step_size" and old.data.params[k] == "0")
     )
     if old.data.tags.get("robustlab.mnist_digest", mnist_digest) != mnist_digest:
         raise ConfigError(
