@@ -24,7 +24,16 @@ from robustlab.tracking import ensure_experiment
 from tests.conftest import DATA_DIR
 
 ROBUSTLAB = str(Path(sys.executable).parent / "robustlab")
-SMALL = ["--train-size", "1024", "--eval-size", "300", "--robust-eval", "false"]
+SMALL = [
+    "--train-size",
+    "1024",
+    "--eval-size",
+    "300",
+    "--robust-eval",
+    "false",
+    "--attack-steps",
+    "3",
+]
 # 2048 images in batches of 64: 32 PGD-3 steps per epoch, time enough to be killed mid-epoch
 RESUMABLE = [
     "--epochs", "2", "--train-size", "2048", "--batch-size", "64", "--eval-size", "300",
@@ -146,7 +155,7 @@ def _fake_run(regime: str, status: str, **params: str) -> str:
 
 def _refused(capsys, *args: str) -> str:
     n_runs = len(MlflowClient().search_runs([ensure_experiment()]))
-    assert main([*args, "--data-dir", str(DATA_DIR), *SMALL, "--epochs", "1"]) == 2
+    assert main([*args, "--data-dir", str(DATA_DIR), "--train-size", "1024", "--epochs", "1"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln and " INFO mlflow." not in ln]
     assert len(err) == 1 and err[0].startswith(f"robustlab {args[0]}: error: "), err
     assert len(MlflowClient().search_runs([ensure_experiment()])) == n_runs  # no run created
@@ -172,3 +181,30 @@ def test_refused_resumes_fail_in_one_line_before_writing(tracking, capsys):
     )
     for run_id in (other, done, seeded, empty):  # the refused runs were not reopened
         assert MlflowClient().get_run(run_id).info.status in ("FAILED", "FINISHED")
+
+
+def test_attack_random_starts_replay_from_a_saved_seed_in_a_new_traced_function(images):
+    """What a resumed process relies on: starts depend on `perturb.seed` only, not on history."""
+    import tensorflow as tf
+
+    from robustlab.attacks import make_perturb_fn
+    from robustlab.config import AttackConfig
+    from robustlab.models import build_model
+
+    model, y = build_model("madry_cnn"), tf.zeros(len(images), tf.int64)
+    cfg = AttackConfig(eps=0.3, steps=1, step_size=0.01)
+
+    def traced(perturb):
+        return tf.function(lambda x, labels: perturb(model, x, labels))
+
+    first = make_perturb_fn(cfg)
+    first.seed.assign([7, 5 << 32])
+    run = traced(first)
+    a1, saved, a2 = run(images, y).numpy(), first.seed.numpy(), run(images, y).numpy()
+    assert np.abs(a1 - a2).max() > 0.1  # each call draws new starts
+
+    second = make_perturb_fn(cfg)  # a fresh process: new variable, new trace
+    second.seed.assign(saved)
+    np.testing.assert_array_equal(traced(second)(images, y).numpy(), a2)
+    second.seed.assign([8, 5 << 32])
+    assert np.abs(traced(second)(images, y).numpy() - a1).max() > 0.1  # another seed differs
