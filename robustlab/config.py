@@ -81,6 +81,7 @@ class TrainConfig:
     model: str = "madry_cnn"
     init_model: str | None = None  # model URI to start from (runs:/..., models:/...)
     resume_run_id: str | None = None  # continue from this run's last checkpoint
+    deterministic: bool = True  # TensorFlow op determinism (same seed: bitwise-equal runs)
 
     def validate(self) -> None:
         if self.epochs < 0:

@@ -171,9 +171,11 @@ def test_refused_resumes_fail_in_one_line_before_writing(tracking, capsys):
     done = _fake_run("vanilla", "FINISHED")
     assert "nothing to resume" in _refused(capsys, "vanilla", "--resume-run-id", done)
 
-    seeded = _fake_run("vanilla", "FAILED", seed="1", batch_size="128")
-    line = _refused(capsys, "vanilla", "--resume-run-id", seeded, "--seed", "2")
-    assert "seed='1'" in line and "batch_size" not in line
+    seeded = _fake_run("vanilla", "FAILED", seed="1", batch_size="128", deterministic="True")
+    line = _refused(
+        capsys, "vanilla", "--resume-run-id", seeded, "--seed", "2", "--deterministic", "false"
+    )
+    assert "seed='1'" in line and "deterministic='True'" in line and "batch_size" not in line
 
     empty = _fake_run("vanilla", "FAILED", seed="0")
     assert re.search(

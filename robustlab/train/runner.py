@@ -304,7 +304,7 @@ def run_training(
         if not same_run:  # a reopened run logged its datasets and excluded sources already
             _log_datasets(mnist, pools)
             log_excluded_sources(excluded)
-        seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
         model = init_model or build_model(cfg.train.model)
         resumed: tuple | None = _restore(ckpt_folder, model) if ckpt_folder else None
         if resumed and not same_run:
