@@ -92,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0, got {self.patience}")
+        if not 0 <= self.seed < 2**32:  # NumPy's and Keras's seeding limits
+            raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
         from robustlab.models import available_models
 
         if self.model not in available_models():

@@ -163,6 +163,7 @@ def _refused(capsys, *args: str) -> str:
 
 
 def test_refused_resumes_fail_in_one_line_before_writing(tracking, capsys):
+    assert "seed must lie in" in _refused(capsys, "vanilla", "--seed", "-1")
     assert "no such run" in _refused(capsys, "vanilla", "--resume-run-id", "0" * 32)
 
     other = _fake_run("perturbation", "FAILED")
