@@ -51,13 +51,17 @@ def _env() -> dict[str, str]:
     }
 
 
-def _cli(*args: str) -> str:
-    """Run `robustlab <args>` to the end; return the id of the run it finished."""
-    out = subprocess.run(
-        [ROBUSTLAB, *args], capture_output=True, text=True, env=_env(), timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return re.search(r"run (\w+) finished", out.stderr).group(1)
+def _start(log: Path, *args: str) -> subprocess.Popen:
+    """Start `robustlab <args>` in the background, its output going to `log`."""
+    ensure_experiment()  # create the store's tables once, not in racing processes
+    with log.open("w") as out:
+        return subprocess.Popen([ROBUSTLAB, *args], stdout=out, stderr=out, env=_env())
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> str:
+    """Wait for a started run to end well; return the id of the run it finished."""
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    return re.search(r"run (\w+) finished", log.read_text()).group(1)
 
 
 def _history(run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -77,10 +81,14 @@ def images() -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_same_seed_reproduces_bitwise_and_another_seed_differs(tracking, images):
-    a = _cli("perturbation", "--epochs", "1", *SMALL, "--seed", "3")
-    b = _cli("perturbation", "--epochs", "1", *SMALL, "--seed", "3")
-    c = _cli("perturbation", "--epochs", "1", *SMALL, "--seed", "4")
+def test_same_seed_reproduces_bitwise_and_another_seed_differs(tracking, tmp_path, images):
+    # side by side (also shows that a busy machine does not change the numbers)
+    logs = [tmp_path / f"{i}.log" for i in range(3)]
+    procs = [
+        _start(log, "perturbation", "--epochs", "1", *SMALL, "--seed", seed)
+        for log, seed in zip(logs, ("3", "3", "4"), strict=True)
+    ]
+    a, b, c = (_finish(p, log) for p, log in zip(procs, logs, strict=True))
     client = MlflowClient()
     ma, mb, mc = (client.get_run(r).data.metrics for r in (a, b, c))
     keys = [*COMPARED, "test/clean_acc"]
@@ -106,19 +114,16 @@ def _wait_mid_epoch_2(proc: subprocess.Popen, log: Path, timeout: float = 600) -
 def test_sigkill_mid_epoch_then_resume_ends_where_the_uninterrupted_run_ends(
     tracking, tmp_path, images
 ):
-    straight = _cli("perturbation", *RESUMABLE)
-
-    log = tmp_path / "killed.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [ROBUSTLAB, "perturbation", *RESUMABLE], stderr=err, stdout=err, env=_env()
-        )
-        try:
-            batch = _wait_mid_epoch_2(proc, log)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
+    straight_log, log = tmp_path / "straight.log", tmp_path / "killed.log"
+    straight_proc = _start(straight_log, "perturbation", *RESUMABLE)  # side by side
+    proc = _start(log, "perturbation", *RESUMABLE)
+    try:
+        batch = _wait_mid_epoch_2(proc, log)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    straight = _finish(straight_proc, straight_log)
     client = MlflowClient()
     exp = ensure_experiment()
     [killed] = [r for r in client.search_runs([exp]) if r.info.run_id != straight]
@@ -126,7 +131,11 @@ def test_sigkill_mid_epoch_then_resume_ends_where_the_uninterrupted_run_ends(
     assert killed.info.status == "RUNNING"  # SIGKILL: nothing ended it
     assert batch < 32 and _history(run_id)["val/clean_acc"][-1][0] == 0  # killed inside epoch 2
 
-    assert _cli("perturbation", *RESUMABLE, "--resume-run-id", run_id) == run_id
+    again = tmp_path / "resumed.log"
+    assert (
+        _finish(_start(again, "perturbation", *RESUMABLE, "--resume-run-id", run_id), again)
+        == run_id
+    )
     assert len(client.search_runs([exp])) == 2  # the resume made no new run
     resumed = client.get_run(run_id)
     assert resumed.info.status == "FINISHED"
