@@ -16,7 +16,7 @@ import numpy as np
 
 from robustlab.config import EvalConfig, RunConfig
 from robustlab.data.mnist import Mnist, load_mnist, subsample
-from robustlab.errors import ConfigError, DataError, RobustlabError
+from robustlab.errors import DataError, RobustlabError
 from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
@@ -24,7 +24,6 @@ from robustlab.models import build_model
 from robustlab.regimes import Phase, Regime
 from robustlab.seeding import seed_everything
 from robustlab.tracking import (
-    configure_tracking,
     excluded_sources_of,
     load_keras_model,
     log_excluded_sources,
@@ -47,6 +46,7 @@ from robustlab.train.inv_pool import (
 )
 from robustlab.train.loop import Monitor, Validator, clean_validation, fit
 from robustlab.train.mixture import Mixture, Pool
+from robustlab.train.resume import check_resume
 
 EVALUATED_ARTIFACT = (
     "evaluated_test_indices.json"  # the MNIST test images the final evaluation used
@@ -104,70 +104,6 @@ def _perturb_fn(cfg: RunConfig):
     from robustlab.attacks.tf_attacks import make_perturb_fn
 
     return make_perturb_fn(cfg.attack)
-
-
-# params that may differ between a run and its resumption (they do not change the training)
-RESUME_FREE_PARAMS = frozenset({"resume_run_id", "data_dir", "eval_size"})
-
-
-def _same_param(logged: str, value: object) -> bool:
-    """Whether a logged param string and a config value agree (MLflow logs `str`, `mlflow run`
-    logs what the user typed: `1e-3` and `0.001` agree)."""
-    text = "" if value is None else str(value)
-    if logged == text or {logged, text} <= {"", "None"}:
-        return True
-    try:
-        return float(logged) == float(text)
-    except ValueError:
-        return logged.strip().lower() in ("true", "1", "false", "0") and (
-            logged.strip().lower() in ("true", "1")
-        ) == (text.strip().lower() in ("true", "1"))
-
-
-def _check_resume(
-    resume_run_id: str, regime: Regime, params: dict, mnist_digest: str
-) -> mlflow.entities.Run:
-    """The run to resume, refused (one line, before anything is written) when it does not exist,
-    trained another regime, ran with other training parameters or data, or FINISHED."""
-    configure_tracking()
-    try:
-        old = mlflow.tracking.MlflowClient().get_run(resume_run_id)
-    except Exception:  # noqa: BLE001 - MLflow raises several types for an unknown id
-        raise ConfigError(
-            f"resume_run_id={resume_run_id}: no such run in {mlflow.get_tracking_uri()}; "
-            "pass the id of the interrupted run"
-        ) from None
-    ran = old.data.tags.get("robustlab.regime")
-    if ran != regime.name:
-        raise ConfigError(
-            f"resume_run_id={resume_run_id} is a {ran or 'non-training'} run, not {regime.name}; "
-            f"resume it with `robustlab {ran}`" + ("" if ran else " or start a fresh run")
-        )
-    if old.info.status == "FINISHED":
-        raise ConfigError(
-            f"resume_run_id={resume_run_id} FINISHED already; nothing to resume (start a new run, "
-            "or use init_model=runs:/<id>/model to train on from its model)"
-        )
-    differ = sorted(
-        k
-        for k, v in params.items()
-        if k not in RESUME_FREE_PARAMS
-        and k in old.data.params
-        and not _same_param(old.data.params[k], v)
-        # `mlflow run` logged the entry point's step_size=0 ("method default") as typed
-        and not (k == "step_size" and old.data.params[k] == "0")
-    )
-    if old.data.tags.get("robustlab.mnist_digest", mnist_digest) != mnist_digest:
-        raise ConfigError(
-            f"resume_run_id={resume_run_id} trained on another MNIST file (digest differs); "
-            "point data_dir at the data that run used"
-        )
-    if differ:
-        shown = ", ".join(f"{k}={old.data.params[k]!r} (now {params[k]!r})" for k in differ[:4])
-        raise ConfigError(
-            f"resume_run_id={resume_run_id} ran with {shown}; resume with that run's parameters"
-        )
-    return old
 
 
 def _checkpoint_folder(resume_run_id: str) -> Path:
@@ -285,7 +221,7 @@ def run_training(
     }
     resume_id, ckpt_folder = cfg.train.resume_run_id, None
     if resume_id:
-        _check_resume(resume_id, regime, params, mnist.digest)
+        check_resume(resume_id, regime.name, params, mnist.digest)
         ckpt_folder = _checkpoint_folder(resume_id)
     # through the CLI a resumed run continues itself; under `mlflow run` (or nested) MLflow has
     # already created a new run, which records where it resumed from
