@@ -90,6 +90,7 @@ class TrainConfig:
     model: str = "madry_cnn"
     init_model: str | None = None  # model URI to start from (runs:/..., models:/...)
     resume_run_id: str | None = None  # continue from this run's last checkpoint
+    deterministic: bool = True  # TensorFlow op determinism (same seed: bitwise-equal runs)
 
     def validate(self, check_model: bool = True) -> None:
         """`check_model=False` skips the model-name check, which imports Keras."""

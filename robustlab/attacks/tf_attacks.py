@@ -75,7 +75,7 @@ def _check(eps: float, steps: int, step_size: float) -> None:
     AttackConfig(eps=eps, steps=steps, step_size=step_size).validate()
 
 
-def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
+def make_perturb_fn(cfg: AttackConfig, seed: int = 0) -> PerturbFn:
     """A pure-TF `perturb(model, x, y) -> x_adv` for use inside a `@tf.function` train step.
 
     `cfg.method == "pgd"`: optional uniform random start in the eps-ball, `cfg.steps` signed
@@ -87,6 +87,11 @@ def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
 
     The returned function carries `perturb.eps_scale`, a `tf.Variable` (1.0) that multiplies
     eps and the step size: the training loop ramps it up during `cfg.eps_warmup` epochs.
+
+    Random starts are stateless (`tf.random.stateless_uniform`) keyed by `perturb.seed`, an int64
+    `tf.Variable` [seed, counter] whose counter advances by one per call: the training loop sets
+    it at the start of every epoch from (run seed, epoch), so a run resumed from a checkpoint in a
+    new process draws exactly the starts the uninterrupted run drew.
     """
     cfg.validate()
     eps, step_size = float(cfg.eps), float(cfg.step_size)
@@ -94,13 +99,17 @@ def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
     random_start = True if cfg.method == "fgsm_rs" else bool(cfg.random_start)
 
     eps_scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="eps_scale")
+    seed_var = tf.Variable([int(seed), 0], trainable=False, dtype=tf.int64, name="perturb_seed")
 
     def perturb(model: keras.Model, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         x = tf.convert_to_tensor(x, dtype=tf.float32)
         y = tf.cast(y, tf.int64)
         e, a = eps * eps_scale, step_size * eps_scale
         if random_start:
-            delta0 = tf.random.uniform(tf.shape(x), -1.0, 1.0, dtype=tf.float32) * e
+            key = seed_var.read_value()
+            seed_var.assign_add(tf.constant([0, 1], tf.int64))
+            u = tf.random.stateless_uniform(tf.shape(x), key, -1.0, 1.0, dtype=tf.float32)
+            delta0 = u * e
         else:
             delta0 = tf.zeros_like(x)
         x_adv = _pgd_from(model, x, y, delta0, eps=e, steps=steps, step_size=a)
@@ -108,6 +117,7 @@ def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
 
     perturb.__name__ = f"perturb_{cfg.method}"
     perturb.eps_scale = eps_scale
+    perturb.seed = seed_var
     return perturb
 
 

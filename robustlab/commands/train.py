@@ -75,6 +75,12 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         help="log val/pgd_acc and val/inv_acc every epoch whatever the regime trains on",
     )
     g.add_argument("--run-name", type=optional, default=None)
+    g.add_argument(
+        "--deterministic",
+        type=_bool,
+        default=True,
+        help="TensorFlow op determinism (false: a few %% faster, still seeded; see README)",
+    )
 
 
 def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) -> None:
@@ -179,6 +185,7 @@ def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
             args.model,
             args.init_model,
             args.resume_run_id,
+            deterministic=args.deterministic is not False,
         ),
         mix=mix,
         attack=attack,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
 from robustlab.models import build_model
 from robustlab.regimes import Phase, Regime
+from robustlab.seeding import seed_everything
 from robustlab.tracking import (
     excluded_sources_of,
     load_keras_model,
@@ -49,6 +51,7 @@ from robustlab.train.inv_pool import (
 )
 from robustlab.train.loop import EpochHook, Monitor, Validator, clean_validation, fit
 from robustlab.train.mixture import Mixture, Pool
+from robustlab.train.resume import check_resume
 
 EVALUATED_ARTIFACT = (
     "evaluated_test_indices.json"  # the MNIST test images the final evaluation used
@@ -123,7 +126,8 @@ def _perturb_fn(cfg: RunConfig):
 
 def resume_checkpoint_folder(resume_run_id: str) -> Path:
     """The checkpoint to resume `resume_run_id` from: the local copy under
-    tracking/checkpoints/<run_id>/ when it holds an intact checkpoint, else the run's artifacts."""
+    tracking/checkpoints/<run_id>/ when it holds an intact checkpoint, else the run's artifacts
+    (checked to hold an intact one, so a hopeless resume is refused before any run is touched)."""
     local = local_checkpoint_dir(resume_run_id)
     try:
         newest_intact(local)
@@ -132,17 +136,24 @@ def resume_checkpoint_folder(resume_run_id: str) -> Path:
     else:
         print(f"resuming {resume_run_id} from the local checkpoint {local}", file=sys.stderr)
         return local
+    if not mlflow.tracking.MlflowClient().list_artifacts(resume_run_id, CHECKPOINT_ARTIFACT):
+        raise RobustlabError(
+            f"resume_run_id={resume_run_id}: no checkpoint in that run (it stopped before its "
+            "first epoch ended); start a fresh run instead"
+        )
     try:
-        folder = mlflow.artifacts.download_artifacts(
-            run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT
+        folder = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT
+            )
         )
     except Exception as exc:  # noqa: BLE001
         raise RobustlabError(
             f"resume_run_id={resume_run_id}: no checkpoint found in that run ({type(exc).__name__})"
         ) from None
-    newest_intact(Path(folder))  # none intact: one line before a run exists
+    newest_intact(folder)  # none intact: one line before a run exists
     print(f"resuming {resume_run_id} from the checkpoint in its artifacts", file=sys.stderr)
-    return Path(folder)
+    return folder
 
 
 def _restore(
@@ -292,8 +303,17 @@ def run_training(
         "robustlab.mnist_digest": mnist.digest,
         **(extras.tags or {}),
     }
-    resume_folder = (
-        resume_checkpoint_folder(cfg.train.resume_run_id) if cfg.train.resume_run_id else None
+    resume_id, ckpt_folder = cfg.train.resume_run_id, None
+    if resume_id:
+        check_resume(resume_id, regime.name, params, mnist.digest)
+        ckpt_folder = resume_checkpoint_folder(resume_id)
+    # through the CLI a resumed run continues itself; under `mlflow run` (or nested) MLflow has
+    # already created a new run, which records where it resumed from
+    same_run = (
+        bool(resume_id)
+        and not extras.nested
+        and not extras.parent_run_id
+        and not os.environ.get("MLFLOW_RUN_ID")
     )
     run_ctx = start_run(
         extras.run_name or regime.name,
@@ -303,16 +323,21 @@ def run_training(
         system_metrics=not (extras.nested or extras.parent_run_id),
         parent_run_id=extras.parent_run_id,
         experiment_id=extras.experiment_id,
+        run_id=resume_id if same_run else None,
     )
     with _lost_server_guard() as guard, run_ctx as run, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         parent_id = guard.run_id = run.info.run_id
-        _log_datasets(mnist, pools)
-        log_excluded_sources(excluded)
+        if not same_run:  # a reopened run logged its datasets and excluded sources already
+            _log_datasets(mnist, pools)
+            log_excluded_sources(excluded)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
         model = init_model or build_model(cfg.train.model)
-        resumed: tuple | None = _restore(resume_folder, model) if resume_folder else None
+        resumed: tuple | None = _restore(ckpt_folder, model) if ckpt_folder else None
+        if resumed and not same_run:
+            mlflow.set_tag("robustlab.resumed_from", resume_id)
         if resumed:
-            mlflow.set_tag("robustlab.resumed_from", cfg.train.resume_run_id)
+            mlflow.set_tag("robustlab.resumed_after_epoch", str(resumed[0].global_epoch))
         global_epoch = resumed[0].global_epoch if resumed else -1
         mnist_pool = Pool(mnist.train.x, mnist.train.y, "mnist-train")
         perturb = _perturb_fn(cfg) if regime.uses_ptb else None
@@ -379,7 +404,7 @@ def run_training(
                 )
                 global_epoch = state.global_epoch
                 summary = {
-                    f"{phase.name}/epochs_run": result.epochs_run,
+                    f"{phase.name}/epochs_run": result.phase_epochs,
                     f"{phase.name}/best_epoch": result.best_epoch,
                     f"{phase.name}/train_seconds": result.seconds,
                 }
