@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from robustlab.errors import RobustlabError
 
@@ -28,10 +29,21 @@ COMMANDS = {
 
 
 TRAINING = ("vanilla", "perturbation", "invariance", "sequential", "joint")
+ERROR_TAG = "robustlab.error"  # set on $MLFLOW_RUN_ID's run when `mlflow run` input is rejected
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line `robustlab <command>: error: ...` (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        line = f"{self.prog}: error: {message}; see `{self.prog} --help`"
+        record_error_on_mlflow_run(line)
+        print(line, file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robustlab", description=__doc__)
+    parser = OneLineParser(prog="robustlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     added: set[str] = set()
     for module_name in dict.fromkeys(COMMANDS.values()):
@@ -45,17 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def record_error_on_mlflow_run(line: str) -> None:
+    """Under `mlflow run` (which creates the run before we start), tag that run with the error
+    line and end it FAILED, so the UI shows why. Never raises."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        client.set_tag(run_id, ERROR_TAG, line[:5000])
+        client.set_terminated(run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - reporting the error must never hide it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except RobustlabError as exc:
-        print(f"robustlab {args.command}: error: {exc}", file=sys.stderr)
+        line = f"robustlab {args.command}: error: {exc}"
+        record_error_on_mlflow_run(line)
+        print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = (
-            "; the last epoch checkpoint is in the run's artifacts (resume with resume_run_id)"
+            "; the last epoch checkpoint is in the run's artifacts and under "
+            "tracking/checkpoints/<run_id>/ (resume with resume_run_id)"
             if args.command in TRAINING
             else ""
         )

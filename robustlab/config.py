@@ -9,6 +9,14 @@ from typing import Any, Literal
 from robustlab.errors import ConfigError
 
 AttackMethod = Literal["pgd", "fgsm_rs"]
+MAX_SEED = 2**32 - 1  # NumPy and TensorFlow seeds are unsigned 32-bit
+
+
+def check_finite(**values: float) -> None:
+    """ConfigError naming the first value that is NaN or infinite."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class AttackConfig:
     eps_warmup: float = 0.0  # epochs over which eps ramps linearly from 0 to `eps` (0 = none)
 
     def validate(self) -> None:
+        check_finite(eps=self.eps, step_size=self.step_size, eps_warmup=self.eps_warmup)
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
             raise ConfigError(f"eps must lie in [0, 1] (images are in [0, 1]), got {self.eps}")
         if self.steps < 1:
@@ -81,16 +90,23 @@ class TrainConfig:
     model: str = "madry_cnn"
     init_model: str | None = None  # model URI to start from (runs:/..., models:/...)
     resume_run_id: str | None = None  # continue from this run's last checkpoint
+    deterministic: bool = True  # TensorFlow op determinism (same seed: bitwise-equal runs)
 
-    def validate(self) -> None:
+    def validate(self, check_model: bool = True) -> None:
+        """`check_model=False` skips the model-name check, which imports Keras."""
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_finite(learning_rate=self.learning_rate)
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must lie in [0, 2**32 - 1], got {self.seed}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0, got {self.patience}")
+        if not check_model:
+            return
         from robustlab.models import available_models
 
         if self.model not in available_models():
@@ -106,9 +122,17 @@ class RunConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
 
-    def validate(self) -> RunConfig:
-        for part in (self.data, self.train, self.mix, self.attack):
+    def validate(self, check_model: bool = True) -> RunConfig:
+        """Raise a one-line ConfigError for the first bad value; `check_model=False` skips the
+        model-name check (it imports Keras), for checks that must stay fast."""
+        for part in (self.data, self.mix, self.attack):
             part.validate()
+        self.train.validate(check_model)
+        if 0 < self.data.train_size < self.train.batch_size:
+            raise ConfigError(
+                f"train_size {self.data.train_size} is smaller than one batch "
+                f"({self.train.batch_size}); raise train_size or lower batch_size"
+            )
         return self
 
     def flat_params(self) -> dict[str, Any]:
@@ -150,6 +174,10 @@ class EvalConfig:
     def validate(self) -> EvalConfig:
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
             raise ConfigError(f"eps must lie in [0, 1], got {self.eps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must lie in [0, 2**32 - 1], got {self.seed}")
         if self.eval_size < 0 or self.autoattack_size < 0 or self.curve_size < 0:
             raise ConfigError("eval_size and autoattack_size must be >= 0 (0 = all / skip)")
         if self.square_queries < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
 import time
@@ -17,14 +18,19 @@ from mlflow.tracking import MlflowClient
 
 from robustlab.commands import experiment as _cli
 from robustlab.config import AttackConfig, DataConfig, EvalConfig, MixConfig, RunConfig, TrainConfig
+from robustlab.data.mnist import load_mnist, subsample
 from robustlab.errors import ConfigError
+from robustlab.evaluation.indices import EVALUATED_ARTIFACT
 from robustlab.evaluation.plots import line_plot
+from robustlab.invariance.leakage import excluded_test_indices
 from robustlab.regimes import Regime, make_regime
 from robustlab.report import KEY_METRICS, aggregate, write_comparison, write_report
 from robustlab.tracking import configure_tracking, start_run
+from robustlab.train.inv_pool import load_inv_pools
 from robustlab.train.runner import Extras, run_training
 
 DEFAULT_REGIMES = tuple(_cli.DEFAULT_REGIMES.split(","))
+TEST_SUBSET_SEED = 0  # the experiment's test subset is fixed per experiment, not per training seed
 CURVES = ("val/clean_acc", "val/pgd_acc", "val/inv_acc")
 
 
@@ -161,8 +167,19 @@ def run_experiment(
     labels = parse_regimes(regimes)
     plan = [(label, *regime_for(label, b)) for label in labels]  # validates every regime up front
     _config(b, 0, data_dir, eps)
-    params = {"budget": budget, "seeds": seeds, "regimes": ",".join(labels), "eps": eps, **vars(b)}
-    done = finished_children(resume_run_id, budget, eps) if resume_run_id else {}
+    test_indices = shared_test_indices({s for _, _, s in plan}, b.eval_size, data_dir)
+    digest = indices_digest(test_indices)
+    params = {
+        "budget": budget,
+        "seeds": seeds,
+        "regimes": ",".join(labels),
+        "eps": eps,
+        **vars(b),
+        "test_subset_seed": TEST_SUBSET_SEED,
+        "n_test": len(test_indices),
+        "test_indices_sha": digest,
+    }
+    done = finished_children(resume_run_id, budget, eps, digest) if resume_run_id else {}
     tags = {"robustlab.kind": "experiment"}
     if resume_run_id:
         tags["robustlab.resumed_from"] = resume_run_id
@@ -199,11 +216,13 @@ def run_experiment(
                         nested=True,
                         run_name=f"{label}-seed{seed}",
                         tags={"robustlab.experiment_regime": label, "robustlab.seed": str(seed)},
+                        test_indices=test_indices,
                     ),
                 )
                 child_ids[label].append(run_id)
                 seconds[label] += time.perf_counter() - t0
         mlflow.log_metrics({f"time/{label}_seconds": s for label, s in seconds.items()})
+        mlflow.log_dict({"mnist_split": "test", "indices": list(test_indices)}, EVALUATED_ARTIFACT)
         _summarize(parent.info.run_id, child_ids, seconds, budget, seeds)
         return parent.info.run_id
 
@@ -211,8 +230,40 @@ def run_experiment(
 assert tuple(BUDGETS) == _cli.BUDGETS
 
 
-def finished_children(parent_id: str, budget: str, eps: float) -> dict[tuple[str, int], Run]:
-    """The FINISHED regime × seed children of experiment `parent_id`, checked to be comparable."""
+def shared_test_indices(
+    label_sources: set[str], eval_size: int, data_dir: str | None
+) -> tuple[int, ...]:
+    """The MNIST test images every regime × seed of one experiment is evaluated on.
+
+    The test set minus the union of the sources every run excludes (the invariance pools of
+    every label source the experiment trains with, training and validation), then a subset of
+    `eval_size` (0 = all) seeded by TEST_SUBSET_SEED: one set, whatever the regime and seed.
+    """
+    mnist = load_mnist(data_dir)
+    excluded = np.unique(
+        np.concatenate(
+            [
+                excluded_test_indices(load_inv_pools(data_dir, source).used_sets)
+                for source in sorted(label_sources)
+            ]
+            or [np.empty(0, np.int64)]
+        )
+    )
+    test = subsample(mnist.test.without_sources(excluded), eval_size, seed=TEST_SUBSET_SEED)
+    return tuple(int(i) for i in test.source_index)
+
+
+def indices_digest(indices: tuple[int, ...]) -> str:
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def finished_children(
+    parent_id: str, budget: str, eps: float, test_indices_sha: str | None = None
+) -> dict[tuple[str, int], Run]:
+    """The FINISHED regime × seed children of experiment `parent_id`, checked to be comparable.
+
+    With `test_indices_sha`, the earlier experiment must have evaluated on the same test images.
+    """
     configure_tracking()  # before the parent run exists: look in the same store it will use
     client = MlflowClient()
     try:
@@ -229,6 +280,11 @@ def finished_children(parent_id: str, budget: str, eps: float) -> dict[tuple[str
         raise ConfigError(
             f"resume_run_id={parent_id} ran budget={p.get('budget')} eps={p.get('eps')}; "
             f"resume it with the same budget and eps (asked: budget={budget} eps={eps})"
+        )
+    if test_indices_sha is not None and p.get("test_indices_sha") != test_indices_sha:
+        raise ConfigError(
+            f"resume_run_id={parent_id} evaluated on other test images than this experiment "
+            "would (it predates the shared test set, or its data differ); start a new experiment"
         )
     children = client.search_runs(
         [parent.info.experiment_id],

@@ -48,6 +48,11 @@ def make_regime(
     inv_epochs: int = 5,
 ) -> Regime:
     """Build a regime from its entry point's parameters; raises ConfigError for unknown names."""
+    if name in ("invariance", "sequential") and not 0 < mix_inv <= 1:
+        raise ConfigError(
+            f"mix_inv must lie in (0, 1] for the {name} regime (its invariance phase trains on "
+            f"invariance examples), got {mix_inv}"
+        )
     ptb_phase = Phase("ptb", MixConfig(clean=0.0, ptb=1.0, inv=0.0), epochs)
     inv_mix = MixConfig(clean=1.0 - mix_inv, ptb=0.0, inv=mix_inv)
     if name == "vanilla":
@@ -68,8 +73,19 @@ def make_regime(
         raise ConfigError(f"unknown regime {name!r}; choose one of {list(REGIMES)}")
     for phase in phases:
         phase.mix.validate()
+        if phase.epochs < 0 and name == "sequential":
+            raise ConfigError(f"{phase.name}_epochs must be >= 0, got {phase.epochs}")
         if phase.epochs < 0:
             raise ConfigError(f"{phase.name} epochs must be >= 0, got {phase.epochs}")
-    if name == "invariance" and not 0 < mix_inv <= 1:
-        raise ConfigError(f"mix_inv must lie in (0, 1] for the invariance regime, got {mix_inv}")
     return Regime(name, phases)
+
+
+def check_eps_warmup(regime: Regime, eps_warmup: float) -> None:
+    """The eps ramp must end within every adversarial phase, or training never reaches eps."""
+    for phase in regime.phases:
+        if phase.mix.ptb > 0 and phase.epochs > 0 and eps_warmup > phase.epochs:
+            raise ConfigError(
+                f"eps_warmup={eps_warmup:g} epochs is longer than the {phase.name} phase "
+                f"({phase.epochs} epochs), so eps would never be reached; lower eps_warmup "
+                "or train longer"
+            )

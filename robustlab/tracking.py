@@ -14,7 +14,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from robustlab.errors import RobustlabError, TrackingError
+from robustlab.errors import ConfigError, RobustlabError, TrackingError
 
 TRACKING_DIR_ENV = "ROBUSTLAB_TRACKING_DIR"
 DEFAULT_EXPERIMENT = "robustlab"
@@ -31,6 +31,12 @@ def project_root(start: Path | None = None) -> Path:
 
 def tracking_dir() -> Path:
     return Path(os.environ.get(TRACKING_DIR_ENV) or project_root() / "tracking").resolve()
+
+
+def local_checkpoint_dir(run_id: str) -> Path:
+    """Where a training run keeps its per-epoch checkpoint on this machine (besides the run's
+    artifacts), so that it survives a tracking server that goes away mid-run."""
+    return tracking_dir() / "checkpoints" / run_id
 
 
 def default_tracking_uri() -> str:
@@ -126,14 +132,19 @@ def start_run(
     system_metrics: bool = True,
     parent_run_id: str | None = None,
     experiment_id: str | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Run]:
     """An MLflow run that ends FAILED (never RUNNING) if the body raises.
 
     Under `mlflow run` the run created by MLflow ($MLFLOW_RUN_ID) is picked up; otherwise the
     experiment $MLFLOW_EXPERIMENT_NAME (default "robustlab") is used. `parent_run_id` and
     `experiment_id` nest the run under a parent that may live in another process (tuning workers).
+    `run_id` reopens that existing run (in its own experiment, under its own parent) instead of
+    creating one: resuming continues it.
     """
-    if parent_run_id or experiment_id:
+    if run_id is not None:
+        configure_tracking()
+    elif parent_run_id or experiment_id:
         if not mlflow.active_run():
             configure_tracking()
     elif not nested and not os.environ.get("MLFLOW_RUN_ID"):
@@ -146,11 +157,12 @@ def start_run(
     elif not nested:
         configure_tracking()
     with mlflow.start_run(
-        run_name=run_name,
+        run_id=run_id,
+        run_name=None if run_id else run_name,
         nested=nested or parent_run_id is not None,
         log_system_metrics=system_metrics,
-        parent_run_id=parent_run_id,
-        experiment_id=experiment_id,
+        parent_run_id=None if run_id else parent_run_id,
+        experiment_id=None if run_id else experiment_id,
     ) as run:
         if params:
             # `mlflow run` has already logged the entry point's parameters (quoting empty ones);
@@ -162,6 +174,60 @@ def start_run(
         if tags:
             mlflow.set_tags(tags)
         yield run
+
+
+MODEL_URI_SCHEMES = (
+    "runs",
+    "models",
+    "file",
+    "http",
+    "https",
+    "s3",
+    "gs",
+    "wasbs",
+    "hdfs",
+    "dbfs",
+    "mlflow-artifacts",
+)
+
+
+def check_model_uri(model_uri: str, what: str = "model URI") -> None:
+    """Cheap checks of a model URI before anything runs (the tracking URI must be configured):
+    a known scheme, an existing run for runs:/, an existing registered model for models:/,
+    an existing path for a plain path. Raises a one-line ConfigError."""
+    from mlflow.exceptions import MlflowException
+
+    hint = "use runs:/<run_id>/model, models:/<name>@<alias> or a local model folder"
+    scheme, sep, rest = model_uri.partition(":")
+    if not sep or len(scheme) < 2:  # no scheme (a Windows drive letter is not one either)
+        if not Path(model_uri).expanduser().exists():
+            raise ConfigError(f"{what} {model_uri!r}: no such file or folder; {hint}")
+        return
+    if scheme not in MODEL_URI_SCHEMES:
+        raise ConfigError(f"{what} {model_uri!r}: unknown scheme {scheme + ':'!r}; {hint}")
+    client = MlflowClient()
+    if scheme == "runs":
+        run_id = rest.lstrip("/").split("/", 1)[0]
+        if not run_id or "/" not in rest.lstrip("/"):
+            raise ConfigError(f"{what} {model_uri!r} is incomplete; {hint}")
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(
+                f"{what} {model_uri!r}: no run {run_id} in this tracking store "
+                f"({mlflow.get_tracking_uri()}); check the run id"
+            ) from None
+    elif scheme == "models":
+        name = rest.lstrip("/").split("@", 1)[0].split("/", 1)[0]
+        if not name:
+            raise ConfigError(f"{what} {model_uri!r} names no model; {hint}")
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            raise ConfigError(
+                f"{what} {model_uri!r}: no registered model {name!r} in this tracking store; "
+                "register it first (or check the name)"
+            ) from None
 
 
 def run_id_of(model_uri: str) -> str | None:
@@ -181,7 +247,8 @@ def load_keras_model(model_uri: str):
     import keras
 
     try:
-        model = mlflow.keras.load_model(model_uri)
+        # safe_mode: never deserialize Python code (Lambda layers) from a model file
+        model = mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
         raise RobustlabError(
             f"cannot load model {model_uri!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the URI"

@@ -223,7 +223,6 @@ def test_pgd_attack_restarts_keep_the_worst_case(model_and_test):
     wrong1 = model.predict(one, verbose=0).argmax(1) != y
     wrong3 = model.predict(three, verbose=0).argmax(1) != y
     assert np.all(wrong3[wrong1])  # every example broken by restart 1 stays broken
-    assert wrong3.sum() >= wrong1.sum()
 
 
 # --- equivalence with ART ---------------------------------------------------------------------

@@ -143,12 +143,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tracking, tmp_path):
         [*args, "--resume-run-id", crashed.info.run_id], capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    resumed = next(
-        r
-        for r in MlflowClient().search_runs([ensure_experiment("robustlab")])
-        if r.info.run_id != crashed.info.run_id
-    )
-    assert resumed.data.tags["robustlab.resumed_from"] == crashed.info.run_id
+    [resumed] = MlflowClient().search_runs([ensure_experiment("robustlab")])  # the same run
+    assert resumed.info.run_id == crashed.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["robustlab.resumed_after_epoch"] == "0"
     steps = [m.step for m in MlflowClient().get_metric_history(resumed.info.run_id, "val/loss")]
-    assert steps == [1, 2]  # epochs 2 and 3 only: epoch 1 came from the checkpoint
+    assert steps == [0, 1, 2]  # epoch 1 from the killed process, 2 and 3 from the resumed one
     assert resumed.data.metrics["test/clean_acc"] > 0.9

@@ -60,7 +60,7 @@ def test_evaluate_and_log_records_metrics_intervals_and_artifacts(
         metrics["test/pgd100x2_acc"],
     )
     assert clean > 0.85
-    assert pgd100 <= pgd40 < clean  # chained: PGD-100 x R is the worst case including PGD-40
+    assert pgd100 < clean and pgd40 < clean  # the attacks break some examples
     assert pgd40 > 0.3  # this model is partly robust at eps 0.1
     assert metrics["test/n_eval"] == 120
 
@@ -77,7 +77,10 @@ def test_evaluate_and_log_records_metrics_intervals_and_artifacts(
         "evaluation.md",
         "eps_curve.png",
         "adversarial_examples.png",
+        "evaluated_test_indices.json",
     } <= artifacts
+    evaluated = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/evaluated_test_indices.json")
+    assert evaluated == {"mnist_split": "test", "indices": test.source_index.tolist()}
     assert MASKING_TAG not in stored.data.tags  # an honestly trained model: no masking warning
 
     path = mlflow.artifacts.download_artifacts(
@@ -140,6 +143,137 @@ def test_robustlab_pgd_engine_matches_art_and_zero_restarts_skip_pgd100(model_an
     art, ours = results["art"]["test/pgd40_acc"], results["robustlab"]["test/pgd40_acc"]
     assert 0.2 < art < results["art"]["test/clean_acc"]  # a partly robust model, so the check bites
     assert abs(art - ours) <= 0.02  # same attack, different random starts
+
+
+class _Spy:
+    """Records (attacked images, adversarials) of every PGD call evaluate makes, then calls it."""
+
+    def __init__(self):
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def wrap_pgd_attack(self, real):
+        def pgd_attack(model, x, y, **kw):
+            adv = real(model, x, y, **kw)
+            self.calls.append((np.array(x), np.array(adv)))
+            return adv
+
+        return pgd_attack
+
+    def wrap_make_attack(self, real):
+        def make_attack(name, classifier, **kw):
+            attack = real(name, classifier, **kw)
+            generate = attack.generate
+
+            def recorded(x, y=None, **kwargs):
+                adv = generate(x, y, **kwargs)
+                self.calls.append((np.array(x), np.array(adv)))
+                return adv
+
+            attack.generate = recorded
+            return attack
+
+        return make_attack
+
+
+@pytest.mark.parametrize("engine", ["robustlab", "art"])
+def test_pgd_restarts_draw_independent_starts_and_break_more(model_and_test, monkeypatch, engine):
+    """Issue 12.3: each restart starts from its own random point, so restarts find adversarials
+    that one restart misses (a restart repeating the same start could not)."""
+    from robustlab.attacks import make_classifier
+    from robustlab.evaluation import robustness
+
+    model, test = model_and_test
+    test = subsample(test, 150, seed=5)
+    spy = _Spy()
+    monkeypatch.setattr(robustness, "pgd_attack", spy.wrap_pgd_attack(robustness.pgd_attack))
+    monkeypatch.setattr(robustness, "make_attack", spy.wrap_make_attack(robustness.make_attack))
+    clean_ok = model.predict(test.x, verbose=0).argmax(1) == test.y
+    history = robustness.pgd_restarts(
+        model,
+        make_classifier(model),
+        test.x,
+        test.y,
+        clean_ok,
+        restarts=3,
+        eps=0.3,
+        steps=20,
+        batch_size=150,
+        engine=engine,
+        seed=0,
+    )
+    survivors = [int(h.sum()) for h in history]
+    assert survivors[0] > 0  # a partly robust model: there is something left to break
+    assert survivors[-1] < survivors[0], survivors  # later restarts break what the first missed
+    # every example attacked by all three restarts got three different adversarials
+    assert len(spy.calls) == 3
+    per_restart = [
+        {x.tobytes(): a for x, a in zip(xs, advs, strict=True)} for xs, advs in spy.calls
+    ]
+    common = set(per_restart[0]).intersection(*per_restart[1:])
+    assert len(common) == survivors[1] > 0
+    for i in range(3):
+        for j in range(i + 1, 3):
+            same = [np.array_equal(per_restart[i][k], per_restart[j][k]) for k in common]
+            assert not any(same), (engine, i, j, sum(same))
+
+
+def _split_like(test, **changes):
+    from dataclasses import replace
+
+    return replace(subsample(test, 20, seed=4), **changes)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda s: {"x": s.x.astype(np.float64)}, "float32"),
+        (lambda s: {"x": s.x[..., 0]}, "(N, 28, 28, 1)"),
+        (lambda s: {"x": s.x * 255.0}, "divide by 255"),
+        (lambda s: {"x": np.where(s.x > 0.5, np.nan, s.x).astype(np.float32)}, "NaN"),
+        (lambda s: {"y": s.y + 1}, "labels must lie in 0..9"),
+        (lambda s: {"y": s.y.astype(np.float32)}, "integer labels"),
+        (lambda s: {"y": s.y[:-1]}, "expected 20 labels"),
+    ],
+)
+def test_evaluate_and_log_refuses_bad_inputs(model_and_test, tmp_path, change, fragment):
+    from robustlab.errors import DataError
+    from robustlab.evaluation.robustness import evaluate_and_log
+
+    model, test = model_and_test
+    base = subsample(test, 20, seed=4)
+    bad = _split_like(test, **change(base))
+    with pytest.raises(DataError) as info:
+        evaluate_and_log(model, bad, EvalConfig(autoattack_size=0), out_dir=tmp_path, log=False)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # refused before any attack ran or any file was written
+
+
+def test_models_that_output_probabilities_are_refused_at_every_attack_boundary(
+    model_and_test, tmp_path
+):
+    import keras
+
+    from robustlab.attacks import make_classifier, pgd_attack
+    from robustlab.errors import ConfigError
+    from robustlab.evaluation.robustness import evaluate_and_log
+
+    model, test = model_and_test
+    softmax = keras.Sequential([model, keras.layers.Softmax()])
+    small = subsample(test, 20, seed=4)
+    calls = {
+        "make_classifier": lambda: make_classifier(softmax),
+        "pgd_attack": lambda: pgd_attack(
+            softmax, small.x, small.y, eps=0.1, steps=2, step_size=0.05
+        ),
+        "evaluate_and_log": lambda: evaluate_and_log(
+            softmax, small, EvalConfig(autoattack_size=0), out_dir=tmp_path, log=False
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ConfigError, match="outputs probabilities") as info:
+            call()
+        assert "\n" not in str(info.value), name
+    make_classifier(model)  # the same network's logits are accepted
 
 
 def test_unknown_pgd_engine_is_refused():
@@ -269,3 +403,30 @@ def test_cli_evaluates_a_logged_model_minus_its_excluded_sources(model_and_test,
     assert run.data.params["n_eval"] == "10" and run.data.params["n_excluded_sources"] == "9990"
     assert run.data.metrics["test/n_eval"] == 10
     assert run.info.status == "FINISHED"
+
+
+def test_a_shared_test_set_holding_an_excluded_source_is_refused_before_the_run(tracking):
+    """Issue 12.4: the runner fails closed when given test indices it must not evaluate on."""
+    from mlflow.tracking import MlflowClient
+
+    from robustlab.errors import RobustlabError
+    from robustlab.experiment import BUDGETS, _config, regime_for, shared_test_indices
+    from robustlab.train.runner import Extras, run_training
+
+    shared = shared_test_indices({"human", "target"}, 200, None)
+    assert len(shared) == len(set(shared)) == 200 and min(shared) >= 0 and max(shared) < 10_000
+    assert shared == shared_test_indices({"human", "target"}, 200, None)  # fixed per experiment
+    b = BUDGETS["smoke"]
+    regime, source = regime_for("invariance", b)
+    cfg, ev = _config(b, 0, None, 0.3)
+    for bad, fragment in (
+        ((shared[0], 0), "would leak"),  # test[0] is a source of the thesis pool
+        ((shared[0], shared[0]), "repeated"),
+        ((shared[0], 10_000), "not in the MNIST test split"),
+    ):
+        extras = Extras(inv_label_source=source, all_curves=True, test_indices=bad)
+        with pytest.raises(RobustlabError, match=fragment):
+            run_training(regime, cfg, ev, extras)
+    client = MlflowClient(tracking_uri=tracking)
+    experiments = client.search_experiments()
+    assert client.search_runs([e.experiment_id for e in experiments]) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from robustlab.invariance import labels as L
-from robustlab.invariance.label_server import LabelServer
+from robustlab.invariance.label_server import MAX_BODY, LabelServer
 
 DATA = Path(
     os.environ.get("ROBUSTLAB_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -165,6 +166,92 @@ def test_cli_rejects_bad_store(tmp_path):
     last = res.stderr.strip().splitlines()[-1]  # earlier lines: library start-up noise
     assert res.returncode == 2 and last.startswith("robustlab label: error:")
     assert "corrupt label store" in last
+
+
+def _raw(server, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> int:
+    """One request with exactly these headers (http.client adds only Host unless given)."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host="Host" in headers, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        if body:
+            conn.send(body)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _vote_headers(server, **extra: str) -> dict[str, str]:
+    host, port = server.server_address[:2]
+    return {"Host": f"{host}:{port}", "Content-Type": "application/json", **extra}
+
+
+VOTE = json.dumps({"id": "thesis-eps0.3-1", "vote": 4}).encode()
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"Origin": "http://evil.example"}, 403),  # a cross-origin page posting a vote
+        ({"Origin": "null"}, 403),  # sandboxed iframe / file:// page
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Content-Type": "text/plain"}, 415),  # a form or no-preflight fetch
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ({"Content-Length": "-5"}, 400),
+        ({"Content-Length": str(MAX_BODY + 1)}, 413),
+        ({"Content-Length": "lots"}, 400),
+        ({"Content-Length": None}, 411),
+        ({"Host": "evil.example:{port}"}, 421),  # DNS rebinding: our port under another name
+    ],
+)
+def test_unsafe_vote_posts_are_refused_and_record_nothing(server, store_path, change, status):
+    headers = {**_vote_headers(server), "Content-Length": str(len(VOTE))}
+    for k, v in change.items():
+        headers.pop(k, None)
+        if v is not None:
+            headers[k] = v.format(port=server.server_address[1])
+    body = VOTE if headers.get("Content-Length") == str(len(VOTE)) else b""
+    assert _raw(server, "POST", "/api/vote", headers, body) == status
+    assert "alice" not in L.LabelStore.load(store_path).examples[1].votes
+
+
+def test_a_same_origin_vote_is_accepted(server, store_path):
+    host, port = server.server_address[:2]
+    headers = {
+        **_vote_headers(server),
+        "Origin": f"http://{host}:{port}",
+        "Sec-Fetch-Site": "same-origin",
+        "Content-Type": "application/json; charset=utf-8",
+        "Content-Length": str(len(VOTE)),
+    }
+    assert _raw(server, "POST", "/api/vote", headers, VOTE) == 200
+    assert L.LabelStore.load(store_path).examples[1].votes["alice"] == 4
+    # localhost and 127.0.0.1 are the same loopback server
+    assert _raw(server, "GET", "/api/next", {"Host": f"localhost:{port}"}) == 200
+    assert _raw(server, "GET", "/api/next", {"Host": f"evil.example:{port}"}) == 421
+
+
+def test_binds_loopback_by_default_and_warns_loudly_otherwise(store_path):
+    srv = LabelServer(store_path, "alice", port=0)
+    try:
+        assert srv.server_address[0] == "127.0.0.1"
+    finally:
+        srv.server_close()
+    # a documentation-only address (TEST-NET-1): the bind fails, after the warning
+    res = subprocess.run(
+        [sys.executable, "-m", "robustlab.cli", "label", "--store", str(store_path)]
+        + ["--rater", "x", "--host", "192.0.2.1", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert res.returncode == 2
+    assert "WARNING: binding 192.0.2.1, not 127.0.0.1" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("robustlab label: error: cannot serve")
 
 
 @pytest.fixture

@@ -79,7 +79,15 @@ def test_unknown_split_is_an_error_not_a_silent_leak(sets):
 
 
 def test_guard_output_filters_the_test_split(sets):
+    """What evaluations do with the guard's output: `Split.without_sources` on the test split."""
+    from robustlab.data.mnist import load_mnist
+
+    test = load_mnist(DATA).test
     raw = load_raw_mnist(DATA, download=False)
-    out = excluded_test_indices(sets.values())
-    keep = np.setdiff1d(np.arange(len(raw.y_test)), out)
-    assert len(keep) == 10_000 - 596 and not np.isin(SHARED, keep).any()
+    kept = test.without_sources(excluded_test_indices(sets.values()))
+    assert len(kept) == 10_000 - 596
+    assert not np.isin(SHARED, kept.source_index).any()
+    assert not np.isin(np.arange(500), kept.source_index).any()  # every thesis source is gone
+    # the images that stay are the MNIST test images of those indices, untouched
+    np.testing.assert_array_equal(kept.y, raw.y_test[kept.source_index])
+    np.testing.assert_array_equal(kept.x[..., 0] * 255.0, raw.x_test[kept.source_index])

@@ -12,6 +12,7 @@ from robustlab.regimes import make_regime
 from robustlab.report import (
     CLEAN,
     INV,
+    INV_BAL,
     PGD,
     aggregate,
     diff_ci,
@@ -54,54 +55,114 @@ def test_welch_difference_interval():
     assert diff_ci([0.8], [0.5, 0.6]) is None
 
 
-def _results(joint_inv: float, seq_inv: float, target_inv: float) -> dict:
+def _results(
+    joint_inv: float,
+    seq_inv: float,
+    target_inv: float,
+    *,
+    seq_pgd: float = 0.61,
+    spread: float = 0.005,
+) -> dict:
+    """Per-seed results (3 seeds) whose claim verdicts are known from the report's rules."""
     base = {CLEAN: [0.99, 0.99, 0.99], PGD: [0.90, 0.91, 0.89]}
-    jitter = [-0.005, 0.0, 0.005]
-    inv = lambda m: [m + j for j in jitter]  # noqa: E731
+    inv = lambda m: [m - spread, m, m + spread]  # noqa: E731
     return {
         "perturbation": {**base, INV: inv(0.60)},
         "invariance": {CLEAN: [0.98] * 3, PGD: [0.0] * 3, INV: inv(0.80)},
         "invariance_target": {CLEAN: [0.5] * 3, PGD: [0.0] * 3, INV: inv(target_inv)},
-        "sequential_ptb_inv": {CLEAN: [0.98] * 3, PGD: [0.6, 0.62, 0.61], INV: inv(seq_inv)},
+        "sequential_ptb_inv": {
+            CLEAN: [0.98] * 3,
+            PGD: [seq_pgd - 0.01, seq_pgd + 0.01, seq_pgd],
+            INV: inv(seq_inv),
+        },
         "sequential_inv_ptb": {**base, INV: inv(0.60)},
         "joint": {**base, INV: inv(joint_inv)},
     }
 
 
-def test_verdicts_follow_the_evidence():
-    v = verdicts(_results(joint_inv=0.75, seq_inv=0.75, target_inv=0.3))
-    assert [x.verdict for x in v] == ["supported", "supported", "supported"]
-    # the sequential regime keeps robustness and gains INV: claims 2 and 3 fail
-    r = _results(joint_inv=0.75, seq_inv=0.75, target_inv=0.3)
-    r["sequential_ptb_inv"][PGD] = [0.90, 0.91, 0.89]
-    v = verdicts(r)
-    assert v[1].verdict == "not supported" and v[2].verdict == "not supported"
-    # joint gains nothing -> claim 3 not supported; one seed only -> inconclusive
-    assert (
-        verdicts(_results(joint_inv=0.60, seq_inv=0.60, target_inv=0.3))[2].verdict
-        == "not supported"
-    )
-    single = {
-        k: {m: vals[:1] for m, vals in d.items()} for k, d in _results(0.75, 0.6, 0.3).items()
-    }
-    assert {x.verdict for x in verdicts(single)} == {"inconclusive"}
+S, N, I = "supported", "not supported", "inconclusive"  # noqa: E741
+
+
+@pytest.mark.parametrize(
+    ("results", "expected"),
+    [
+        # human labels far above target labels; ptb->inv loses robustness; joint gains INV
+        (_results(0.75, 0.75, 0.30), [S, S, S]),
+        # target labels score higher; ptb->inv keeps PGD and gains INV (so claims 2, 3 fail)
+        (_results(0.75, 0.75, 0.95, seq_pgd=0.90), [N, N, N]),
+        # ptb->inv keeps PGD but gains nothing; joint gains nothing either
+        (_results(0.60, 0.60, 0.30, seq_pgd=0.90), [S, S, N]),
+        # seed-to-seed spread swamps every difference
+        (_results(0.62, 0.62, 0.80, seq_pgd=0.90, spread=0.1), [I, I, I]),
+    ],
+)
+def test_verdicts_follow_the_evidence(results, expected):
+    assert [v.verdict for v in verdicts(results)] == expected
+
+
+def test_one_seed_is_inconclusive_whatever_the_numbers():
+    single = {k: {m: v[:1] for m, v in d.items()} for k, d in _results(0.75, 0.6, 0.3).items()}
+    vs = verdicts(single)
+    assert [v.verdict for v in vs] == [I, I, I]
+    assert all("n/a (needs both regimes with >= 2 seeds)" in v.evidence for v in vs)
 
 
 def test_comparison_and_report_files(tmp_path):
-    results = _results(joint_inv=0.75, seq_inv=0.6, target_inv=0.3)
+    results = _results(0.75, 0.75, 0.95, seq_pgd=0.90)  # every claim: not supported
     agg = aggregate(results)
     write_comparison(agg, tmp_path / "c.csv", tmp_path / "c.md")
     with open(tmp_path / "c.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(len(m) for m in results.values())
-    assert {r["regime"] for r in rows} == set(results)
+    joint_inv = next(r for r in rows if r["regime"] == "joint" and r["metric"] == INV)
+    assert float(joint_inv["mean"]) == pytest.approx(0.75) and joint_inv["n_seeds"] == "3"
     md = (tmp_path / "c.md").read_text().splitlines()
     assert len(md) == 2 + len(results)
-    vs = write_report(tmp_path / "report.md", agg, results, {"budget": "test"})
+    write_report(tmp_path / "report.md", agg, results, {"budget": "test"})
     text = (tmp_path / "report.md").read_text()
     assert "| joint | simultaneous | 0.99 / 0.73 / 0.72 |" in text
-    for v in vs:
-        assert f"**{v.verdict}**" in text
+    verdict_lines = [line.split("**")[1] for line in text.splitlines() if line.startswith("**")]
+    assert verdict_lines == [N, N, N]
+    assert "ours INV balanced" not in text  # not logged: no column
+
+
+def test_balanced_inv_is_shown_beside_plain_inv(tmp_path):
+    """A model that keeps every label scores high plain INV but only 0.5 balanced INV."""
+    results = _results(0.75, 0.6, 0.3)
+    results["vanilla"] = {
+        CLEAN: [0.99, 0.99, 0.99],
+        PGD: [0.0, 0.0, 0.0],
+        INV: [0.79, 0.80, 0.81],
+        INV_BAL: [0.49, 0.50, 0.51],
+    }
+    agg = aggregate(results)
+    write_comparison(agg, tmp_path / "c.csv", tmp_path / "c.md")
+    header, _, *rows = (tmp_path / "c.md").read_text().splitlines()
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols.index(INV_BAL) == cols.index(INV) + 1
+    vanilla = [
+        c.strip() for c in next(r for r in rows if r.startswith("| vanilla")).strip("|").split("|")
+    ]
+    assert vanilla[cols.index(INV)].startswith("0.800 ± 0.010")
+    assert vanilla[cols.index(INV_BAL)].startswith("0.500 ± 0.010")
+    joint = [
+        c.strip() for c in next(r for r in rows if r.startswith("| joint")).strip("|").split("|")
+    ]
+    assert joint[cols.index(INV_BAL)] == "–"  # regimes without it keep an empty cell
+
+    write_report(tmp_path / "report.md", agg, results, {"budget": "test"})
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    head = next(line for line in lines if line.startswith("| regime | thesis run"))
+    heads = [c.strip() for c in head.strip("|").split("|")]
+    assert heads.index("ours INV balanced") == heads.index("ours INV") + 1
+    row = [
+        c.strip()
+        for c in next(line for line in lines if line.startswith("| vanilla |"))
+        .strip("|")
+        .split("|")
+    ]
+    assert row[heads.index("ours INV")].startswith("0.800")
+    assert row[heads.index("ours INV balanced")].startswith("0.500")
 
 
 def test_unknown_regime_and_order():

@@ -40,12 +40,15 @@ def test_a_failing_body_leaves_the_run_failed_not_running(tracking):
     assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
 
 
-def test_unreachable_tracking_server_is_one_clear_error(monkeypatch):
+def test_unreachable_tracking_server_is_one_clear_error(monkeypatch, tmp_path):
+    """(The whole command, nothing written locally: tests/test_bad_input.py.)"""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("ROBUSTLAB_TRACKING_DIR", str(tmp_path / "tracking"))
     t0 = time.perf_counter()
     with pytest.raises(TrackingError, match="unreachable.*make server"):
         configure_tracking()
     assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "tracking").exists()
 
 
 @pytest.fixture

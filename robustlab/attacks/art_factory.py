@@ -15,6 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from robustlab.attacks.checks import check_logits
 from robustlab.config import AttackConfig
 from robustlab.errors import ConfigError
 
@@ -75,8 +76,13 @@ def _sequential_autoattack_class():
 
 
 def make_classifier(model: keras.Model):
-    """ART `TensorFlowV2Classifier` on the model's logits, clip values (0, 1), MNIST shape."""
+    """ART `TensorFlowV2Classifier` on the model's logits, clip values (0, 1), MNIST shape.
+
+    A model that outputs probabilities is refused (ConfigError), see `checks.check_logits`.
+    """
     from art.estimators.classification import TensorFlowV2Classifier
+
+    check_logits(model)
 
     return TensorFlowV2Classifier(
         model=model,

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from robustlab.attacks.checks import check_logits
 from robustlab.config import AttackConfig
 from robustlab.errors import ConfigError
 
@@ -74,7 +75,7 @@ def _check(eps: float, steps: int, step_size: float) -> None:
     AttackConfig(eps=eps, steps=steps, step_size=step_size).validate()
 
 
-def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
+def make_perturb_fn(cfg: AttackConfig, seed: int = 0) -> PerturbFn:
     """A pure-TF `perturb(model, x, y) -> x_adv` for use inside a `@tf.function` train step.
 
     `cfg.method == "pgd"`: optional uniform random start in the eps-ball, `cfg.steps` signed
@@ -86,6 +87,11 @@ def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
 
     The returned function carries `perturb.eps_scale`, a `tf.Variable` (1.0) that multiplies
     eps and the step size: the training loop ramps it up during `cfg.eps_warmup` epochs.
+
+    Random starts are stateless (`tf.random.stateless_uniform`) keyed by `perturb.seed`, an int64
+    `tf.Variable` [seed, counter] whose counter advances by one per call: the training loop sets
+    it at the start of every epoch from (run seed, epoch), so a run resumed from a checkpoint in a
+    new process draws exactly the starts the uninterrupted run drew.
     """
     cfg.validate()
     eps, step_size = float(cfg.eps), float(cfg.step_size)
@@ -93,13 +99,17 @@ def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
     random_start = True if cfg.method == "fgsm_rs" else bool(cfg.random_start)
 
     eps_scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="eps_scale")
+    seed_var = tf.Variable([int(seed), 0], trainable=False, dtype=tf.int64, name="perturb_seed")
 
     def perturb(model: keras.Model, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         x = tf.convert_to_tensor(x, dtype=tf.float32)
         y = tf.cast(y, tf.int64)
         e, a = eps * eps_scale, step_size * eps_scale
         if random_start:
-            delta0 = tf.random.uniform(tf.shape(x), -1.0, 1.0, dtype=tf.float32) * e
+            key = seed_var.read_value()
+            seed_var.assign_add(tf.constant([0, 1], tf.int64))
+            u = tf.random.stateless_uniform(tf.shape(x), key, -1.0, 1.0, dtype=tf.float32)
+            delta0 = u * e
         else:
             delta0 = tf.zeros_like(x)
         x_adv = _pgd_from(model, x, y, delta0, eps=e, steps=steps, step_size=a)
@@ -107,6 +117,7 @@ def make_perturb_fn(cfg: AttackConfig) -> PerturbFn:
 
     perturb.__name__ = f"perturb_{cfg.method}"
     perturb.eps_scale = eps_scale
+    perturb.seed = seed_var
     return perturb
 
 
@@ -158,8 +169,10 @@ def pgd_attack(
     """L-inf PGD adversarials of `x` (numpy float32 in [0, 1]), worst case over `restarts`.
 
     Per example, the restart that misclassifies wins; among equals, the one with the highest
-    cross-entropy. Deterministic for a given `seed`. One `tf.function` per call, traced once per
-    batch shape (at most two: full batches and the remainder).
+    cross-entropy. Deterministic for a given `seed`: the random starts are drawn afresh from
+    `seed` on every call, so independent restarts across calls need different seeds. A model
+    that outputs probabilities instead of logits is refused (ConfigError). One `tf.function`
+    per call, traced once per batch shape (at most two: full batches and the remainder).
     """
     _check(eps, steps, step_size)
     if restarts < 1:
@@ -170,6 +183,7 @@ def pgd_attack(
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if len(x) == 0:
         return x.copy()
+    check_logits(model, x)
     key = (float(eps), int(steps), float(step_size), bool(random_start), int(restarts))
     per_model = _ATTACKS.setdefault(model, {})
     if key not in per_model:  # one graph per model and attack setting, reused across calls

@@ -82,8 +82,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> dict[str, float]:
     # everything that can be checked without the tracking store is checked before a run exists
     cfg = config_from_args(args)
+    from robustlab.attacks.checks import check_logits
     from robustlab.data.mnist import load_mnist, subsample
-    from robustlab.evaluation.robustness import evaluate_and_log
+    from robustlab.evaluation.robustness import check_eval_inputs, evaluate_and_log
     from robustlab.tracking import (
         configure_tracking,
         excluded_sources_of,
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     test = subsample(mnist.test.without_sources(excluded), cfg.eval_size, seed=cfg.seed)
     if len(test) == 0:
         raise ConfigError("no test images left after removing the model's excluded sources")
+    check_eval_inputs(test)  # evaluate_and_log checks again; here it fails before a run exists
+    check_logits(model, test.x)
     params = {
         "model_uri": args.model_uri,
         "eps": cfg.eps,
@@ -115,14 +118,17 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     ) as r:
         with tempfile.TemporaryDirectory(prefix="robustlab-eval-") as tmp:
             metrics = evaluate_and_log(model, test, cfg, out_dir=Path(tmp), log=True)
-        print(
-            f"evaluate: run {r.info.run_id}: clean {metrics['test/clean_acc']:.4f}, "
-            f"PGD-40 {metrics['test/pgd40_acc']:.4f}, "
-            f"PGD-100x{cfg.pgd_restarts} {metrics[f'test/pgd100x{cfg.pgd_restarts}_acc']:.4f}"
-            + (
-                f", AutoAttack {metrics['test/autoattack_acc']:.4f}"
-                if "test/autoattack_acc" in metrics
-                else ""
-            )
-        )
+        print(f"evaluate: run {r.info.run_id}: " + summary_line(metrics))
     return metrics
+
+
+def summary_line(metrics: dict[str, float]) -> str:
+    """The accuracies that were measured, e.g. `clean 0.9900, PGD-40 0.9000, AutoAttack 0.8800`."""
+    names = [("test/clean_acc", "clean"), ("test/pgd40_acc", "PGD-40")]
+    names += [
+        (k, f"PGD-100x{k.removeprefix('test/pgd100x').removesuffix('_acc')}")
+        for k in sorted(metrics)
+        if k.startswith("test/pgd100x") and k.endswith("_acc")
+    ]
+    names += [("test/autoattack_acc", "AutoAttack"), ("test/square_acc", "Square")]
+    return ", ".join(f"{label} {metrics[k]:.4f}" for k, label in names if k in metrics)

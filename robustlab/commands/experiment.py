@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from robustlab.commands import optional
+from robustlab.errors import ConfigError
 
 BUDGETS = (
     "smoke",
@@ -36,7 +37,32 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     return ["experiment"]
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need neither TensorFlow nor data, before anything is imported or run."""
+    import math
+
+    if args.budget not in BUDGETS:
+        raise ConfigError(f"unknown budget {args.budget!r}; choose one of {list(BUDGETS)}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    known = DEFAULT_REGIMES.split(",")
+    names = [
+        t.strip().replace(":", "_").replace(" ", "_") for t in args.regimes.split(",") if t.strip()
+    ]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"unknown regime(s) {unknown or args.regimes!r}; choose from {known}")
+    if not math.isfinite(args.eps) or not 0.0 < args.eps <= 1.0:
+        raise ConfigError(f"--eps must lie in (0, 1], got {args.eps}")
+
+
 def run(args: argparse.Namespace) -> None:
+    from robustlab.data.mnist import resolve_mnist_path
+    from robustlab.tracking import configure_tracking
+
+    check_args(args)
+    resolve_mnist_path(args.data_dir)
+    configure_tracking()
     from robustlab.experiment import run_experiment
 
     run_id = run_experiment(

@@ -79,6 +79,35 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     return ["generate"]
 
 
+def check_out(out: str) -> None:
+    """--out must be a file path we can write (checked before anything is generated)."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ConfigError(
+            f"--out {out} is a folder; pass a file path such as {path}/candidates.npz"
+        )
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("/"))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write into {folder}; pass a writable path")
+
+
+def check_cheap_args(args: argparse.Namespace) -> tuple[float, ...]:
+    """Everything that needs no data: checked before MNIST is loaded or a run exists."""
+    if args.norm not in NORMS:
+        raise ConfigError(f"unknown norm {args.norm!r}; choose linf")
+    if args.norm == "l0":
+        raise ConfigError("the L0 generator is not implemented yet; use --norm linf")
+    if args.split not in ("train", "test"):
+        raise ConfigError(f"unknown split {args.split!r}; choose train or test")
+    if args.count < 1:
+        raise ConfigError(f"--count {args.count} must be at least 1")
+    if args.start < 0:
+        raise ConfigError(f"--start {args.start} must be >= 0 (the first source index)")
+    if args.out:
+        check_out(args.out)
+    return parse_eps(args.eps)
+
+
 def check_args(args: argparse.Namespace, n_split: int) -> tuple[float, ...]:
     if args.norm not in NORMS:
         raise ConfigError(f"unknown norm {args.norm!r}; choose linf")
@@ -178,8 +207,12 @@ def save_grid(path: Path, arrays: dict[str, np.ndarray], max_items: int = 64) ->
 def run(args: argparse.Namespace) -> None:
     import mlflow
 
-    from robustlab.tracking import start_run
+    from robustlab.data.mnist import resolve_mnist_path
+    from robustlab.tracking import configure_tracking, start_run
 
+    check_cheap_args(args)
+    resolve_mnist_path(args.data_dir)
+    configure_tracking()  # an unreachable server is reported before generating
     arrays, metrics = make_candidates(args)  # validates before a run is opened
     eps_text = ",".join(f"{e:g}" for e in sorted(set(arrays["eps"].tolist())))
     params = {

@@ -47,7 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     )
     mode.add_argument("--stats", action="store_true", help="print agreement statistics")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0 = any free port)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; anything else exposes the page, with a warning)",
+    )
     p.add_argument(
         "--tie-policy", default="flag", help="drop | original | flag (for new stores and --stats)"
     )
@@ -83,6 +87,10 @@ def run(args: argparse.Namespace) -> None:
 
         if not 0 <= args.port <= 65535:
             raise ConfigError(f"--port {args.port} is not a port number (0..65535)")
+        if not store_path.is_file():
+            raise ConfigError(
+                f"{store_path}: no such label store; create it first with --init-from or --import"
+            )
         try:
             serve(store_path, args.rater, args.host, args.port)
         except OSError as exc:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from robustlab.commands import optional
 from robustlab.config import AttackConfig, DataConfig, EvalConfig, MixConfig, RunConfig, TrainConfig
-from robustlab.regimes import ORDERS, make_regime
+from robustlab.errors import ConfigError
+from robustlab.regimes import ORDERS, check_eps_warmup, make_regime
 from robustlab.train.inv_pool import LABEL_SOURCES, TRAIN_POOL_SETS
 
 
@@ -73,6 +75,12 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         help="log val/pgd_acc and val/inv_acc every epoch whatever the regime trains on",
     )
     g.add_argument("--run-name", type=optional, default=None)
+    g.add_argument(
+        "--deterministic",
+        type=_bool,
+        default=True,
+        help="TensorFlow op determinism (false: a few %% faster, still seeded; see README)",
+    )
 
 
 def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) -> None:
@@ -94,6 +102,8 @@ def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) 
         help="epochs over which eps ramps up from 0 (0 = none)",
     )
 
+
+THESIS_SETS = ("thesis_linf_eps0.3", "thesis_linf_eps0.4")
 
 # The end-of-training evaluation is lighter than `evaluate` (5,000 queries): on a robust model
 # Square dominates its time (about 12 min per 1,000 images with 5,000 queries on 2 cores).
@@ -175,10 +185,11 @@ def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
             args.model,
             args.init_model,
             args.resume_run_id,
+            deterministic=args.deterministic is not False,
         ),
         mix=mix,
         attack=attack,
-    ).validate()
+    ).validate(check_model=False)  # run() checks the model name last: it imports Keras
     ev = EvalConfig(
         eps=attack.eps,
         eval_size=args.eval_size,
@@ -190,8 +201,67 @@ def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
     return cfg, ev
 
 
+def check_inv_pool(specs: tuple[str, ...]) -> None:
+    """Every --inv-pool entry names a known set or an existing label-store file."""
+    from robustlab.data.invariance import TRAMER_SETS
+
+    known = sorted({*TRAIN_POOL_SETS, *THESIS_SETS, *TRAMER_SETS})
+    if not specs:
+        raise ConfigError(f"--inv-pool is empty; name at least one of {known} or a .json store")
+    for spec in specs:
+        if spec.endswith(".json"):
+            if not Path(spec).expanduser().is_file():
+                raise ConfigError(
+                    f"--inv-pool {spec}: no such label store; create it with "
+                    "`robustlab label --store FILE --init-from candidates.npz`"
+                )
+        elif spec not in known:
+            raise ConfigError(
+                f"--inv-pool: unknown invariance set {spec!r}; choose from {known} "
+                "or a label-store .json file"
+            )
+
+
+def check_resume_run(run_id: str, regime: str) -> None:
+    """The run to resume exists in this store, is a `regime` training run, and kept a checkpoint."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from robustlab.tracking import local_checkpoint_dir
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(
+            f"--resume-run-id {run_id}: no such run in this tracking store; "
+            "pass the id of an interrupted training run"
+        ) from None
+    ran = run.data.tags.get("robustlab.regime")
+    if ran != regime:
+        what = f"a {ran} run" if ran else "not a training run"
+        raise ConfigError(
+            f"--resume-run-id {run_id} is {what}; resume it with `robustlab {ran or '<regime>'}` "
+            f"or pass a {regime} run"
+        )
+    if (local_checkpoint_dir(run_id) / "state.json").is_file():
+        return
+    try:
+        has_artifacts = bool(client.list_artifacts(run_id, "checkpoint"))
+    except MlflowException:
+        has_artifacts = False
+    if not has_artifacts:
+        raise ConfigError(
+            f"--resume-run-id {run_id}: that run kept no checkpoint (it stopped before its first "
+            "epoch ended); start a fresh run instead"
+        )
+
+
 def run(args: argparse.Namespace) -> None:
-    from robustlab.train.runner import Extras, run_training
+    # Everything that can be checked is checked before TensorFlow is imported and before a run
+    # exists: a rejected call leaves no run behind.
+    from robustlab.data.mnist import resolve_mnist_path
+    from robustlab.tracking import check_model_uri, configure_tracking
 
     cfg, ev = configs(args)
     regime = make_regime(
@@ -203,13 +273,28 @@ def run(args: argparse.Namespace) -> None:
         ptb_epochs=getattr(args, "ptb_epochs", 0),
         inv_epochs=getattr(args, "inv_epochs", 0),
     )
+    if regime.uses_ptb:
+        check_eps_warmup(regime, cfg.attack.eps_warmup)
+    inv_pool = tuple(
+        t.strip()
+        for t in getattr(args, "inv_pool", ",".join(TRAIN_POOL_SETS)).split(",")
+        if t.strip()
+    )
+    if regime.uses_inv or args.all_curves:
+        check_inv_pool(inv_pool)
+    resolve_mnist_path(args.data_dir)
+    configure_tracking()
+    if cfg.train.init_model:
+        check_model_uri(cfg.train.init_model, "--init-model")
+    if cfg.train.resume_run_id:
+        check_resume_run(cfg.train.resume_run_id, regime.name)
+    cfg.validate()  # now with the model name (imports Keras)
+
+    from robustlab.train.runner import Extras, run_training
+
     extras = Extras(
         inv_label_source=getattr(args, "inv_label_source", "human"),
-        inv_pool=tuple(
-            t.strip()
-            for t in getattr(args, "inv_pool", ",".join(TRAIN_POOL_SETS)).split(",")
-            if t.strip()
-        ),
+        inv_pool=inv_pool,
         all_curves=args.all_curves,
         robust_eval=args.robust_eval is not False,
         run_name=args.run_name,

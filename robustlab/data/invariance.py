@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from robustlab.data.mnist import DATA_DIR_ENV, load_raw_mnist
-from robustlab.data.validate import Scale, check_labels, to_unit
+from robustlab.data.validate import Scale, check_images, check_labels, to_unit
 from robustlab.errors import DataError
 
 UNKNOWN = -1  # label not available (e.g. no human label for a candidate)
 NOT_A_DIGIT = 10  # a rater's vote "this is not a digit" ("X" in rater_votes.csv)
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # images per MNIST file split (source_index range)
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,38 @@ class InvarianceSet:
     votes: np.ndarray | None = field(default=None)  # int64 (N, raters), -1 = no vote
 
     def __post_init__(self) -> None:
-        n = self.images.shape[0]
+        x = self.images
+        if (
+            not isinstance(x, np.ndarray)
+            or x.dtype != np.float32
+            or x.ndim != 4
+            or x.shape[-1] != 1
+        ):
+            raise DataError(
+                f"{self.name}: images must be a float32 array (N, 28, 28, 1), got "
+                f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+            )
+        if len(x):
+            check_images(x, scale="unit", what=f"{self.name} images")
+        n = x.shape[0]
         for key in ("original_label", "target_label", "human_label", "source_index"):
             arr = getattr(self, key)
             if arr.shape != (n,):
                 raise DataError(f"{self.name}: {key} has shape {arr.shape}, expected ({n},)")
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise DataError(f"{self.name}: {key} must hold integers, got dtype {arr.dtype}")
+        if n and (self.original_label.min() < 0 or self.original_label.max() > 9):
+            raise DataError(f"{self.name}: original labels must lie in 0..9")
+        size = SPLIT_SIZES.get(self.source_split)
+        if (
+            n
+            and size is not None
+            and (self.source_index.min() < 0 or self.source_index.max() >= size)
+        ):
+            raise DataError(
+                f"{self.name}: source indices must lie in 0..{size - 1} for MNIST split "
+                f"{self.source_split!r}, found {self.source_index.min()}..{self.source_index.max()}"
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

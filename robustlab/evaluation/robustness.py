@@ -28,9 +28,13 @@ from typing import Any
 import numpy as np
 
 from robustlab.attacks.art_factory import make_attack, make_classifier
+from robustlab.attacks.checks import check_logits
 from robustlab.attacks.tf_attacks import pgd_attack
 from robustlab.config import EvalConfig
 from robustlab.data.mnist import Split, subsample
+from robustlab.data.validate import check_images, check_labels
+from robustlab.errors import DataError
+from robustlab.evaluation.indices import log_evaluated_indices
 from robustlab.evaluation.plots import image_grid, line_plot
 from robustlab.evaluation.stats import Accuracy, accuracy, predict_logits
 
@@ -41,6 +45,31 @@ CURVE_RISE_TOL = 0.02  # robust accuracy may wobble this much upwards with eps (
 SQUARE_QUERIES = 5000  # queries of Square, inside AutoAttack and stand-alone
 PGD_STEP_FACTOR = 2.5  # step size = 2.5 * eps / steps (Madry et al.)
 GRID_COLUMNS = 10
+_STAGES = {"pgd40": 1, "pgd100": 2, "curve": 3, "autoattack": 4, "square": 5}
+
+
+def attack_seed(seed: int, stage: str, index: int = 0) -> int:
+    """A reproducible seed of its own for each attack stage and restart (or eps-curve point).
+
+    Every restart draws its random start from its own seed, so R restarts are R independent
+    starts (not one start R times), and a restart does not depend on what ran before it.
+    """
+    words = [int(seed) % 2**32, _STAGES[stage], int(index)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def check_eval_inputs(test: Split) -> None:
+    """Refuse evaluation data that is not float32 (N, 28, 28, 1) in [0, 1] with labels 0..9."""
+    x = test.x
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or x.shape[-1] != 1:
+        raise DataError(
+            "evaluation images must be a float32 array of shape (N, 28, 28, 1), got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+        )
+    check_images(x, scale="unit", what="evaluation images")
+    check_labels(np.asarray(test.y), n=len(x), what="evaluation labels")
+    if np.asarray(test.source_index).shape != (len(x),):
+        raise DataError("evaluation split: one source index per image is required")
 
 
 def _progress(stage: str, seconds: float) -> None:
@@ -75,6 +104,8 @@ def _attack_survivors(
     Attacks come from ART, except PGD with `engine="robustlab"`: the in-graph PGD of
     `robustlab.attacks.tf_attacks` (tested to match ART's PGD per example, about 2x faster).
     When `x_adv` is given, the adversarial images that broke an example are written into it.
+    `seed` fixes the random start: PGD and Square from ART draw it from numpy's global
+    generator, which is seeded with `seed` just before the attack.
     """
     robust = robust.copy()
     idx = np.flatnonzero(robust)
@@ -94,12 +125,56 @@ def _attack_survivors(
         )
     else:
         attack = make_attack(name, classifier, eps=eps, batch_size=batch_size, **params)
+        np.random.seed(seed)  # ART's random starts come from numpy's global generator
         adv = attack.generate(x[idx], y[idx]).astype(np.float32)
     broken = _predict(model, adv, batch_size) != y[idx]
     robust[idx[broken]] = False
     if x_adv is not None:
         x_adv[idx[broken]] = adv[broken]
     return robust
+
+
+def pgd_restarts(
+    model,
+    classifier,
+    x: np.ndarray,
+    y: np.ndarray,
+    robust: np.ndarray,
+    *,
+    restarts: int,
+    eps: float,
+    steps: int,
+    batch_size: int,
+    engine: str = "art",
+    seed: int = 0,
+    x_adv: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """`restarts` independent random restarts of PGD-`steps` (step 2.5 eps / steps), chained.
+
+    Restart r attacks the examples still flagged robust after restarts 0..r-1, from a random
+    start of its own (`attack_seed(seed, "pgd100", r)`). Returns the robust flags after each
+    restart; the last is the per-example worst case over `robust` and every restart.
+    """
+    history: list[np.ndarray] = []
+    for r in range(restarts):
+        robust = _attack_survivors(
+            model,
+            classifier,
+            "pgd",
+            x,
+            y,
+            robust,
+            eps=eps,
+            batch_size=batch_size,
+            x_adv=x_adv,
+            steps=steps,
+            step_size=_pgd_step(eps, steps),
+            restarts=1,
+            engine=engine,
+            seed=attack_seed(seed, "pgd100", r),
+        )
+        history.append(robust)
+    return history
 
 
 def gradient_masking_warnings(
@@ -186,12 +261,13 @@ def evaluate_and_log(
     keep tests fast; leave the defaults for reported numbers.
     """
     cfg.validate()
+    check_eval_inputs(test)
+    check_logits(model, test.x)
     square_queries = cfg.square_queries if square_queries is None else square_queries
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eps, bs, R = float(cfg.eps), int(cfg.batch_size), int(cfg.pgd_restarts)
-    engine = {"engine": cfg.pgd_engine, "seed": cfg.seed}
-    np.random.seed(cfg.seed)  # ART draws its random starts from numpy's global generator
+    engine = cfg.pgd_engine
     classifier = make_classifier(model)
     x, y = test.x, test.y
     seconds: dict[str, float] = {}
@@ -217,29 +293,28 @@ def evaluate_and_log(
         steps=40,
         step_size=_pgd_step(eps, 40),
         restarts=1,
-        **engine,
+        engine=engine,
+        seed=attack_seed(cfg.seed, "pgd40"),
     )
     seconds["pgd40"] = time.perf_counter() - t
     _progress("pgd40", seconds["pgd40"])
 
     t = time.perf_counter()
-    pgd100_ok = pgd40_ok
-    for _ in range(R):
-        pgd100_ok = _attack_survivors(
-            model,
-            classifier,
-            "pgd",
-            x,
-            y,
-            pgd100_ok,
-            eps=eps,
-            batch_size=bs,
-            x_adv=x_adv,
-            steps=100,
-            step_size=_pgd_step(eps, 100),
-            restarts=1,
-            **engine,
-        )
+    history = pgd_restarts(
+        model,
+        classifier,
+        x,
+        y,
+        pgd40_ok,
+        restarts=R,
+        eps=eps,
+        steps=100,
+        batch_size=bs,
+        engine=engine,
+        seed=cfg.seed,
+        x_adv=x_adv,
+    )
+    pgd100_ok = history[-1] if history else pgd40_ok
     accs: dict[str, Accuracy] = {
         "test/clean_acc": accuracy(clean_ok),
         "test/pgd40_acc": accuracy(pgd40_ok),
@@ -270,6 +345,7 @@ def evaluate_and_log(
                 square_queries=square_queries,
                 steps=autoattack_steps,
             )
+            np.random.seed(attack_seed(cfg.seed, "autoattack"))  # ART's RNG: numpy's global one
             adv = aa.generate(xs, ys).astype(np.float32)
             aa_ok &= _predict(model, adv, bs) == ys
         seconds["autoattack"] = time.perf_counter() - t
@@ -286,6 +362,7 @@ def evaluate_and_log(
             batch_size=bs,
             steps=square_queries,
             restarts=1,
+            seed=attack_seed(cfg.seed, "square"),
         )
         seconds["square"] = time.perf_counter() - t
         _progress("square", seconds["square"])
@@ -307,7 +384,7 @@ def evaluate_and_log(
     xc, yc = curve_split.x, curve_split.y
     curve_clean = _predict(model, xc, bs) == yc if len(yc) else np.zeros(0, dtype=bool)
     curve_accs = []
-    for e in eps_grid:
+    for i, e in enumerate(eps_grid):
         ok = _attack_survivors(
             model,
             classifier,
@@ -320,7 +397,8 @@ def evaluate_and_log(
             steps=40,
             step_size=_pgd_step(float(e), 40),
             restarts=1,
-            **engine,
+            engine=engine,
+            seed=attack_seed(cfg.seed, "curve", i),
         )
         curve_accs.append(accuracy(ok))
     seconds["curve"] = time.perf_counter() - t
@@ -413,7 +491,8 @@ def evaluate_and_log(
             "steps": 100,
             "step_size": _pgd_step(eps, 100),
             "restarts": R,
-            "note": "worst case with PGD-40; each restart attacks the survivors",
+            "start_seeds": [attack_seed(cfg.seed, "pgd100", r) for r in range(R)],
+            "note": "worst case with PGD-40; each restart attacks the survivors from a new start",
         }
     json_path = out_dir / "evaluation.json"
     json_path.write_text(
@@ -426,6 +505,7 @@ def evaluate_and_log(
         import mlflow
 
         mlflow.log_metrics(metrics)
+        log_evaluated_indices(test)
         for e, a in zip(eps_grid, curve_accs, strict=True):
             if not math.isnan(a.value):
                 mlflow.log_metric("test/pgd_curve_acc", a.value, step=int(round(float(e) * 100)))

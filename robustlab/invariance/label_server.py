@@ -5,14 +5,21 @@ Routes: ``GET /`` the page; ``GET /api/next`` the next example this rater has no
 the 28x28 image; ``POST /api/vote`` ``{"id", "vote"}`` records the vote (0..9 or "X") and
 saves the store atomically before answering. Every vote re-reads the store under an exclusive
 file lock, so several raters' servers can share one store file without losing votes.
+
+Security: it binds 127.0.0.1 unless told otherwise (and then warns); every request must carry a
+Host header naming this server (no DNS rebinding); a vote must be a same-origin POST
+(`Origin`, when sent, equals this server; `Sec-Fetch-Site`, when sent, is not cross-site) with
+`Content-Type: application/json` and a Content-Length between 1 and MAX_BODY bytes.
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import re
 import struct
+import sys
 import threading
 import zlib
 from collections.abc import Iterator
@@ -100,6 +107,27 @@ load();
 </script></body></html>
 """
 
+MAX_BODY = 10_000  # bytes; a vote is about 40
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _Refused(Exception):
+    """A request refused before it is handled: HTTP status and a short reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
 _IMAGE_RE = re.compile(r"^/image/([A-Za-z0-9._-]+)\.png$")
 
 
@@ -144,6 +172,19 @@ class LabelServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.store = LabelStore.load(self.store_path)  # fail early on a bad store
         super().__init__((host, port), _Handler)
+
+    def allowed_host(self, header: str | None) -> bool:
+        """Is `header` (a Host header) this server? Wildcard binds accept any name on our port."""
+        if not header:
+            return False
+        bound, port = self.server_address[:2]
+        name, _, hport = header.rpartition(":") if not header.endswith("]") else (header, "", "")
+        if not hport.isdigit() or int(hport) != port:
+            return False
+        name = name.strip("[]").lower()
+        if bound in ("0.0.0.0", "::", ""):
+            return True
+        return name == str(bound).lower() or (is_loopback(str(bound)) and is_loopback(name))
 
     @property
     def url(self) -> str:
@@ -193,7 +234,41 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, payload: dict[str, Any]) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json")
 
+    def _check_host(self) -> bool:
+        if self.server.allowed_host(self.headers.get("Host")):
+            return True
+        self.close_connection = True  # a body, if any, is left unread
+        self._json(HTTPStatus.MISDIRECTED_REQUEST, {"error": "unknown Host"})
+        return False
+
+    def _check_vote_request(self) -> int:
+        """Refuse cross-origin, non-JSON and badly sized vote POSTs; return the body length."""
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{self.headers.get('Host')}":
+            raise _Refused(HTTPStatus.FORBIDDEN, "cross-origin votes are refused")
+        if self.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            raise _Refused(HTTPStatus.FORBIDDEN, "cross-site votes are refused")
+        ctype = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":
+            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send Content-Type: application/json")
+        text = self.headers.get("Content-Length")
+        if text is None:
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+        try:
+            length = int(text)
+        except ValueError:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
+        if length < 1:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "Content-Length must be positive")
+        if length > MAX_BODY:
+            raise _Refused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a vote is at most {MAX_BODY} bytes"
+            )
+        return length
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        if not self._check_host():
+            return
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
@@ -212,12 +287,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        if not self._check_host():
+            return
         if self.path.split("?", 1)[0] != "/api/vote":
             self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
             return
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-            body = json.loads(self.rfile.read(min(length, 10_000)) or b"{}")
+            length = self._check_vote_request()
+        except _Refused as exc:
+            self.close_connection = True  # the body, if any, is left unread
+            self._json(exc.status, {"error": str(exc)})
+            return
+        try:
+            body = json.loads(self.rfile.read(length))
             payload = self.server.vote(str(body["id"]), body["vote"])
         except (ValueError, KeyError, TypeError):
             self._json(
@@ -233,6 +315,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 def serve(store_path: str | Path, rater: str, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Print the page's URL and serve until interrupted."""
+    if not is_loopback(host):
+        print(
+            f"WARNING: binding {host}, not 127.0.0.1: anyone who can reach this machine on port "
+            f"{port} can see the images and vote as {rater}. Use --host 127.0.0.1 unless you "
+            "mean it.",
+            file=sys.stderr,
+            flush=True,
+        )
     server = LabelServer(store_path, rater, host, port)
     done, total = server.store.progress(server.rater)
     print(f"labelling page for {server.rater} ({done}/{total} done): {server.url}", flush=True)

@@ -110,7 +110,10 @@ def decode_image(text: str) -> np.ndarray:
     raw = base64.b64decode(text.encode("ascii"), validate=True)
     if len(raw) != 28 * 28 * 4:
         raise ValueError(f"image has {len(raw)} bytes, expected {28 * 28 * 4}")
-    return np.frombuffer(raw, dtype="<f4").reshape(28, 28).copy()
+    img = np.frombuffer(raw, dtype="<f4").reshape(28, 28).astype(np.float32)
+    if not np.all(np.isfinite(img)) or img.min() < 0 or img.max() > 1:
+        raise ValueError("image pixels must be finite and lie in [0, 1]")
+    return img
 
 
 @dataclass
@@ -343,10 +346,20 @@ def _example_from_json(r: dict[str, Any]) -> Example:
         check_rater(k): check_vote(v, f"vote of {k} on example {r['id']}")
         for k, v in r["votes"].items()
     }
+    split, index, original = (
+        str(r["source_split"]),
+        int(r["source_index"]),
+        int(r["original_label"]),
+    )
+    size = {"train": 60_000, "test": 10_000}.get(split)
+    if size is None or not 0 <= index < size:
+        raise ValueError(f"example {r['id']}: source {split}[{index}] is not an MNIST image")
+    if not 0 <= original <= 9:
+        raise ValueError(f"example {r['id']}: original_label {original} is not in 0..9")
     return Example(
         id=str(r["id"]),
-        source_split=str(r["source_split"]),
-        source_index=int(r["source_index"]),
+        source_split=split,
+        source_index=index,
         eps=float(r["eps"]),
         norm=str(r["norm"]),
         original_label=int(r["original_label"]),

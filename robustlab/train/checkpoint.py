@@ -103,13 +103,13 @@ def load_checkpoint(
     folder, data = newest_intact(folder)
     model.load_weights(folder / "model.weights.h5")
     optimizer.build(model.trainable_variables)
-    with np.load(folder / "optimizer.npz") as f:
+    with np.load(folder / "optimizer.npz", allow_pickle=False) as f:
         values = [f[f"arr_{i}"] for i in range(len(f.files))]
     for var, value in zip(optimizer.variables, values, strict=True):
         var.assign(value)
     best = None
     if (folder / "best.npz").is_file():
-        with np.load(folder / "best.npz") as f:
+        with np.load(folder / "best.npz", allow_pickle=False) as f:
             best = [f[f"arr_{i}"] for i in range(len(f.files))]
     data.pop("files", None)
     state = LoopState(**data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +24,8 @@ PerturbFn = Callable[[keras.Model, tf.Tensor, tf.Tensor], tf.Tensor]
 Validator = Callable[[keras.Model], dict[str, float]]
 EpochHook = Callable[[dict[str, float], int], None]  # (metrics, global epoch)
 CheckpointHook = Callable[[Path], None]
-PROGRESS_EVERY_S = 60.0
+# seconds between plain progress lines when stderr is not a terminal ($ROBUSTLAB_PROGRESS_EVERY_S)
+PROGRESS_EVERY_S = float(os.environ.get("ROBUSTLAB_PROGRESS_EVERY_S", "60"))
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class FitResult:
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    phase_epochs: int = 0  # epochs of the phase finished so far, before a resume included
 
 
 def make_train_step(
@@ -113,6 +116,11 @@ def fit(
     After each epoch: validators run, `on_epoch` gets the metrics, a checkpoint is written to
     `checkpoint_dir` and handed to `on_checkpoint`. On return the model holds the best weights.
     With `eps_warmup` > 0 epochs, the attack's `eps_scale` ramps linearly from 0 to 1 per batch.
+
+    Reproducible given `cfg.seed`: the batch order comes from a NumPy RNG whose state is saved in
+    each checkpoint, and the attack's random starts are keyed by (seed, global epoch, batch), so a
+    run resumed from the checkpoint of epoch k replays epoch k + 1 exactly as the uninterrupted
+    run does (the model's initial weights are seeded by `robustlab.seeding.seed_everything`).
     """
     state = state or LoopState()
     rng = np.random.default_rng(cfg.seed)
@@ -129,6 +137,8 @@ def fit(
         if cfg.patience and state.wait >= cfg.patience:  # resumed from an early-stopped phase
             break
         t_epoch = time.perf_counter()
+        if perturb is not None and hasattr(perturb, "seed"):  # random starts keyed by position
+            perturb.seed.assign([cfg.seed, (state.global_epoch + 1) << 32])
         loss_sum = correct_sum = seen = 0.0
         bar = tqdm(
             mixture.epoch(rng),
@@ -206,5 +216,6 @@ def fit(
     if best_weights is not None:
         model.set_weights(best_weights)
     result.best_epoch = state.best_epoch
+    result.phase_epochs = state.epoch + 1
     result.seconds = time.perf_counter() - t0
     return result

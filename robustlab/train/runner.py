@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import tempfile
+import urllib.request
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,15 +19,18 @@ import numpy as np
 
 from robustlab.config import EvalConfig, RunConfig
 from robustlab.data.mnist import Mnist, load_mnist, subsample
-from robustlab.errors import DataError, RobustlabError
+from robustlab.errors import DataError, RobustlabError, TrackingError
+from robustlab.evaluation.indices import log_evaluated_indices, take_test_indices
 from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
 from robustlab.models import build_model
 from robustlab.regimes import Phase, Regime
+from robustlab.seeding import seed_everything
 from robustlab.tracking import (
     excluded_sources_of,
     load_keras_model,
+    local_checkpoint_dir,
     log_excluded_sources,
     start_run,
 )
@@ -33,6 +39,7 @@ from robustlab.train.checkpoint import (
     LoopState,
     load_checkpoint,
     log_checkpoint,
+    newest_intact,
 )
 from robustlab.train.inv_pool import (
     TRAIN_POOL_SETS,
@@ -44,6 +51,7 @@ from robustlab.train.inv_pool import (
 )
 from robustlab.train.loop import EpochHook, Monitor, Validator, clean_validation, fit
 from robustlab.train.mixture import Mixture, Pool
+from robustlab.train.resume import check_resume
 
 EVALUATED_ARTIFACT = (
     "evaluated_test_indices.json"  # the MNIST test images the final evaluation used
@@ -74,6 +82,9 @@ class Extras:
     excluded: tuple[int, ...] = ()
     on_trained: Callable[[keras.Model], dict[str, float]] | None = None
     val_attack_size: int = VAL_ATTACK_SIZE
+    # MNIST test indices to evaluate on instead of a subset of eval_size (the experiment passes
+    # one set shared by all its runs); refused when it holds one of the model's excluded sources
+    test_indices: tuple[int, ...] | None = None
 
 
 def _pgd_validation(val_x: np.ndarray, val_y: np.ndarray, cfg: RunConfig) -> Validator:
@@ -113,20 +124,88 @@ def _perturb_fn(cfg: RunConfig):
     return make_perturb_fn(cfg.attack)
 
 
-def _restore(
-    resume_run_id: str, model: keras.Model
-) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
+def resume_checkpoint_folder(resume_run_id: str) -> Path:
+    """The checkpoint to resume `resume_run_id` from: the local copy under
+    tracking/checkpoints/<run_id>/ when it holds an intact checkpoint, else the run's artifacts
+    (checked to hold an intact one, so a hopeless resume is refused before any run is touched)."""
+    local = local_checkpoint_dir(resume_run_id)
     try:
-        folder = mlflow.artifacts.download_artifacts(
-            run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT
+        newest_intact(local)
+    except RobustlabError:
+        pass
+    else:
+        print(f"resuming {resume_run_id} from the local checkpoint {local}", file=sys.stderr)
+        return local
+    if not mlflow.tracking.MlflowClient().list_artifacts(resume_run_id, CHECKPOINT_ARTIFACT):
+        raise RobustlabError(
+            f"resume_run_id={resume_run_id}: no checkpoint in that run (it stopped before its "
+            "first epoch ended); start a fresh run instead"
+        )
+    try:
+        folder = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=resume_run_id, artifact_path=CHECKPOINT_ARTIFACT
+            )
         )
     except Exception as exc:  # noqa: BLE001
         raise RobustlabError(
             f"resume_run_id={resume_run_id}: no checkpoint found in that run ({type(exc).__name__})"
         ) from None
+    newest_intact(folder)  # none intact: one line before a run exists
+    print(f"resuming {resume_run_id} from the checkpoint in its artifacts", file=sys.stderr)
+    return folder
+
+
+def _restore(
+    folder: Path, model: keras.Model
+) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
     optimizer = keras.optimizers.Adam()
-    state, best = load_checkpoint(Path(folder), model, optimizer)
+    state, best = load_checkpoint(folder, model, optimizer)
     return state, optimizer, best
+
+
+def _tracking_server_down() -> bool:
+    """True when the tracking URI is an HTTP server that does not answer /health now."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return False
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+            return resp.status != 200
+    except OSError:
+        return True
+
+
+def lost_server_error(run_id: str, exc: BaseException) -> TrackingError:
+    """The one-line error for a tracking server that went away mid-run and did not come back."""
+    folder = local_checkpoint_dir(run_id)
+    if (folder / "state.json").is_file():
+        kept = (
+            f"the last epoch checkpoint is kept in {folder}; once the server is back, "
+            f"resume with --resume-run-id {run_id}"
+        )
+    else:
+        kept = "no epoch had finished, so there is no checkpoint; start a fresh run"
+    return TrackingError(
+        f"lost the tracking server {mlflow.get_tracking_uri()} during run {run_id} (still down "
+        f"after MLflow's retries, {type(exc).__name__}); {kept}"
+    )
+
+
+class _Guard:
+    run_id: str | None = None
+
+
+@contextmanager
+def _lost_server_guard() -> Iterator[_Guard]:
+    """Turn a failure inside a run whose HTTP tracking server is gone into `lost_server_error`."""
+    guard = _Guard()
+    try:
+        yield guard
+    except Exception as exc:
+        if guard.run_id is not None and _tracking_server_down():
+            raise lost_server_error(guard.run_id, exc) from None
+        raise
 
 
 def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
@@ -148,15 +227,23 @@ def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
 
 
 def _final_clean_eval(
-    model: keras.Model, mnist: Mnist, excluded: np.ndarray, cfg: RunConfig, out: Path
+    model: keras.Model,
+    mnist: Mnist,
+    excluded: np.ndarray,
+    cfg: RunConfig,
+    out: Path,
+    test_indices: tuple[int, ...] | None = None,
 ):
-    test = subsample(mnist.test.without_sources(excluded), cfg.data.eval_size, seed=cfg.train.seed)
+    if test_indices is not None:
+        test = take_test_indices(mnist.test, test_indices, excluded)
+    else:
+        test = subsample(
+            mnist.test.without_sources(excluded), cfg.data.eval_size, seed=cfg.train.seed
+        )
     pred = np.argmax(predict_logits(model, test.x), axis=1)
     acc = accuracy(pred == test.y)
     mlflow.log_metrics({**acc.as_metrics("test/clean_acc"), "test/n_images": float(acc.n)})
-    mlflow.log_dict(
-        {"mnist_split": "test", "indices": test.source_index.tolist()}, EVALUATED_ARTIFACT
-    )
+    log_evaluated_indices(test)
     idx = np.arange(min(16, len(test)))
     image_grid(
         [("test", test.x[idx])],
@@ -193,6 +280,8 @@ def run_training(
         init_excluded = excluded_sources_of(cfg.train.init_model)
     excluded = np.union1d(init_excluded, excluded_test_indices(pools.used_sets if pools else []))
     excluded = np.union1d(excluded, np.asarray(extras.excluded, dtype=np.int64))
+    if extras.test_indices is not None:  # fail closed before the run exists
+        take_test_indices(mnist.test, extras.test_indices, excluded)
     try:
         eval_sets = load_eval_sets(cfg.data.data_dir, excluded)
     except DataError as exc:
@@ -214,6 +303,18 @@ def run_training(
         "robustlab.mnist_digest": mnist.digest,
         **(extras.tags or {}),
     }
+    resume_id, ckpt_folder = cfg.train.resume_run_id, None
+    if resume_id:
+        check_resume(resume_id, regime.name, params, mnist.digest)
+        ckpt_folder = resume_checkpoint_folder(resume_id)
+    # through the CLI a resumed run continues itself; under `mlflow run` (or nested) MLflow has
+    # already created a new run, which records where it resumed from
+    same_run = (
+        bool(resume_id)
+        and not extras.nested
+        and not extras.parent_run_id
+        and not os.environ.get("MLFLOW_RUN_ID")
+    )
     run_ctx = start_run(
         extras.run_name or regime.name,
         params=params,
@@ -222,18 +323,21 @@ def run_training(
         system_metrics=not (extras.nested or extras.parent_run_id),
         parent_run_id=extras.parent_run_id,
         experiment_id=extras.experiment_id,
+        run_id=resume_id if same_run else None,
     )
-    with run_ctx as run, tempfile.TemporaryDirectory() as tmp:
+    with _lost_server_guard() as guard, run_ctx as run, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        parent_id = run.info.run_id
-        _log_datasets(mnist, pools)
-        log_excluded_sources(excluded)
+        parent_id = guard.run_id = run.info.run_id
+        if not same_run:  # a reopened run logged its datasets and excluded sources already
+            _log_datasets(mnist, pools)
+            log_excluded_sources(excluded)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
         model = init_model or build_model(cfg.train.model)
-        resumed: tuple | None = (
-            _restore(cfg.train.resume_run_id, model) if cfg.train.resume_run_id else None
-        )
+        resumed: tuple | None = _restore(ckpt_folder, model) if ckpt_folder else None
+        if resumed and not same_run:
+            mlflow.set_tag("robustlab.resumed_from", resume_id)
         if resumed:
-            mlflow.set_tag("robustlab.resumed_from", cfg.train.resume_run_id)
+            mlflow.set_tag("robustlab.resumed_after_epoch", str(resumed[0].global_epoch))
         global_epoch = resumed[0].global_epoch if resumed else -1
         mnist_pool = Pool(mnist.train.x, mnist.train.y, "mnist-train")
         perturb = _perturb_fn(cfg) if regime.uses_ptb else None
@@ -292,7 +396,7 @@ def run_training(
                     monitor=_monitor(phase, pools is not None),
                     state=state,
                     best_weights=best,
-                    checkpoint_dir=out / "ckpt",
+                    checkpoint_dir=local_checkpoint_dir(parent_id),
                     on_epoch=on_epoch,
                     on_checkpoint=on_checkpoint,
                     phase=phase.name,
@@ -300,14 +404,14 @@ def run_training(
                 )
                 global_epoch = state.global_epoch
                 summary = {
-                    f"{phase.name}/epochs_run": result.epochs_run,
+                    f"{phase.name}/epochs_run": result.phase_epochs,
                     f"{phase.name}/best_epoch": result.best_epoch,
                     f"{phase.name}/train_seconds": result.seconds,
                 }
                 mlflow.log_metrics(summary, run_id=parent_id)
         if extras.on_trained is not None:
             mlflow.log_metrics(extras.on_trained(model))
-        test = _final_clean_eval(model, mnist, excluded, cfg, out)
+        test = _final_clean_eval(model, mnist, excluded, cfg, out, extras.test_indices)
         for s in eval_sets.values():
             mlflow.log_metrics(inv_accuracy(model, s, "test"))
         if extras.robust_eval:
@@ -315,7 +419,10 @@ def run_training(
 
             evaluate_and_log(model, test, eval_cfg, out_dir=out / "eval")
         _log_model(model, test.x[:4])
-        return parent_id
+    shutil.rmtree(local_checkpoint_dir(parent_id), ignore_errors=True)  # the run has the model
+    if cfg.train.resume_run_id:
+        shutil.rmtree(local_checkpoint_dir(cfg.train.resume_run_id), ignore_errors=True)
+    return parent_id
 
 
 def _log_model(model: keras.Model, example: np.ndarray) -> None:

@@ -1,0 +1,73 @@
+"""Whether an interrupted training run may be resumed: checked before anything is written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from robustlab.errors import ConfigError
+from robustlab.tracking import configure_tracking
+
+# params that may differ between a run and its resumption (they do not change the training)
+RESUME_FREE_PARAMS = frozenset({"resume_run_id", "data_dir", "eval_size"})
+
+
+def _same_param(logged: str, value: object) -> bool:
+    """Whether a logged param string and a config value agree (MLflow logs `str`, `mlflow run`
+    logs what the user typed: `1e-3` and `0.001` agree)."""
+    text = "" if value is None else str(value)
+    if logged == text or {logged, text} <= {"", "None"}:
+        return True
+    try:
+        return float(logged) == float(text)
+    except ValueError:
+        return logged.strip().lower() in ("true", "1", "false", "0") and (
+            logged.strip().lower() in ("true", "1")
+        ) == (text.strip().lower() in ("true", "1"))
+
+
+def check_resume(resume_run_id: str, regime: str, params: dict[str, Any], mnist_digest: str) -> Run:
+    """The run to resume, refused (one line, before anything is written) when it does not exist,
+    trained another regime, ran with other training parameters or data, or FINISHED."""
+    configure_tracking()
+    try:
+        old = MlflowClient().get_run(resume_run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for an unknown id
+        raise ConfigError(
+            f"resume_run_id={resume_run_id}: no such run in {mlflow.get_tracking_uri()}; "
+            "pass the id of the interrupted run"
+        ) from None
+    ran = old.data.tags.get("robustlab.regime")
+    if ran != regime:
+        raise ConfigError(
+            f"resume_run_id={resume_run_id} is a {ran or 'non-training'} run, not {regime}; "
+            f"resume it with `robustlab {ran}`" + ("" if ran else " or start a fresh run")
+        )
+    if old.info.status == "FINISHED":
+        raise ConfigError(
+            f"resume_run_id={resume_run_id} FINISHED already; nothing to resume (start a new run, "
+            "or use init_model=runs:/<id>/model to train on from its model)"
+        )
+    differ = sorted(
+        k
+        for k, v in params.items()
+        if k not in RESUME_FREE_PARAMS
+        and k in old.data.params
+        and not _same_param(old.data.params[k], v)
+        # `mlflow run` logged the entry point's step_size=0 ("method default") as typed
+        and not (k == "step_size" and old.data.params[k] == "0")
+    )
+    if old.data.tags.get("robustlab.mnist_digest", mnist_digest) != mnist_digest:
+        raise ConfigError(
+            f"resume_run_id={resume_run_id} trained on another MNIST file (digest differs); "
+            "point data_dir at the data that run used"
+        )
+    if differ:
+        shown = ", ".join(f"{k}={old.data.params[k]!r} (now {params[k]!r})" for k in differ[:4])
+        raise ConfigError(
+            f"resume_run_id={resume_run_id} ran with {shown}; resume with that run's parameters"
+        )
+    return old

@@ -1,0 +1,355 @@
+"""The bad-input matrix: every entry point, through the real `robustlab` console script.
+
+Each case must end with exactly one line `robustlab <command>: error: <problem and fix>` on
+stderr (library start-up noise aside), a non-zero exit code, no traceback, and **no run created**
+in the tracking store (runs are counted before and after). Through `mlflow run`, which creates
+the run before our command starts, the run must end FAILED with the error recorded on it.
+
+New entry points add their cases to `CASES` (see the `tune` / `register` placeholders below).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+# lines TensorFlow's C++ logging prints whatever TF_CPP_MIN_LOG_LEVEL says
+NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} \d\d:\d\d)")
+NO_RUN = "runs:/0123456789abcdef0123456789abcdef/model"  # well-formed, names no run
+
+# (id, arguments, fragment of the one error line). Placeholders: {store} an existing label
+# store, {new_store} a path with no file, {vanilla_run} a vanilla run without checkpoint,
+# {busy_port} a port another socket listens on, {tmp} a scratch folder, {corrupt} a folder with
+# a corrupt mnist.npz.
+TRAINING_CASES = [
+    ("epochs-negative", ["vanilla", "--epochs", "-1"], "epochs must be >= 0"),
+    ("model-unknown", ["vanilla", "--model", "resnet"], "unknown model 'resnet'"),
+    ("train-size-negative", ["vanilla", "--train-size", "-5"], "train_size must be >= 0"),
+    ("train-size-below-batch", ["vanilla", "--train-size", "100"], "smaller than one batch"),
+    ("eval-size-negative", ["vanilla", "--eval-size", "-1"], "eval_size must be >= 0"),
+    ("seed-negative", ["vanilla", "--seed", "-1"], "seed must lie in [0, 2**32 - 1]"),
+    ("seed-too-large", ["vanilla", "--seed", str(2**32)], "seed must lie in [0, 2**32 - 1]"),
+    ("seed-not-int", ["vanilla", "--seed", "abc"], "argument --seed: invalid int value"),
+    ("lr-inf", ["vanilla", "--learning-rate", "inf"], "learning_rate must be a finite number"),
+    ("lr-nan", ["vanilla", "--learning-rate", "nan"], "learning_rate must be a finite number"),
+    ("lr-zero", ["vanilla", "--learning-rate", "0"], "learning_rate must be > 0"),
+    ("batch-size-zero", ["vanilla", "--batch-size", "0"], "batch_size must be >= 1"),
+    ("patience-negative", ["vanilla", "--patience", "-1"], "patience must be >= 0"),
+    ("autoattack-negative", ["vanilla", "--autoattack-size", "-1"], "autoattack_size must be"),
+    ("pgd-restarts-negative", ["vanilla", "--pgd-restarts", "-1"], "pgd_restarts must be >= 0"),
+    ("robust-eval-maybe", ["vanilla", "--robust-eval", "maybe"], "expected true/false"),
+    ("all-curves-perhaps", ["vanilla", "--all-curves", "perhaps"], "expected true/false"),
+    ("data-dir-missing", ["vanilla", "--data-dir", "/no/such/dir"], "no mnist.npz there"),
+    ("mnist-corrupt", ["vanilla", "--data-dir", "{corrupt}"], "not a readable .npz file"),
+    ("init-model-scheme", ["vanilla", "--init-model", "foo://bar/model"], "unknown scheme"),
+    (
+        "init-model-unregistered",
+        ["vanilla", "--init-model", "models:/no_such_model@champion"],
+        "no registered model 'no_such_model'",
+    ),
+    ("init-model-no-run", ["vanilla", "--init-model", NO_RUN], "no run 0123456789abcdef"),
+    ("init-model-no-path", ["vanilla", "--init-model", "/no/such/model"], "no such file"),
+    ("resume-no-run", ["vanilla", "--resume-run-id", "deadbeef"], "no such run"),
+    (
+        "resume-other-entry-point",
+        ["perturbation", "--resume-run-id", "{vanilla_run}"],
+        "is a vanilla run; resume it with `robustlab vanilla`",
+    ),
+    (
+        "resume-without-checkpoint",
+        ["vanilla", "--resume-run-id", "{vanilla_run}"],
+        "kept no checkpoint",
+    ),
+    ("eps-above-one", ["perturbation", "--eps", "1.5"], "eps must lie in [0, 1]"),
+    ("eps-negative", ["perturbation", "--eps", "-0.1"], "eps must lie in [0, 1]"),
+    ("eps-nan", ["perturbation", "--eps", "nan"], "eps must be a finite number"),
+    ("attack-steps-zero", ["perturbation", "--attack-steps", "0"], "attack_steps must be >= 1"),
+    ("step-size-negative", ["perturbation", "--step-size", "-0.1"], "step_size must be > 0"),
+    ("step-size-inf", ["perturbation", "--step-size", "inf"], "step_size must be a finite"),
+    (
+        "eps-warmup-too-long",
+        ["perturbation", "--epochs", "2", "--eps-warmup", "5"],
+        "eps_warmup=5 epochs is longer than the ptb phase (2 epochs)",
+    ),
+    ("eps-warmup-nan", ["perturbation", "--eps-warmup", "nan"], "eps_warmup must be a finite"),
+    ("eps-warmup-negative", ["perturbation", "--eps-warmup", "-1"], "eps_warmup must be >= 0"),
+    ("method-unknown", ["perturbation", "--method", "fgsm"], "unknown method 'fgsm'"),
+    (
+        "inv-pool-unknown",
+        ["invariance", "--inv-pool", "thesis_linf_epsXYZ"],
+        "unknown invariance set 'thesis_linf_epsXYZ'",
+    ),
+    ("inv-pool-no-file", ["invariance", "--inv-pool", "/no/such/store.json"], "no such label"),
+    (
+        "inv-pool-unlabelled",
+        ["invariance", "--inv-pool", "thesis_linf_eps0.4", "--train-size", "256"],
+        "has no human labels",
+    ),
+    ("inv-mix-zero", ["invariance", "--mix-inv", "0"], "mix_inv must lie in (0, 1]"),
+    ("inv-mix-nan", ["invariance", "--mix-inv", "nan"], "mix_inv must lie in (0, 1]"),
+    ("inv-label-source", ["invariance", "--inv-label-source", "crowd"], "invalid choice: 'crowd'"),
+    (
+        "sequential-mix-inv-zero",
+        ["sequential", "--mix-inv", "0"],
+        "mix_inv must lie in (0, 1] for the sequential regime",
+    ),
+    ("sequential-order", ["sequential", "--order", "sideways"], "unknown order 'sideways'"),
+    ("sequential-ptb-epochs", ["sequential", "--ptb-epochs", "-1"], "ptb_epochs must be >= 0"),
+    (
+        "sequential-warmup",
+        ["sequential", "--ptb-epochs", "1", "--eps-warmup", "2"],
+        "longer than the ptb phase (1 epochs)",
+    ),
+    (
+        "joint-mix-sum",
+        ["joint", "--mix-clean", "0.5", "--mix-ptb", "0.5", "--mix-inv", "0.5"],
+        "must sum to 1",
+    ),
+    ("joint-mix-inf", ["joint", "--mix-ptb", "inf"], "mix_ptb must lie in [0, 1]"),
+]
+
+EVALUATE_CASES = [
+    ("evaluate-no-model-uri", ["evaluate"], "the following arguments are required: --model-uri"),
+    ("evaluate-empty-model-uri", ["evaluate", "--model-uri", " "], "--model-uri is empty"),
+    ("evaluate-eps", ["evaluate", "--model-uri", NO_RUN, "--eps", "2"], "eps must lie in [0, 1]"),
+    (
+        "evaluate-batch",
+        ["evaluate", "--model-uri", NO_RUN, "--batch-size", "0"],
+        "batch-size must be >= 1",
+    ),
+    ("evaluate-seed", ["evaluate", "--model-uri", NO_RUN, "--seed", "-1"], "seed must lie in"),
+    ("evaluate-engine", ["evaluate", "--model-uri", NO_RUN, "--pgd-engine", "x"], "pgd_engine"),
+    (
+        "evaluate-data-dir",
+        ["evaluate", "--model-uri", NO_RUN, "--data-dir", "/no/such/dir"],
+        "no mnist.npz there",
+    ),
+    ("evaluate-scheme", ["evaluate", "--model-uri", "foo://bar"], "cannot load model"),
+]
+
+GENERATE_CASES = [
+    ("generate-count-zero", ["generate", "--count", "0"], "--count 0 must be at least 1"),
+    ("generate-start-negative", ["generate", "--start", "-1"], "--start -1 must be >= 0"),
+    (
+        "generate-range",
+        ["generate", "--start", "59995", "--count", "10"],
+        "outside the train split",
+    ),
+    ("generate-out-unwritable", ["generate", "--out", "/etc/hostname/c.npz"], "cannot write"),
+    ("generate-out-folder", ["generate", "--out", "{tmp}"], "is a folder"),
+    ("generate-eps-range", ["generate", "--eps", "1.5"], "eps=1.5 is outside (0, 1)"),
+    ("generate-eps-nan", ["generate", "--eps", "nan"], "is outside (0, 1)"),
+    ("generate-eps-text", ["generate", "--eps", "abc"], "eps 'abc' is not a number"),
+    ("generate-norm", ["generate", "--norm", "l2"], "unknown norm 'l2'"),
+    ("generate-split", ["generate", "--split", "val"], "unknown split 'val'"),
+]
+
+LABEL_CASES = [
+    (
+        "label-port-range",
+        ["label", "--store", "{store}", "--rater", "a", "--port", "70000"],
+        "--port 70000 is not a port number",
+    ),
+    (
+        "label-port-busy",
+        ["label", "--store", "{store}", "--rater", "a", "--port", "{busy_port}"],
+        "Address already in use); pick another --port",
+    ),
+    ("label-no-store", ["label", "--store", "{new_store}", "--rater", "a"], "no such label store"),
+    ("label-no-mode", ["label", "--store", "{store}"], "nothing to do"),
+    (
+        "label-no-candidates",
+        ["label", "--store", "{new_store}", "--init-from", "/no/such.npz"],
+        "candidates file not found",
+    ),
+    (
+        "label-store-exists",
+        ["label", "--store", "{store}", "--import", "thesis"],
+        "already exists; pass --force",
+    ),
+]
+
+EXPERIMENT_CASES = [
+    ("experiment-seeds-zero", ["experiment", "--seeds", "0"], "--seeds must be >= 1"),
+    (
+        "experiment-regime-unknown",
+        ["experiment", "--regimes", "vanilla,bogus"],
+        "unknown regime(s) ['bogus']",
+    ),
+    ("experiment-budget", ["experiment", "--budget", "huge"], "unknown budget 'huge'"),
+    ("experiment-eps", ["experiment", "--eps", "nan"], "--eps must lie in (0, 1]"),
+]
+
+# Entry points being built elsewhere: add their cases here (same shape) when they land.
+TUNE_CASES: list[tuple[str, list[str], str]] = []
+REGISTER_CASES: list[tuple[str, list[str], str]] = []
+
+CASES = (
+    TRAINING_CASES
+    + EVALUATE_CASES
+    + GENERATE_CASES
+    + LABEL_CASES
+    + EXPERIMENT_CASES
+    + TUNE_CASES
+    + REGISTER_CASES
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A shared SQLite store, a vanilla run without checkpoint, a label store, a busy port."""
+    from robustlab.invariance import labels as L
+
+    root = tmp_path_factory.mktemp("bad-input")
+    folder = root / "tracking"
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("robustlab", artifact_location=(folder / "art").as_uri())
+    vanilla = client.create_run(exp, tags={"robustlab.regime": "vanilla"})
+    client.set_terminated(vanilla.info.run_id, "FAILED")
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "mnist.npz").write_bytes(b"\x00garbage")
+    L.import_thesis(root / "store.json").save()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "ROBUSTLAB_TRACKING_DIR": str(folder),
+        "MLFLOW_EXPERIMENT_NAME": "robustlab",
+    }
+    env.pop("MLFLOW_RUN_ID", None)
+    values = {
+        "store": str(root / "store.json"),
+        "new_store": str(root / "new.json"),
+        "vanilla_run": vanilla.info.run_id,
+        "busy_port": str(busy.getsockname()[1]),
+        "tmp": str(root),
+        "corrupt": str(root / "corrupt"),
+    }
+    yield {"uri": uri, "env": env, "values": values, "root": root}
+    busy.close()
+
+
+def count_runs(uri: str) -> int:
+    client = MlflowClient(tracking_uri=uri)
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return len(client.search_runs(exps, run_view_type=ViewType.ALL, max_results=10_000))
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without TensorFlow's unconditional start-up lines."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not NOISE.match(ln)]
+
+
+def test_matrix_is_large_enough():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("args", "message"), [pytest.param(a, m, id=i) for i, a, m in CASES])
+def test_bad_input(store, args, message):
+    argv = [a.format(**store["values"]) for a in args]
+    before = count_runs(store["uri"])
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [str(BIN / "robustlab"), *argv],
+        capture_output=True,
+        text=True,
+        env=store["env"],
+        cwd=store["root"],
+        timeout=300,
+    )
+    lines = error_lines(out.stderr)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(lines) == 1, out.stderr[-2000:]
+    assert lines[0].startswith(f"robustlab {argv[0]}: error: "), lines[0]
+    assert message in lines[0], lines[0]
+    assert count_runs(store["uri"]) == before, "a rejected call created a run"
+    print(f"{time.perf_counter() - t0:.1f}s {lines[0]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("param", "line"),
+    [
+        # rejected by argparse
+        ("robust_eval=maybe", "argument --robust-eval: expected true/false, got 'maybe'"),
+        # rejected by our own checks
+        ("seed=-1", "seed must lie in [0, 2**32 - 1], got -1"),
+    ],
+)
+def test_bad_input_through_mlflow_run_fails_the_run_with_the_error(store, param, line):
+    """`mlflow run` creates the run before our command starts: it must end FAILED, with the one
+    error line recorded on it as the tag robustlab.error."""
+    before = count_runs(store["uri"])
+    out = subprocess.run(
+        [
+            str(BIN / "mlflow"),
+            "run",
+            str(REPO),
+            "-e",
+            "vanilla",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "robustlab",
+            "-P",
+            param,
+        ],
+        capture_output=True,
+        text=True,
+        env={**store["env"], "PATH": f"{BIN}:{os.environ['PATH']}"},
+        cwd=store["root"],
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert f"robustlab vanilla: error: {line}" in out.stderr
+    client = MlflowClient(tracking_uri=store["uri"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("robustlab").experiment_id],
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert count_runs(store["uri"]) == before + 1
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["robustlab.error"].startswith(f"robustlab vanilla: error: {line}")
+
+
+def test_unreachable_tracking_server_leaves_nothing_behind(tmp_path):
+    """The server is down when a run starts: one line, exit 2, and nothing written locally."""
+    work, tracking = tmp_path / "cwd", tmp_path / "tracking"
+    work.mkdir()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        "ROBUSTLAB_TRACKING_DIR": str(tracking),
+    }
+    env.pop("MLFLOW_RUN_ID", None)
+    out = subprocess.run(
+        [str(BIN / "robustlab"), "vanilla", "--epochs", "1", "--train-size", "256"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=120,
+    )
+    lines = error_lines(out.stderr)
+    assert out.returncode == 2 and len(lines) == 1 and "is unreachable" in lines[0], out.stderr
+    assert "start the server" in lines[0]
+    assert not tracking.exists() and list(work.iterdir()) == []
