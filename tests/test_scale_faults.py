@@ -28,7 +28,11 @@ from tests.scale_support import (
     worker,
 )
 
-pytestmark = [needs_postgres, pytest.mark.slow]
+pytestmark = [
+    needs_postgres,
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+]
 retried_trial_number = RetryHeartbeatStaleTrialCallback.retried_trial_number
 HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "4")
 
