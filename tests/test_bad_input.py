@@ -65,12 +65,12 @@ TRAINING_CASES = [
     (
         "resume-other-entry-point",
         ["perturbation", "--resume-run-id", "{vanilla_run}"],
-        "is a vanilla run; resume it with `robustlab vanilla`",
+        "is a vanilla run, not perturbation; resume it with `robustlab vanilla`",
     ),
     (
         "resume-without-checkpoint",
         ["vanilla", "--resume-run-id", "{vanilla_run}"],
-        "kept no checkpoint",
+        "no checkpoint in that run",
     ),
     ("eps-above-one", ["perturbation", "--eps", "1.5"], "eps must lie in [0, 1]"),
     ("eps-negative", ["perturbation", "--eps", "-0.1"], "eps must lie in [0, 1]"),
