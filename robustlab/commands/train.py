@@ -73,6 +73,14 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         help="log val/pgd_acc and val/inv_acc every epoch whatever the regime trains on",
     )
     g.add_argument("--run-name", type=optional, default=None)
+    g.add_argument(
+        "--allow-unknown-provenance",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="accept an --init-model whose excluded test images are unknown (tagged on the run)",
+    )
 
 
 def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) -> None:
@@ -213,6 +221,7 @@ def run(args: argparse.Namespace) -> None:
         all_curves=args.all_curves,
         robust_eval=args.robust_eval is not False,
         run_name=args.run_name,
+        allow_unknown_provenance=bool(args.allow_unknown_provenance),
     )
     run_id = run_training(regime, cfg, ev, extras)
     print(f"run {run_id} finished; model at runs:/{run_id}/model", file=sys.stderr)
