@@ -126,6 +126,7 @@ def _foreign_model() -> str:
     return f"runs:/{run.info.run_id}/model"
 
 
+@pytest.mark.slow
 def test_model_without_provenance_is_refused_unless_allowed(tracking, capsys):
     ensure_experiment()
     mlflow.set_experiment("robustlab")
