@@ -21,6 +21,7 @@ COMMANDS = {
     "label": "label",
     "experiment": "experiment",
     "tracking-init": "tracking_init",
+    "register": "register",
 }
 
 

@@ -159,8 +159,11 @@ def read_provenance(model_uri: str) -> Provenance:
     return Provenance(extra, False, "unknown", info.run_id)
 
 
-def require_provenance(model_uri: str, allow_unknown: bool, flag: str) -> Provenance:
-    """`read_provenance`, refusing (one line) a model whose exclusions are unknown unless allowed."""
+def require_provenance(model_uri: str, allow_unknown: bool, flag: str | None) -> Provenance:
+    """`read_provenance`, refusing (one line) a model whose exclusions are unknown unless allowed.
+
+    `flag` names the option that allows it (None: the command has none).
+    """
     prov = read_provenance(model_uri)
     if not prov.known and not allow_unknown:
         why = (
@@ -168,10 +171,10 @@ def require_provenance(model_uri: str, allow_unknown: bool, flag: str) -> Proven
             if prov.source == "model metadata"
             else "carries no robustlab provenance"
         )
+        fix = f", or pass {flag} to accept that (recorded on the run)" if flag else ""
         raise RobustlabError(
             f"{model_uri} {why}: the MNIST test images it trained or was selected on are unknown, "
-            f"so evaluating it could leak; use a model logged by robustlab, or pass {flag} to "
-            "accept that (recorded on the run)"
+            f"so evaluating it could leak; use a model logged by robustlab{fix}"
         )
     return prov
 
