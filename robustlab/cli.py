@@ -21,6 +21,8 @@ COMMANDS = {
     "label": "label",
     "experiment": "experiment",
     "tracking-init": "tracking_init",
+    "tune": "tune",
+    "tune-worker": "tune",
     "register": "register",
 }
 

@@ -163,3 +163,71 @@ class EvalConfig:
         if self.pgd_engine not in PGD_ENGINES:
             raise ConfigError(f"pgd_engine must be one of {PGD_ENGINES}, got {self.pgd_engine!r}")
         return self
+
+
+TUNE_OBJECTIVES = ("pareto", "scalar")
+TUNE_SAMPLERS = ("tpe", "nsgaii", "random", "gp")
+TUNE_BUDGETS = ("smoke", "default")  # see robustlab.tune.space.BUDGETS
+TUNE_PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """An Optuna study over the joint regime's batch mixture (`robustlab tune`)."""
+
+    objective: str = "pareto"  # pareto: 3 objectives + clean floor; scalar: one score, pruned
+    n_trials: int = 20  # COMPLETE trials in the whole study (resumed studies count old ones)
+    timeout: float | None = None  # seconds per worker (None = no limit)
+    study_name: str | None = None  # None: tune-<objective>-<budget>
+    storage: str | None = None  # RDB URL; None: $ROBUSTLAB_OPTUNA_STORAGE, then tracking/optuna.db
+    sampler: str = "tpe"
+    workers: int = 1  # processes on one study
+    budget: str = "default"
+    clean_floor: float = 0.9  # validation clean accuracy a trial must reach (constraint)
+    seed: int = 0
+    tune_lr: bool = False  # also search learning_rate (log-uniform 1e-4..3e-3)
+    tune_warmup: bool = False  # also search eps_warmup (0..2 epochs)
+    eps: float = 0.3
+    data_dir: str | None = None
+    pruner: str = "median"  # scalar mode only
+    heartbeat_interval: int = 60  # seconds; a worker silent for grace_period has its trial retried
+    grace_period: int = 180
+    max_retry: int = 2
+    threads: int = 0  # TensorFlow intra/inter-op threads per worker (0 = TensorFlow's default)
+    pin_cpus: bool = False  # pin worker i to CPU core i (taskset), e.g. for scaling benchmarks
+
+    @property
+    def name(self) -> str:
+        return self.study_name or f"tune-{self.objective}-{self.budget}"
+
+    def validate(self) -> TuneConfig:
+        if self.objective not in TUNE_OBJECTIVES:
+            raise ConfigError(
+                f"unknown objective {self.objective!r}; choose one of {list(TUNE_OBJECTIVES)}"
+            )
+        if self.sampler not in TUNE_SAMPLERS:
+            raise ConfigError(
+                f"unknown sampler {self.sampler!r}; choose one of {list(TUNE_SAMPLERS)}"
+            )
+        if self.budget not in TUNE_BUDGETS:
+            raise ConfigError(f"unknown budget {self.budget!r}; choose one of {list(TUNE_BUDGETS)}")
+        if self.pruner not in TUNE_PRUNERS:
+            raise ConfigError(f"unknown pruner {self.pruner!r}; choose one of {list(TUNE_PRUNERS)}")
+        if self.n_trials < 1:
+            raise ConfigError(f"n_trials must be >= 1, got {self.n_trials}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds (empty = no limit), got {self.timeout}")
+        if not (0.0 <= self.clean_floor <= 1.0) or math.isnan(self.clean_floor):
+            raise ConfigError(f"clean_floor must lie in [0, 1], got {self.clean_floor}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
+            raise ConfigError(f"eps must lie in [0, 1], got {self.eps}")
+        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
+            raise ConfigError(
+                "heartbeat_interval must be >= 1 s and grace_period longer than it, got "
+                f"{self.heartbeat_interval} and {self.grace_period}"
+            )
+        if self.max_retry < 0 or self.threads < 0:
+            raise ConfigError("max_retry and threads must be >= 0")
+        return self

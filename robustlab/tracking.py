@@ -80,13 +80,19 @@ def start_run(
     tags: dict[str, str] | None = None,
     nested: bool = False,
     system_metrics: bool = True,
+    parent_run_id: str | None = None,
+    experiment_id: str | None = None,
 ) -> Iterator[Run]:
     """An MLflow run that ends FAILED (never RUNNING) if the body raises.
 
     Under `mlflow run` the run created by MLflow ($MLFLOW_RUN_ID) is picked up; otherwise the
-    experiment $MLFLOW_EXPERIMENT_NAME (default "robustlab") is used.
+    experiment $MLFLOW_EXPERIMENT_NAME (default "robustlab") is used. `parent_run_id` and
+    `experiment_id` nest the run under a parent that may live in another process (tuning workers).
     """
-    if not nested and not os.environ.get("MLFLOW_RUN_ID"):
+    if parent_run_id or experiment_id:
+        if not mlflow.active_run():
+            configure_tracking()
+    elif not nested and not os.environ.get("MLFLOW_RUN_ID"):
         configure_tracking()
         mlflow.set_experiment(
             experiment_id=ensure_experiment(
@@ -96,7 +102,11 @@ def start_run(
     elif not nested:
         configure_tracking()
     with mlflow.start_run(
-        run_name=run_name, nested=nested, log_system_metrics=system_metrics
+        run_name=run_name,
+        nested=nested or parent_run_id is not None,
+        log_system_metrics=system_metrics,
+        parent_run_id=parent_run_id,
+        experiment_id=experiment_id,
     ) as run:
         if params:
             # `mlflow run` has already logged the entry point's parameters (quoting empty ones);

@@ -8,6 +8,7 @@ evaluation uses Tramèr's sets. Which label a training example carries is explic
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,22 +131,26 @@ def load_eval_sets(
 
 
 def inv_accuracy(model, s: InvarianceSet, prefix: str) -> dict[str, float]:
-    """Agreement with human labels overall, on label-changed and on label-kept examples, with 95% CIs."""
+    """Agreement with human labels overall, on label-changed and on label-kept examples (95% CIs),
+    and balanced (`inv_bal_acc`: the mean of changed and kept) when both groups are present."""
     pred = np.argmax(predict_logits(model, s.images), axis=1)
     correct = pred == s.human_label
     changed = s.label_changed
     metrics: dict[str, float] = {}
+    suffix = f"/{s.name}" if prefix == "test" else ""
     for name, mask in (
         ("inv_acc", np.ones_like(changed)),
         ("inv_acc_changed", changed),
         ("inv_acc_kept", ~changed),
     ):
         if mask.any():
-            metrics.update(
-                accuracy(correct[mask]).as_metrics(
-                    f"{prefix}/{name}" + (f"/{s.name}" if prefix == "test" else "")
-                )
-            )
+            metrics.update(accuracy(correct[mask]).as_metrics(f"{prefix}/{name}{suffix}"))
+    if (
+        changed.any() and (~changed).any()
+    ):  # balanced: a model that never changes its answer gets 0.5
+        metrics[f"{prefix}/inv_bal_acc{suffix}"] = (
+            metrics[f"{prefix}/inv_acc_changed{suffix}"] + metrics[f"{prefix}/inv_acc_kept{suffix}"]
+        ) / 2
     return metrics
 
 
@@ -160,5 +165,25 @@ def inv_validation(pools: InvPools):
             return {}
         pred = np.argmax(predict_logits(model, images[known]), axis=1)
         return {"val/inv_acc": float(np.mean(pred == human[known]))}
+
+    return validate
+
+
+def selection_validation(
+    sets: list[InvarianceSet], prefix: str = "val/sel"
+) -> Callable[[object], dict[str, float]]:
+    """Validator: plain and balanced invariance accuracy on a selection set (see
+    robustlab.invariance.selection): `<prefix>_inv_acc`, `<prefix>_inv_bal_acc`."""
+    sets = [s.take(np.flatnonzero(s.human_label >= 0)) for s in sets]
+    images = np.concatenate([s.images for s in sets])
+    human = np.concatenate([s.human_label for s in sets])
+    changed = np.concatenate([s.label_changed for s in sets])
+    if not changed.any() or changed.all():
+        raise ConfigError("the selection set needs both label-changed and label-kept examples")
+
+    def validate(model) -> dict[str, float]:
+        correct = np.argmax(predict_logits(model, images), axis=1) == human
+        bal = (correct[changed].mean() + correct[~changed].mean()) / 2
+        return {f"{prefix}_inv_acc": float(correct.mean()), f"{prefix}_inv_bal_acc": float(bal)}
 
     return validate

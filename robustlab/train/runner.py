@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from robustlab.train.inv_pool import (
     load_eval_sets,
     load_inv_pools,
 )
-from robustlab.train.loop import Monitor, Validator, clean_validation, fit
+from robustlab.train.loop import EpochHook, Monitor, Validator, clean_validation, fit
 from robustlab.train.mixture import Mixture, Pool
 
 EVALUATED_ARTIFACT = (
@@ -64,6 +65,16 @@ class Extras:
     run_name: str | None = None
     nested: bool = False  # a child run of the active run (the experiment runner)
     tags: dict[str, str] | None = None
+    # tuning (robustlab.tune): nest under a run of another process, extra per-epoch validators,
+    # a hook after each epoch's logging (trial.report), extra excluded MNIST test sources (the
+    # model-selection set's), final metrics of the trained model (logged in the run)
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    validators: tuple[Validator, ...] = ()
+    on_epoch: EpochHook | None = None
+    excluded: tuple[int, ...] = ()
+    on_trained: Callable[[keras.Model], dict[str, float]] | None = None
+    val_attack_size: int = VAL_ATTACK_SIZE
 
 
 def _pgd_validation(val_x: np.ndarray, val_y: np.ndarray, cfg: RunConfig) -> Validator:
@@ -185,6 +196,7 @@ def run_training(
         init_model = load_keras_model(cfg.train.init_model)
         init_excluded = init_prov.excluded
     excluded = np.union1d(init_excluded, excluded_test_indices(pools.used_sets if pools else []))
+    excluded = np.union1d(excluded, np.asarray(extras.excluded, dtype=np.int64))
     try:
         eval_sets = load_eval_sets(cfg.data.data_dir, excluded)
     except DataError as exc:
@@ -212,7 +224,9 @@ def run_training(
         params=params,
         tags=tags,
         nested=extras.nested,
-        system_metrics=not extras.nested,
+        system_metrics=not (extras.nested or extras.parent_run_id),
+        parent_run_id=extras.parent_run_id,
+        experiment_id=extras.experiment_id,
     )
     with run_ctx as run, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -230,10 +244,11 @@ def run_training(
         perturb = _perturb_fn(cfg) if regime.uses_ptb else None
         validators_common: list[Validator] = [clean_validation(mnist.val)]
         if regime.uses_ptb or all_curves:
-            val_small = subsample(mnist.val, VAL_ATTACK_SIZE, seed=0)
+            val_small = subsample(mnist.val, extras.val_attack_size, seed=0)
             validators_common.append(_pgd_validation(val_small.x, val_small.y, cfg))
         if pools is not None:
             validators_common.append(inv_validation(pools))
+        validators_common.extend(extras.validators)
         for i, phase in enumerate(regime.phases):
             state = optimizer = best = None
             if resumed and resumed[0].phase_index > i:
@@ -265,6 +280,8 @@ def run_training(
                     mlflow.log_metrics(metrics, step=step, run_id=parent_id)
                     if _phase_run is not None:
                         mlflow.log_metrics(metrics, step=step, run_id=_phase_run.info.run_id)
+                    if extras.on_epoch is not None:
+                        extras.on_epoch(metrics, step)
 
                 def on_checkpoint(folder: Path) -> None:
                     log_checkpoint(folder, parent_id)
@@ -293,6 +310,8 @@ def run_training(
                     f"{phase.name}/train_seconds": result.seconds,
                 }
                 mlflow.log_metrics(summary, run_id=parent_id)
+        if extras.on_trained is not None:
+            mlflow.log_metrics(extras.on_trained(model))
         test = _final_clean_eval(model, mnist, excluded, cfg, out)
         for s in eval_sets.values():
             mlflow.log_metrics(inv_accuracy(model, s, "test"))

@@ -1,0 +1,109 @@
+"""`robustlab tune`: an Optuna study over the joint regime's batch mixture (and `tune-worker`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from robustlab.commands import optional
+from robustlab.config import TUNE_BUDGETS, TUNE_OBJECTIVES, TUNE_PRUNERS, TUNE_SAMPLERS
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _timeout(text: str) -> float | None:
+    return float(text) if text.strip() else None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+    p = sub.add_parser(
+        "tune", help="Optuna study over the joint regime's mixture (validation only)"
+    )
+    p.add_argument("--objective", default="pareto", help=f"one of {list(TUNE_OBJECTIVES)}")
+    p.add_argument("--n-trials", type=int, default=20, help="COMPLETE trials in the whole study")
+    p.add_argument(
+        "--timeout", type=_timeout, default=None, help="seconds per worker (empty: none)"
+    )
+    p.add_argument(
+        "--study-name", type=optional, default=None, help="default tune-<objective>-<budget>"
+    )
+    p.add_argument(
+        "--storage",
+        type=optional,
+        default=None,
+        help="RDB URL (default $ROBUSTLAB_OPTUNA_STORAGE, then sqlite tracking/optuna.db)",
+    )
+    p.add_argument("--sampler", default="tpe", help=f"one of {list(TUNE_SAMPLERS)}")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on the study")
+    p.add_argument("--budget", default="default", help=f"one of {list(TUNE_BUDGETS)}")
+    p.add_argument("--clean-floor", type=float, default=0.9, help="min validation clean accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-lr", type=_bool, default=False, help="also search learning_rate")
+    p.add_argument("--tune-warmup", type=_bool, default=False, help="also search eps_warmup")
+    p.add_argument("--eps", type=float, default=0.3)
+    p.add_argument("--data-dir", type=optional, default=None)
+    p.add_argument("--pruner", default="median", help=f"scalar mode: one of {list(TUNE_PRUNERS)}")
+    p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds")
+    p.add_argument(
+        "--grace-period", type=int, default=180, help="seconds before a silent trial is retried"
+    )
+    p.add_argument("--max-retry", type=int, default=2)
+    p.add_argument(
+        "--threads", type=int, default=0, help="TensorFlow threads per worker (0: default)"
+    )
+    p.add_argument("--pin-cpus", type=_bool, default=False, help="pin worker i to core i (taskset)")
+    p.set_defaults(func=run)
+    w = sub.add_parser("tune-worker", help=argparse.SUPPRESS)
+    w.add_argument("--study-name", required=True)
+    w.add_argument("--storage", required=True)
+    w.add_argument("--worker-index", type=int, default=0)
+    w.set_defaults(func=run_worker)
+    return ["tune", "tune-worker"]
+
+
+def run(args: argparse.Namespace) -> None:
+    from robustlab.config import TuneConfig
+
+    cfg = TuneConfig(
+        objective=args.objective,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        study_name=args.study_name,
+        storage=args.storage,
+        sampler=args.sampler,
+        workers=args.workers,
+        budget=args.budget,
+        clean_floor=args.clean_floor,
+        seed=args.seed,
+        tune_lr=args.tune_lr,
+        tune_warmup=args.tune_warmup,
+        eps=args.eps,
+        data_dir=args.data_dir,
+        pruner=args.pruner,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+        max_retry=args.max_retry,
+        threads=args.threads,
+        pin_cpus=args.pin_cpus,
+    ).validate()
+    from robustlab.tune.study import run_tune
+
+    run_id = run_tune(cfg)
+    print(
+        f"tune {cfg.name} finished: parent run {run_id} holds trials.csv, front.csv/front.md "
+        "and plots/",
+        file=sys.stderr,
+    )
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    from robustlab.tune.study import run_worker as work
+
+    work(args.study_name, args.storage, args.worker_index)

@@ -1,0 +1,1 @@
+"""Hyper-parameter tuning of the joint regime's batch mixture with Optuna (`robustlab tune`)."""
