@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+# ART's import reconfigures logging and closes every existing handler's stream, absl's among
+# them (bound to pytest's capture file once TensorFlow is imported): import it before TF.
+import art  # noqa: F401
 import mlflow
 import numpy as np
 import pytest

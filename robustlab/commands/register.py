@@ -66,6 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--autoattack-size", type=int, default=1000, help="AutoAttack/Square subset")
     p.add_argument("--pgd-restarts", type=int, default=5, help="restarts of PGD-100")
     p.add_argument("--square-queries", type=int, default=5000)
+    p.add_argument(
+        "--curve-size", type=int, default=1000, help="images on the accuracy-vs-eps curve"
+    )
+    p.add_argument("--curve-points", type=int, default=9, help="eps values on the curve (0 to 0.4)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=optional, default=None)
@@ -82,6 +86,8 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
         seed=args.seed,
         batch_size=args.batch_size,
         square_queries=args.square_queries,
+        curve_size=args.curve_size,
+        curve_points=args.curve_points,
     ).validate()
 
 
@@ -100,15 +106,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def selection_sources(data_dir: str | None) -> np.ndarray:
-    """MNIST test images used for model selection: Tramèr's selection half and the thesis
-    validation pool's sources. A registered model is never scored on them."""
-    from robustlab.invariance.leakage import excluded_test_indices
-    from robustlab.invariance.selection import tramer_source_split
+    """MNIST test images used for model selection (the selection set's sources): Tramèr's
+    selection half and the thesis pool's sources. A registered model is never scored on them."""
+    from robustlab.invariance.selection import selection_sources as sources
     from robustlab.train.inv_pool import load_inv_pools
 
-    selection, _ = tramer_source_split(data_dir)
-    pool = excluded_test_indices(load_inv_pools(data_dir).val)
-    return np.union1d(np.asarray(selection, dtype=np.int64), pool)
+    return sources(data_dir, load_inv_pools(data_dir))
 
 
 def run(args: argparse.Namespace):

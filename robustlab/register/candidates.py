@@ -11,15 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from mlflow.tracking import MlflowClient
 
 from robustlab.errors import ConfigError, RobustlabError
 from robustlab.register.criterion import SEL_METRICS, Candidate
 
 OPTUNA_STORAGE_ENV = "ROBUSTLAB_OPTUNA_STORAGE"
-SEL_PGD_SIZE = 500  # validation images attacked for sel/pgd_acc (as the runner's val/pgd_acc)
-SEL_PGD_STEPS = 10
 
 
 def default_storage() -> str:
@@ -86,32 +83,24 @@ def from_study(study) -> tuple[list[Candidate], float]:
 
 
 def selection_metrics(model, data_dir: str | None, eps: float) -> dict[str, float]:
-    """sel/* of a model on validation data only: the validation split, a seeded subset of it
-    attacked by PGD-10 at `eps`, and the selection set (thesis validation pool + Tramèr
-    selection half) for plain and balanced invariance accuracy."""
-    from robustlab.attacks.tf_attacks import pgd_attack
+    """sel/* of a model on validation data only, computed as `tune` computes them: clean accuracy
+    on the validation split, PGD-10 at `eps` on its seeded 500-image subset, plain and balanced
+    invariance accuracy on the selection set (thesis validation pool + Tramèr selection half)."""
+    from robustlab.config import AttackConfig, RunConfig
     from robustlab.data.mnist import load_mnist, subsample
-    from robustlab.evaluation.stats import predict_logits
     from robustlab.invariance.selection import balanced_inv_accuracy, selection_sets
     from robustlab.train.inv_pool import load_inv_pools
+    from robustlab.train.loop import clean_validation
+    from robustlab.train.runner import VAL_ATTACK_SIZE, _pgd_validation
 
     mnist = load_mnist(data_dir)
-    clean = float(np.mean(predict_logits(model, mnist.val.x).argmax(1) == mnist.val.y))
-    val = subsample(mnist.val, SEL_PGD_SIZE, seed=0)
-    x_adv = pgd_attack(
-        model,
-        val.x,
-        val.y,
-        eps=eps,
-        steps=SEL_PGD_STEPS,
-        step_size=eps / 4,
-        random_start=True,
-        batch_size=SEL_PGD_SIZE,
-        seed=0,
-    )
-    pgd = float(np.mean(predict_logits(model, x_adv).argmax(1) == val.y))
-    inv = balanced_inv_accuracy(model, selection_sets(data_dir, load_inv_pools(data_dir)), "sel")
-    return {"sel/clean_acc": clean, "sel/pgd_acc": pgd, **inv}
+    val = subsample(mnist.val, VAL_ATTACK_SIZE, seed=0)
+    pgd = _pgd_validation(val.x, val.y, RunConfig(attack=AttackConfig(eps=eps)))(model)
+    return {
+        "sel/clean_acc": clean_validation(mnist.val)(model)["val/clean_acc"],
+        "sel/pgd_acc": pgd["val/pgd_acc"],
+        **balanced_inv_accuracy(model, selection_sets(data_dir, load_inv_pools(data_dir)), "sel"),
+    }
 
 
 def from_models(
