@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     )
     p.add_argument(
         "--clean-floor",
-        type=float,
+        type=lambda t: float(t) if t.strip() else None,
         default=None,
         help=f"minimum sel/clean_acc (default: the study's; else {DEFAULT_CLEAN_FLOOR})",
     )
