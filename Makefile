@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 BUDGET ?= default
 SEEDS ?= 3
 
-.PHONY: setup test run experiment server ui lint bench clean
+.PHONY: setup test run experiment server ui lint bench clean tune dashboard
 
 setup: $(STAMP)
 
@@ -39,6 +39,18 @@ experiment: setup
 	source $(BIN)/activate && robustlab tracking-init && \
 	  mlflow run . -e experiment --env-manager local --experiment-name robustlab \
 	    -P budget=$(BUDGET) -P seeds=$(SEEDS)
+
+# Optuna tuning of the joint mixture (make tune TUNE_ARGS="-P budget=smoke -P n_trials=3")
+OPTUNA_STORAGE ?= $(or $(ROBUSTLAB_OPTUNA_STORAGE),sqlite:///$(CURDIR)/tracking/optuna.db)
+DASHBOARD_PORT ?= 8080
+TUNE_ARGS ?=
+
+tune: setup
+	source $(BIN)/activate && robustlab tracking-init && \
+	  mlflow run . -e tune --env-manager local --experiment-name robustlab $(TUNE_ARGS)
+
+dashboard: setup
+	mkdir -p tracking && $(BIN)/optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 server: setup
 	source $(BIN)/activate && MLFLOW_TRACKING_URI=$(TRACKING_URI) robustlab tracking-init && \

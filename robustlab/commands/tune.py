@@ -60,10 +60,14 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     )
     p.add_argument("--pin-cpus", type=_bool, default=False, help="pin worker i to core i (taskset)")
     p.set_defaults(func=run)
-    w = sub.add_parser("tune-worker", help=argparse.SUPPRESS)
+    w = sub.add_parser(
+        "tune-worker",
+        help="join a tune study as one worker (tune starts these; or another machine)",
+    )
     w.add_argument("--study-name", required=True)
     w.add_argument("--storage", required=True)
     w.add_argument("--worker-index", type=int, default=0)
+    w.add_argument("--timeout", type=_timeout, default=None, help="seconds (empty: none)")
     w.set_defaults(func=run_worker)
     return ["tune", "tune-worker"]
 
@@ -106,4 +110,8 @@ def run(args: argparse.Namespace) -> None:
 def run_worker(args: argparse.Namespace) -> None:
     from robustlab.tune.study import run_worker as work
 
-    work(args.study_name, args.storage, args.worker_index)
+    if args.timeout is not None and not args.timeout > 0:
+        from robustlab.errors import ConfigError
+
+        raise ConfigError(f"timeout must be > 0 seconds (empty = no limit), got {args.timeout}")
+    work(args.study_name, args.storage, args.worker_index, args.timeout)

@@ -19,6 +19,7 @@ import keras
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from robustlab.config import (
     AttackConfig,
@@ -134,17 +135,24 @@ class Objective:
             final.update(m)
             return m
 
+        tags = {
+            "robustlab.kind": "tune-trial",
+            "robustlab.study": self.ctx.study_name,
+            "robustlab.trial": str(trial.number),
+        }
+        # Optuna 5 has no Trial.system_attrs: ask about the stored (frozen) trial
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(
+            trial.study.get_trials(deepcopy=False)[trial.number]
+        )
+        if retry_of is not None:
+            tags["robustlab.tune.retry_of"] = str(retry_of)
         extras = Extras(
             all_curves=True,
             robust_eval=False,
             run_name=f"{self.ctx.study_name}-trial{trial.number}",
             parent_run_id=self.ctx.parent_run_id,
             experiment_id=self.ctx.experiment_id,
-            tags={
-                "robustlab.kind": "tune-trial",
-                "robustlab.study": self.ctx.study_name,
-                "robustlab.trial": str(trial.number),
-            },
+            tags=tags,
             validators=(selection_validation(list(self.sel_sets.values())),),
             on_epoch=on_epoch,
             excluded=self.sel_sources,

@@ -175,7 +175,7 @@ def run_tune(cfg: TuneConfig) -> str:
         mlflow.set_tag("robustlab.optuna_storage", _redact(url))
         t0 = time.perf_counter()
         if cfg.workers == 1 and not cfg.threads and not cfg.pin_cpus:
-            run_worker(cfg.name, url, 0)
+            run_worker(cfg.name, url, 0, cfg.timeout)
         else:
             _spawn_workers(cfg, url)
         mlflow.log_metric("tune/wall_seconds", time.perf_counter() - t0)
@@ -214,6 +214,8 @@ def _spawn_workers(cfg: TuneConfig, url: str) -> None:
     for i in range(cfg.workers):
         cmd = [sys.executable, "-m", "robustlab.cli", "tune-worker"]
         cmd += ["--study-name", cfg.name, "--storage", url, "--worker-index", str(i)]
+        if cfg.timeout is not None:
+            cmd += ["--timeout", str(cfg.timeout)]
         if cfg.pin_cpus:
             cmd = ["taskset", "-c", str(i % ncpu), *cmd]
         procs.append(subprocess.Popen(cmd, env=env))
@@ -251,8 +253,9 @@ def load_context(study_name: str, url: str):
     return StudyContext(cfg, study_name, attrs[ATTR_PARENT], attrs[ATTR_EXPERIMENT])
 
 
-def run_worker(study_name: str, url: str, worker: int = 0) -> None:
-    """Optimize the study until it holds n_trials COMPLETE trials (or the timeout passes)."""
+def run_worker(study_name: str, url: str, worker: int = 0, timeout: float | None = None) -> None:
+    """Optimize the study until it holds n_trials COMPLETE trials or `timeout` seconds (this
+    worker's own limit) have passed."""
     ctx = load_context(study_name, url)
     cfg = ctx.cfg
     if cfg.threads:
@@ -262,7 +265,6 @@ def run_worker(study_name: str, url: str, worker: int = 0) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
     from robustlab.tune.objective import Objective
 
-    objective = Objective(ctx)
     study = optuna.load_study(
         study_name=study_name,
         storage=open_storage(url, cfg),
@@ -272,10 +274,11 @@ def run_worker(study_name: str, url: str, worker: int = 0) -> None:
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= cfg.n_trials:
         return
+    objective = Objective(ctx)
     study.optimize(
         objective,
         n_trials=None,
-        timeout=cfg.timeout,
+        timeout=timeout,
         callbacks=[MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE,))],
         catch=(),
         gc_after_trial=True,
