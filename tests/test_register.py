@@ -231,3 +231,53 @@ def test_register_from_an_experiment_parent_scores_children_on_validation(tracki
     test_run = MlflowClient().get_run(v.tags["robustlab.test_run_id"])
     assert test_run.data.params["eps"] == "0.1" and "test/inv_bal_acc" in test_run.data.metrics
     assert np.isfinite(test_run.data.metrics["test/pgd40_acc"])
+
+
+@pytest.mark.slow
+def test_chain_smoke_study_register_evaluate_through_alias_and_serve(tracking, tmp_path, capsys):
+    """What CI runs end to end: a two-worker smoke study (>= 3 tiny trials) -> register ->
+    evaluate through models:/robustlab-mnist@champion with exclusions intact -> serve."""
+    from robustlab.config import TuneConfig
+    from robustlab.tune.study import run_tune
+    from tests.conftest import DATA_DIR
+    from tests.test_serve import serve_and_predict
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = TuneConfig(
+        storage=storage,
+        budget="smoke",
+        data_dir=str(DATA_DIR),
+        clean_floor=0.0,
+        workers=2,
+        n_trials=3,
+        study_name="chain",
+    )
+    run_tune(cfg)
+    study = optuna.load_study(study_name="chain", storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) >= 3
+
+    assert main(["register", "--study-name", "chain", "--storage", storage, *EVAL_NO_AA]) == 0
+    champion = MlflowClient().get_model_version_by_alias(NAME, "champion")
+    trial_runs = {t.user_attrs["mlflow_run_id"]: t for t in done}
+    assert champion.run_id in trial_runs
+    chosen = trial_runs[champion.run_id]
+    best = max(done, key=lambda t: (min(t.values[1], t.values[2]), t.values[0]))
+    assert min(chosen.values[1], chosen.values[2]) == pytest.approx(min(best.values[1:]))
+    assert champion.tags["robustlab.trial"] == str(chosen.number)
+
+    uri = f"models:/{NAME}@champion"
+    excluded = set(decode_indices(champion.tags[VERSION_EXCLUDED_TAG]).tolist())
+    assert set(read_provenance(uri).excluded.tolist()) == excluded
+    capsys.readouterr()
+    assert main(["evaluate", "--model-uri", uri, *EVAL_NO_AA[:2], "--autoattack-size", "0"]) == 0
+    [ev] = [r for r in _all_runs() if r.data.tags.get("robustlab.model_uri") == uri]
+    assert ev.data.params["n_excluded_sources"] == str(len(excluded))
+    sel_half, _ = tramer_source_split(DATA_DIR)
+    assert set(sel_half.tolist()) <= excluded
+
+    from robustlab.data.mnist import load_mnist
+
+    x = load_mnist().test.x[:4]
+    expected = np.asarray(mlflow.pyfunc.load_model(uri).predict(x))
+    np.testing.assert_allclose(serve_and_predict(uri, x, tracking, tmp_path), expected, atol=1e-4)

@@ -75,18 +75,25 @@ def test_pyfunc_and_served_champion_return_the_same_logits(tracking, tmp_path):
     x, expected = test.x[:8], logits[:8]
     assert x.dtype == np.float32 and x.shape == (8, 28, 28, 1)
 
+    served = serve_and_predict(URI, x, tracking, tmp_path)
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
+
+
+def serve_and_predict(uri: str, x: np.ndarray, tracking: str, cwd: Path) -> np.ndarray:
+    """Start `mlflow models serve` on a free loopback port, POST {"inputs": x}, return the logits;
+    the server's whole process group is stopped at the end."""
     port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", URI]
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri]
     cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
         cmd,
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -96,11 +103,11 @@ def test_pyfunc_and_served_champion_return_the_same_logits(tracking, tmp_path):
         _wait_ready(f"http://127.0.0.1:{port}/ping", proc)
         answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": x.tolist()})
         served = np.asarray(answer["predictions"], dtype=np.float32)
-        assert served.shape == (8, 10)
-        np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
+        assert served.shape == (len(x), 10)
         # a wrong shape is refused by the server, not silently reshaped
         with pytest.raises(urllib.error.HTTPError):
             _post(f"http://127.0.0.1:{port}/invocations", {"inputs": x[:, :14].tolist()})
+        return served
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
