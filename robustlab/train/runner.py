@@ -190,10 +190,10 @@ def run_training(
     init_excluded = np.empty(0, dtype=np.int64)
     init_model = init_prov = None
     if cfg.train.init_model:
+        init_model = load_keras_model(cfg.train.init_model)
         init_prov = require_provenance(
             cfg.train.init_model, extras.allow_unknown_provenance, "--allow-unknown-provenance"
         )
-        init_model = load_keras_model(cfg.train.init_model)
         init_excluded = init_prov.excluded
     excluded = np.union1d(init_excluded, excluded_test_indices(pools.used_sets if pools else []))
     excluded = np.union1d(excluded, np.asarray(extras.excluded, dtype=np.int64))
