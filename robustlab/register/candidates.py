@@ -132,7 +132,8 @@ def experiment_children(parent_run_id: str) -> list[tuple[str, str, dict[str, st
     return [
         (r.info.run_id, f"runs:/{r.info.run_id}/model", dict(r.data.params))
         for r in children
-        if r.outputs and r.outputs.model_outputs
+        if (r.outputs and r.outputs.model_outputs)  # a LoggedModel, or (older runs) artifacts
+        or client.list_artifacts(r.info.run_id, "model")
     ]
 
 

@@ -160,6 +160,11 @@ def publish(
     found = existing_version(client, name, cand.run_id)
     if found is not None:
         client.set_registered_model_alias(name, ALIAS, found.version)
+        print(
+            f"register: run {cand.run_id} is already {name} version {found.version}; "
+            f"{name}@{ALIAS} -> {found.version} (no new version)",
+            file=sys.stderr,
+        )
         return Outcome(found.version, False, True, found.tags.get("robustlab.test_run_id"))
     model = load_keras_model(cand.model_uri)
     test_run_id, metrics, digest = test_evaluation(model, cand, excluded, cfg, data_dir, name)
