@@ -258,6 +258,7 @@ def run_worker(study_name: str, url: str, worker: int = 0, timeout: float | None
     worker's own limit) have passed."""
     ctx = load_context(study_name, url)
     cfg = ctx.cfg
+    os.environ.pop("MLFLOW_RUN_ID", None)  # it would override the trial runs' parent_run_id
     if cfg.threads:
         import tensorflow as tf
 
