@@ -81,6 +81,14 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         default=True,
         help="TensorFlow op determinism (false: a few %% faster, still seeded; see README)",
     )
+    g.add_argument(
+        "--allow-unknown-provenance",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="accept an --init-model whose excluded test images are unknown (tagged on the run)",
+    )
 
 
 def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) -> None:
@@ -265,6 +273,7 @@ def run(args: argparse.Namespace) -> None:
         all_curves=args.all_curves,
         robust_eval=args.robust_eval is not False,
         run_name=args.run_name,
+        allow_unknown_provenance=bool(args.allow_unknown_provenance),
     )
     run_id = run_training(regime, cfg, ev, extras)
     print(f"run {run_id} finished; model at runs:/{run_id}/model", file=sys.stderr)
