@@ -25,6 +25,7 @@ COMMANDS = {
     "services": "services",
     "tune": "tune",
     "tune-worker": "tune",
+    "register": "register",
 }
 
 

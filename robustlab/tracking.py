@@ -273,18 +273,11 @@ def log_excluded_sources(indices) -> None:
     )
 
 
-def excluded_sources_of(model_uri: str):
-    """MNIST test indices excluded for the model at `model_uri` (empty when its run recorded none)."""
-    import json
+def excluded_sources_of(model_uri: str, allow_unknown: bool = False):
+    """MNIST test indices excluded for the model at `model_uri` (see robustlab.provenance).
 
-    import numpy as np
+    Fails closed: raises RobustlabError when they cannot be read, unless `allow_unknown`.
+    """
+    from robustlab.provenance import require_provenance
 
-    run_id = run_id_of(model_uri)
-    if run_id is None:
-        return np.empty(0, dtype=np.int64)
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EXCLUDED_ARTIFACT)
-    except Exception:  # noqa: BLE001 - no such artifact: the model trained on no invariance examples
-        return np.empty(0, dtype=np.int64)
-    with open(path) as f:
-        return np.asarray(json.load(f)["indices"], dtype=np.int64)
+    return require_provenance(model_uri, allow_unknown, "--allow-unknown-provenance").excluded

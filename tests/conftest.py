@@ -31,6 +31,9 @@ def tracking(tmp_path, monkeypatch) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID, which would leak this store's id into
+    # later tests (`mlflow run --experiment-name` then refuses: "only one of ...")
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 def free_port() -> int:

@@ -65,12 +65,12 @@ TRAINING_CASES = [
     (
         "resume-other-entry-point",
         ["perturbation", "--resume-run-id", "{vanilla_run}"],
-        "is a vanilla run; resume it with `robustlab vanilla`",
+        "is a vanilla run, not perturbation; resume it with `robustlab vanilla`",
     ),
     (
         "resume-without-checkpoint",
         ["vanilla", "--resume-run-id", "{vanilla_run}"],
-        "kept no checkpoint",
+        "no checkpoint in that run",
     ),
     ("eps-above-one", ["perturbation", "--eps", "1.5"], "eps must lie in [0, 1]"),
     ("eps-negative", ["perturbation", "--eps", "-0.1"], "eps must lie in [0, 1]"),
@@ -193,8 +193,33 @@ EXPERIMENT_CASES = [
 ]
 
 # Entry points being built elsewhere: add their cases here (same shape) when they land.
-TUNE_CASES: list[tuple[str, list[str], str]] = []
-REGISTER_CASES: list[tuple[str, list[str], str]] = []
+_TUNE = ["tune", "--budget", "smoke", "--storage", "sqlite:///{tmp}/optuna.db"]
+TUNE_CASES = [
+    ("tune-n-trials-zero", [*_TUNE, "--n-trials", "0"], "n_trials must be >= 1"),
+    ("tune-timeout-zero", [*_TUNE, "--timeout", "0"], "timeout must be > 0"),
+    ("tune-clean-floor-above-one", [*_TUNE, "--clean-floor", "1.5"], "clean_floor must lie in"),
+    ("tune-objective-unknown", [*_TUNE, "--objective", "hypervolume"], "unknown objective"),
+    ("tune-sampler-unknown", [*_TUNE, "--sampler", "cmaes"], "unknown sampler"),
+    ("tune-storage-bad-url", ["tune", "--storage", "nosuchdb://x/y"], "cannot open the study"),
+]
+REGISTER_CASES = [
+    ("register-no-source", ["register"], "pass exactly one of study_name"),
+    (
+        "register-two-sources",
+        ["register", "--study-name", "a", "--experiment-run-id", "b"],
+        "pass exactly one of study_name",
+    ),
+    (
+        "register-no-storage",
+        ["register", "--study-name", "s", "--storage", "sqlite:///{tmp}/none.db"],
+        "no Optuna storage at",
+    ),
+    (
+        "register-unknown-model",
+        ["register", "--model-uri", "models:/no_such_model@champion"],
+        "not found",
+    ),
+]
 
 CASES = (
     TRAINING_CASES

@@ -98,8 +98,8 @@ def test_invariance_then_perturbation_chained_by_init_model(tracking, tmp_path):
         "evaluation.md",
         "eps_curve.png",
         "adversarial_examples.png",
-        "model",
     } <= artifacts
+    assert ptb_run.outputs.model_outputs  # the model is a LoggedModel of the run
 
 
 def test_sequential_logs_one_nested_run_per_phase(tracking, tmp_path):

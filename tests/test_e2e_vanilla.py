@@ -70,7 +70,8 @@ def test_vanilla_through_mlflow_run(tracking, tmp_path):
     assert {"train/acc", "val/clean_acc", "time/epoch_seconds"} <= set(m)
     assert any(k.startswith("system/") for k in m), "system metrics are logged"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "plots", "checkpoint", "excluded_test_indices.json"} <= artifacts
+    assert {"plots", "checkpoint", "excluded_test_indices.json"} <= artifacts
+    assert run.outputs.model_outputs, "the model is logged as an MLflow LoggedModel of the run"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
         "plots/test_predictions.png"
     ]

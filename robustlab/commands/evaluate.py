@@ -58,6 +58,14 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
         "--square-queries", type=int, default=5000, help="Square's query budget (default 5000)"
     )
     p.add_argument("--run-name", type=optional, default=None)
+    p.add_argument(
+        "--allow-unknown-provenance",
+        type=lambda t: t.strip().lower() in ("1", "true", "yes", "on"),
+        nargs="?",
+        const=True,
+        default=False,
+        help="evaluate a model whose excluded test images are unknown (recorded on the run)",
+    )
     p.set_defaults(func=run)
     return ["evaluate"]
 
@@ -95,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     mnist = load_mnist(args.data_dir)
     configure_tracking()
     model = load_keras_model(args.model_uri)
-    excluded = excluded_sources_of(args.model_uri)
+    excluded = excluded_sources_of(args.model_uri, args.allow_unknown_provenance)
     test = subsample(mnist.test.without_sources(excluded), cfg.eval_size, seed=cfg.seed)
     if len(test) == 0:
         raise ConfigError("no test images left after removing the model's excluded sources")
@@ -114,7 +122,14 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         "data_digest": mnist.digest,
     }
     with start_run(
-        args.run_name or "evaluate", params=params, tags={"robustlab.model_uri": args.model_uri}
+        args.run_name or "evaluate",
+        params=params,
+        tags={
+            "robustlab.model_uri": args.model_uri,
+            **(
+                {"robustlab.provenance": "unknown-allowed"} if args.allow_unknown_provenance else {}
+            ),
+        },
     ) as r:
         with tempfile.TemporaryDirectory(prefix="robustlab-eval-") as tmp:
             metrics = evaluate_and_log(model, test, cfg, out_dir=Path(tmp), log=True)

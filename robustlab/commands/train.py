@@ -81,6 +81,14 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         default=True,
         help="TensorFlow op determinism (false: a few %% faster, still seeded; see README)",
     )
+    g.add_argument(
+        "--allow-unknown-provenance",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="accept an --init-model whose excluded test images are unknown (tagged on the run)",
+    )
 
 
 def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) -> None:
@@ -222,41 +230,6 @@ def check_inv_pool(specs: tuple[str, ...]) -> None:
             )
 
 
-def check_resume_run(run_id: str, regime: str) -> None:
-    """The run to resume exists in this store, is a `regime` training run, and kept a checkpoint."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from robustlab.tracking import local_checkpoint_dir
-
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError(
-            f"--resume-run-id {run_id}: no such run in this tracking store; "
-            "pass the id of an interrupted training run"
-        ) from None
-    ran = run.data.tags.get("robustlab.regime")
-    if ran != regime:
-        what = f"a {ran} run" if ran else "not a training run"
-        raise ConfigError(
-            f"--resume-run-id {run_id} is {what}; resume it with `robustlab {ran or '<regime>'}` "
-            f"or pass a {regime} run"
-        )
-    if (local_checkpoint_dir(run_id) / "state.json").is_file():
-        return
-    try:
-        has_artifacts = bool(client.list_artifacts(run_id, "checkpoint"))
-    except MlflowException:
-        has_artifacts = False
-    if not has_artifacts:
-        raise ConfigError(
-            f"--resume-run-id {run_id}: that run kept no checkpoint (it stopped before its first "
-            "epoch ended); start a fresh run instead"
-        )
-
-
 def run(args: argparse.Namespace) -> None:
     # Everything that can be checked is checked before TensorFlow is imported and before a run
     # exists: a rejected call leaves no run behind.
@@ -287,7 +260,9 @@ def run(args: argparse.Namespace) -> None:
     if cfg.train.init_model:
         check_model_uri(cfg.train.init_model, "--init-model")
     if cfg.train.resume_run_id:
-        check_resume_run(cfg.train.resume_run_id, regime.name)
+        from robustlab.train.resume import resumable_run
+
+        resumable_run(cfg.train.resume_run_id, regime.name)  # parameters, checkpoint: the runner
     cfg.validate()  # now with the model name (imports Keras)
 
     from robustlab.train.runner import Extras, run_training
@@ -298,6 +273,7 @@ def run(args: argparse.Namespace) -> None:
         all_curves=args.all_curves,
         robust_eval=args.robust_eval is not False,
         run_name=args.run_name,
+        allow_unknown_provenance=bool(args.allow_unknown_provenance),
     )
     run_id = run_training(regime, cfg, ev, extras)
     print(f"run {run_id} finished; model at runs:/{run_id}/model", file=sys.stderr)

@@ -29,9 +29,9 @@ def _same_param(logged: str, value: object) -> bool:
         ) == (text.strip().lower() in ("true", "1"))
 
 
-def check_resume(resume_run_id: str, regime: str, params: dict[str, Any], mnist_digest: str) -> Run:
-    """The run to resume, refused (one line, before anything is written) when it does not exist,
-    trained another regime, ran with other training parameters or data, or FINISHED."""
+def resumable_run(resume_run_id: str, regime: str) -> Run:
+    """The run to resume, refused (one line) when it does not exist in the configured store,
+    trained another regime, or FINISHED."""
     configure_tracking()
     try:
         old = MlflowClient().get_run(resume_run_id)
@@ -51,6 +51,13 @@ def check_resume(resume_run_id: str, regime: str, params: dict[str, Any], mnist_
             f"resume_run_id={resume_run_id} FINISHED already; nothing to resume (start a new run, "
             "or use init_model=runs:/<id>/model to train on from its model)"
         )
+    return old
+
+
+def check_resume(resume_run_id: str, regime: str, params: dict[str, Any], mnist_digest: str) -> Run:
+    """The run to resume, refused (one line, before anything is written) when it does not exist,
+    trained another regime, ran with other training parameters or data, or FINISHED."""
+    old = resumable_run(resume_run_id, regime)
     differ = sorted(
         k
         for k, v in params.items()

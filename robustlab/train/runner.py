@@ -25,10 +25,10 @@ from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
 from robustlab.models import build_model
+from robustlab.provenance import UNKNOWN_TAG, metadata_for_run, require_provenance
 from robustlab.regimes import Phase, Regime
 from robustlab.seeding import seed_everything
 from robustlab.tracking import (
-    excluded_sources_of,
     load_keras_model,
     local_checkpoint_dir,
     log_excluded_sources,
@@ -65,6 +65,7 @@ class Extras:
 
     inv_label_source: str = "human"
     inv_pool: tuple[str, ...] = TRAIN_POOL_SETS  # set names or label-store files (*.json)
+    allow_unknown_provenance: bool = False  # accept an init_model whose exclusions are unknown
     # per-epoch val/pgd_acc and val/inv_acc for every regime (default: only the ones it trains on);
     # loading the invariance validation pool also excludes its sources from evaluation
     all_curves: bool | None = None
@@ -274,10 +275,13 @@ def run_training(
         else None
     )
     init_excluded = np.empty(0, dtype=np.int64)
-    init_model = None
+    init_model = init_prov = None
     if cfg.train.init_model:
         init_model = load_keras_model(cfg.train.init_model)
-        init_excluded = excluded_sources_of(cfg.train.init_model)
+        init_prov = require_provenance(
+            cfg.train.init_model, extras.allow_unknown_provenance, "--allow-unknown-provenance"
+        )
+        init_excluded = init_prov.excluded
     excluded = np.union1d(init_excluded, excluded_test_indices(pools.used_sets if pools else []))
     excluded = np.union1d(excluded, np.asarray(extras.excluded, dtype=np.int64))
     if extras.test_indices is not None:  # fail closed before the run exists
@@ -302,6 +306,7 @@ def run_training(
         "robustlab.regime": regime.name,
         "robustlab.mnist_digest": mnist.digest,
         **(extras.tags or {}),
+        **({UNKNOWN_TAG: "unknown-allowed"} if init_prov and not init_prov.known else {}),
     }
     resume_id, ckpt_folder = cfg.train.resume_run_id, None
     if resume_id:
@@ -418,31 +423,56 @@ def run_training(
             from robustlab.evaluation.robustness import evaluate_and_log
 
             evaluate_and_log(model, test, eval_cfg, out_dir=out / "eval")
-        _log_model(model, test.x[:4])
+        _log_model(
+            model,
+            test.x[:4],
+            metadata_for_run(
+                regime,
+                cfg,
+                run_id=parent_id,
+                data_digest=mnist.digest,
+                excluded=excluded,
+                init_known=init_prov is None or init_prov.known,
+            ),
+        )
     shutil.rmtree(local_checkpoint_dir(parent_id), ignore_errors=True)  # the run has the model
     if cfg.train.resume_run_id:
         shutil.rmtree(local_checkpoint_dir(cfg.train.resume_run_id), ignore_errors=True)
     return parent_id
 
 
-def _log_model(model: keras.Model, example: np.ndarray) -> None:
-    from mlflow.models import infer_signature
+def _log_model(model: keras.Model, example: np.ndarray, metadata: dict | None = None) -> None:
+    """Log `model` as the run's MLflow LoggedModel `model` (keras flavour, tensor signature)."""
+    import types
 
-    signature = infer_signature(example, np.asarray(model(example, training=False)))
-    # mlflow 3.17's keras flavour writes the input example before creating the model folder, so
-    # log_model(input_example=...) fails; save into an existing folder and log it as `model`.
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+    )
+
+    def save_model(path: str, **kwargs) -> None:
+        # mlflow 3.17's keras flavour writes the input example before it creates the model folder
+        # (log_model(input_example=...) fails); create the folder first, change nothing else.
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+    keras_flavour = types.SimpleNamespace(__name__="mlflow.keras", save_model=save_model)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path = Path(tmp) / "model"
-        path.mkdir()
-        mlflow.keras.save_model(
-            model,
-            str(path),
+        # exactly what mlflow.keras.log_model does (Model.log with the keras flavour module)
+        Model.log(
+            None,
+            name="model",
+            flavor=keras_flavour,
+            model=model,
             signature=signature,
-            input_example=example,
+            input_example=example.astype(np.float32),
             pip_requirements=_model_requirements(),
+            metadata=metadata,
         )
-        mlflow.log_artifacts(str(path), "model")
 
 
 def _model_requirements() -> list[str]:

@@ -1,0 +1,158 @@
+"""`robustlab register`: register the best robust model and point the `champion` alias at it.
+
+Candidates come from an Optuna study (--study-name, its COMPLETE trials' MLflow runs and their
+sel/* metrics), from an experiment parent run (--experiment-run-id, its finished children, whose
+selection metrics are computed here on validation data) or from one model (--model-uri).
+Criterion (validation data only): among candidates with sel/clean_acc >= the clean floor (the
+study's, else --clean-floor), the highest min(sel/pgd_acc, sel/inv_bal_acc), ties broken by
+sel/clean_acc. The chosen model is registered once (a source run that already has a version
+reuses it), tagged with its selection metrics, mixture, eps, study/trial, data digest, source
+run and excluded test images, evaluated on the test set minus every image used as a source for
+its training or selection (PGD-40, PGD-100 x restarts, AutoAttack, Square, balanced invariance
+accuracy on Tramèr's test half) in its own MLflow run, and those results are tagged on the
+version. `champion` never moves to a model that is worse on the criterion unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from robustlab.commands import optional
+from robustlab.config import EvalConfig
+from robustlab.errors import ConfigError
+
+DEFAULT_CLEAN_FLOOR = 0.95  # experiment runs and single models (a study records its own floor)
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+    p = sub.add_parser(
+        "register",
+        help="register the best robust model (validation criterion) as <name>@champion",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--study-name", type=optional, default=None, help="Optuna study of `tune`")
+    p.add_argument(
+        "--storage",
+        type=optional,
+        default=None,
+        help="the study's storage (default $ROBUSTLAB_OPTUNA_STORAGE, then tracking/optuna.db)",
+    )
+    p.add_argument("--experiment-run-id", type=optional, default=None, help="experiment parent run")
+    p.add_argument("--model-uri", type=optional, default=None, help="one model to register")
+    p.add_argument("--name", default="robustlab-mnist", help="registered model name")
+    p.add_argument(
+        "--force", type=_bool, nargs="?", const=True, default=False, help="move champion anyway"
+    )
+    p.add_argument(
+        "--clean-floor",
+        type=lambda t: float(t) if t.strip() else None,
+        default=None,
+        help=f"minimum sel/clean_acc (default: the study's; else {DEFAULT_CLEAN_FLOOR})",
+    )
+    p.add_argument("--eps", type=float, default=0.3, help="L-inf budget for selection and test")
+    p.add_argument("--eval-size", type=int, default=0, help="test images (0 = all minus excluded)")
+    p.add_argument("--autoattack-size", type=int, default=1000, help="AutoAttack/Square subset")
+    p.add_argument("--pgd-restarts", type=int, default=5, help="restarts of PGD-100")
+    p.add_argument("--square-queries", type=int, default=5000)
+    p.add_argument(
+        "--curve-size", type=int, default=1000, help="images on the accuracy-vs-eps curve"
+    )
+    p.add_argument("--curve-points", type=int, default=9, help="eps values on the curve (0 to 0.4)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=optional, default=None)
+    p.set_defaults(func=run)
+    return ["register"]
+
+
+def _eval_config(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
+        eps=args.eps,
+        eval_size=args.eval_size,
+        autoattack_size=args.autoattack_size,
+        pgd_restarts=args.pgd_restarts,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        square_queries=args.square_queries,
+        curve_size=args.curve_size,
+        curve_points=args.curve_points,
+    ).validate()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    given = [x for x in (args.study_name, args.experiment_run_id, args.model_uri) if x]
+    if len(given) != 1:
+        raise ConfigError(
+            f"pass exactly one of study_name, experiment_run_id or model_uri (got {len(given)})"
+        )
+    if not args.name or not args.name.strip():
+        raise ConfigError("name is empty; pass a registered model name, e.g. robustlab-mnist")
+    if args.clean_floor is not None and not 0.0 <= args.clean_floor <= 1.0:
+        raise ConfigError(f"clean_floor must lie in [0, 1], got {args.clean_floor}")
+    if args.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {args.batch_size}")
+
+
+def selection_sources(data_dir: str | None) -> np.ndarray:
+    """MNIST test images used for model selection (the selection set's sources): Tramèr's
+    selection half and the thesis pool's sources. A registered model is never scored on them."""
+    from robustlab.invariance.selection import selection_sources as sources
+    from robustlab.train.inv_pool import load_inv_pools
+
+    return sources(data_dir, load_inv_pools(data_dir))
+
+
+def run(args: argparse.Namespace):
+    _check_args(args)
+    cfg = _eval_config(args)
+    from robustlab.provenance import require_provenance
+    from robustlab.register import candidates as cands
+    from robustlab.register.criterion import choose
+    from robustlab.register.publish import check_champion, publish
+    from robustlab.tracking import configure_tracking
+
+    configure_tracking()
+    if args.study_name:
+        study = cands.load_study(args.study_name, args.storage)
+        found, floor = cands.from_study(study)
+        source = f"study {args.study_name!r}"
+        if args.clean_floor is not None:
+            floor = args.clean_floor
+    else:
+        floor = DEFAULT_CLEAN_FLOOR if args.clean_floor is None else args.clean_floor
+        if args.experiment_run_id:
+            runs = cands.experiment_children(args.experiment_run_id)
+            source = f"experiment run {args.experiment_run_id}"
+        else:
+            runs = [cands.model_run(args.model_uri)]
+            source = args.model_uri
+        for _, uri, _ in runs:  # fail closed before any expensive scoring
+            require_provenance(uri, False, None)
+        found = cands.from_models(runs, args.data_dir, args.eps) if runs else []
+    best = choose(found, floor, source)
+    from mlflow.tracking import MlflowClient
+
+    check_champion(MlflowClient(), args.name, best, args.force)
+    prov = require_provenance(best.model_uri, False, None)
+    excluded = np.union1d(prov.excluded, selection_sources(args.data_dir)).astype(np.int64)
+    return publish(
+        best,
+        name=args.name,
+        force=args.force,
+        excluded=excluded,
+        cfg=cfg,
+        data_dir=args.data_dir,
+        clean_floor=floor,
+    )
