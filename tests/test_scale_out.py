@@ -121,6 +121,18 @@ def test_two_workers_on_two_urls_complete_every_trial_once(live, tmp_path, reap)
     names = {a.path for a in live.client().list_artifacts(new_parent)}
     assert {"trials.csv", "front.csv", "front.md"} <= names
 
+    # register against the server: the champion is one of the study's trial models
+    small = ["--eval-size", "60", "--autoattack-size", "0", "--pgd-restarts", "1"]
+    small += ["--batch-size", "60", "--curve-size", "20", "--curve-points", "3"]
+    reg = robustlab(
+        ["register", "--study-name", name, "--name", "scale-mnist", "--clean-floor", "0", *small],
+        coord,
+        coord_env,
+    )
+    assert reg.returncode == 0, reg.stderr[-3000:]
+    champion = live.client().get_model_version_by_alias("scale-mnist", "champion")
+    assert champion.run_id in run_ids
+
 
 @needs_postgres
 @pytest.mark.slow
