@@ -15,6 +15,15 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 DATA_DIR = Path(os.environ["ROBUSTLAB_DATA_DIR"])
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_experiment_or_run():
+    """`mlflow.set_experiment` exports MLFLOW_EXPERIMENT_ID (and a run may leave MLFLOW_RUN_ID):
+    one test's choice must not leak into the next test's subprocesses (`mlflow run
+    --experiment-name` refuses an inherited experiment id)."""
+    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        os.environ.pop(key, None)
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> str:
     """A fresh SQLite MLflow store (and artifact folder) for one test; returns its URI."""

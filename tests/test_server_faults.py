@@ -155,5 +155,7 @@ def test_server_gone_for_good_fails_naming_the_local_checkpoint_then_resumes(ser
         if r.info.status == "FINISHED"
     ]
     assert len(finished) == 1 and "test/clean_acc" in finished[0].data.metrics
-    assert finished[0].data.tags.get("robustlab.resumed_from") == run_id
+    # the resumed run is the interrupted run itself, continued from the local checkpoint
+    assert finished[0].info.run_id == run_id
+    assert "robustlab.resumed_after_epoch" in finished[0].data.tags
     assert not local.exists(), "the local copy is removed once the resumed run has finished"

@@ -220,11 +220,27 @@ def _log_datasets(mnist: Mnist, pools: InvPools | None) -> None:
             ds = mlflow.data.from_numpy(
                 split.x, targets=split.y, source=str(mnist.path), name=f"mnist-{context}"
             )
-            mlflow.log_input(ds, context=context)
+            _log_input(ds, context)
         if pools is not None:
             pool = pools.train_pool()
             ds = mlflow.data.from_numpy(pool.x, targets=pool.y, name=f"invariance-{pools.name}")
-            mlflow.log_input(ds, context="training")
+            _log_input(ds, "training")
+
+
+def _log_input(dataset, context: str, attempts: int = 3) -> None:
+    """`mlflow.log_input`, retried when another process (a parallel run or tuning worker) inserted
+    the same dataset into the experiment at the same moment: MLflow's SQL store then fails on its
+    unique key, and the retry finds the dataset and only links it to this run."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            text = str(exc)
+            if attempt == attempts - 1 or not ("UNIQUE" in text or "duplicate key" in text):
+                raise
 
 
 def _final_clean_eval(
