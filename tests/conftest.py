@@ -12,6 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("ROBUSTLAB_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+# ART configures logging when first imported and closes the handlers that exist then; imported
+# inside a test after TensorFlow, that closes absl's handler, whose stream is pytest's capture
+# file, and pytest dies ("I/O operation on closed file"). Import it once, before any test.
+import art  # noqa: E402,F401
+
 DATA_DIR = Path(os.environ["ROBUSTLAB_DATA_DIR"])
 
 
