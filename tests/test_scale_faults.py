@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+import mlflow
+import numpy as np
 import optuna
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -138,5 +140,13 @@ def test_mlflow_server_and_postgresql_restarts_under_a_running_worker(live, tmp_
     run = live.client().get_run(trials[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["sel/clean_acc"] == pytest.approx(trials[0].values[0])
-    assert [a.path for a in live.client().list_artifacts(run.info.run_id, "model")]
+    # the trial's model was logged after the outage and loads from the server
+    assert run.outputs.model_outputs
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(live.tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert model.predict(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
     assert running_runs(live, name) == []
