@@ -26,8 +26,11 @@ def _no_inherited_experiment_or_run():
     """`mlflow.set_experiment` exports MLFLOW_EXPERIMENT_ID (and a run may leave MLFLOW_RUN_ID):
     one test's choice must not leak into the next test's subprocesses (`mlflow run
     --experiment-name` refuses an inherited experiment id)."""
+    import mlflow.tracking.fluent
+
     for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         os.environ.pop(key, None)
+    mlflow.tracking.fluent._active_experiment_id = None  # set_experiment's in-process twin
 
 
 @pytest.fixture
