@@ -19,20 +19,11 @@ import argparse
 
 import numpy as np
 
-from robustlab.commands import optional
+from robustlab.commands import flag, optional
 from robustlab.config import EvalConfig
 from robustlab.errors import ConfigError
 
 DEFAULT_CLEAN_FLOOR = 0.95  # experiment runs and single models (a study records its own floor)
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> list[str]:
@@ -53,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--model-uri", type=optional, default=None, help="one model to register")
     p.add_argument("--name", default="robustlab-mnist", help="registered model name")
     p.add_argument(
-        "--force", type=_bool, nargs="?", const=True, default=False, help="move champion anyway"
+        "--force", type=flag, nargs="?", const=True, default=False, help="move champion anyway"
     )
     p.add_argument(
         "--clean-floor",

@@ -6,17 +6,8 @@ import argparse
 import os
 import sys
 
-from robustlab.commands import optional
+from robustlab.commands import flag, optional
 from robustlab.config import TUNE_BUDGETS, TUNE_OBJECTIVES, TUNE_PRUNERS, TUNE_SAMPLERS
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def _timeout(text: str) -> float | None:
@@ -46,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--budget", default="default", help=f"one of {list(TUNE_BUDGETS)}")
     p.add_argument("--clean-floor", type=float, default=0.9, help="min validation clean accuracy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tune-lr", type=_bool, default=False, help="also search learning_rate")
-    p.add_argument("--tune-warmup", type=_bool, default=False, help="also search eps_warmup")
+    p.add_argument("--tune-lr", type=flag, default=False, help="also search learning_rate")
+    p.add_argument("--tune-warmup", type=flag, default=False, help="also search eps_warmup")
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--data-dir", type=optional, default=None)
     p.add_argument("--pruner", default="median", help=f"scalar mode: one of {list(TUNE_PRUNERS)}")
@@ -59,10 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument(
         "--threads", type=int, default=0, help="TensorFlow threads per worker (0: default)"
     )
-    p.add_argument("--pin-cpus", type=_bool, default=False, help="pin worker i to core i (taskset)")
+    p.add_argument("--pin-cpus", type=flag, default=False, help="pin worker i to core i (taskset)")
     p.add_argument(
         "--create-only",
-        type=_bool,
+        type=flag,
         default=False,
         help="create the study and its parent run, run no trial (workers join with tune-worker)",
     )
