@@ -24,11 +24,11 @@ def _policies(model) -> list[str]:
 
 
 def test_auto_resolves_by_cpu_flags_and_bad_values_are_refused(tmp_path, monkeypatch):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
-    assert prec.cpu_has_bf16(str(cpuinfo))
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
-    assert not prec.cpu_has_bf16(str(cpuinfo))
+    with_bf16, without = tmp_path / "cpuinfo_bf16", tmp_path / "cpuinfo_avx512"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert prec.cpu_has_bf16(str(with_bf16))
+    assert not prec.cpu_has_bf16(str(without))
     assert not prec.cpu_has_bf16(str(tmp_path / "missing"))
 
     monkeypatch.setattr(prec, "cpu_has_bf16", lambda: False)
@@ -164,5 +164,6 @@ def test_bf16_run_resumes_in_bf16_and_logs_a_float32_model_with_the_same_logits(
     )
     served = np.asarray(mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(x))
     assert served.dtype == np.float32
-    np.testing.assert_array_equal(served, expected)
+    # pyfunc runs keras' predict (batches of 32): oneDNN's blocking differs per batch size
+    np.testing.assert_array_equal(served, copy.predict(x, batch_size=32, verbose=0))
     assert np.mean(expected.argmax(1) == _mnist().test.y[:256]) > 0.2  # it learned (chance 0.1)
