@@ -118,8 +118,8 @@ def fit(
     """Train `epochs` epochs (resuming from `state`), early-stop on `monitor`, keep the best weights.
 
     After each epoch: validators run on the model being trained, in its training precision
-    (val/* curves and early stopping of a mixed_bfloat16 run are bf16 figures), `on_epoch` gets the metrics, a checkpoint is written to
-    `checkpoint_dir` and handed to `on_checkpoint`. On return the model holds the best weights.
+    (val/* curves and early stopping of a mixed_bfloat16 run are bf16 figures), `on_epoch` gets
+    the metrics, a checkpoint is written to `checkpoint_dir` and handed to `on_checkpoint`. On return the model holds the best weights.
     With `eps_warmup` > 0 epochs, the attack's `eps_scale` ramps linearly from 0 to 1 per batch.
 
     Reproducible given `cfg.seed`: the batch order comes from a NumPy RNG whose state is saved in
