@@ -1,207 +1,244 @@
-"""P1 benchmark (run on demand, not in CI): adversarial-training and PGD-40 speed, robustlab vs ART.
+"""P1 benchmark (run on demand, not in CI): Madry PGD adversarial-training throughput vs ART.
 
-In one process, the same madry_cnn, eps, steps, step size and batch size:
-(a) PGD adversarial training, a fixed number of batches (after one warm-up batch each), per-batch
-    time extrapolated to a 55,000-image epoch: robustlab's `make_perturb_fn` inside a
-    `@tf.function` train step with Adam, vs ART's `AdversarialTrainerMadryPGD` (its classifier
-    given a `train_step` so that TF does not retrace every batch);
-(b) PGD-40 on `--n-attack` test images: robustlab's `pgd_attack` vs ART `ProjectedGradientDescent`.
+Everything in one process, side by side: the same madry_cnn weights, the same `--batches` MNIST
+training batches of 128 (every row attacked, as in Madry et al.), eps 0.3, PGD step 0.01, Adam.
+Each side first runs one warm-up batch (tracing) that is not timed; then, `--repeats` times, the
+three sides run the same batches one after the other (interleaved, so that a load change on the
+shared machine hits all three); the figure per side is the median seconds per batch.
 
-    python bench/bench_adv_training.py --batches 5 --batch-size 128 --steps 40
+- ART: `AdversarialTrainerMadryPGD` (PGD-40, `nb_epochs=1` over the fixed batches) on a
+  `TensorFlowV2Classifier` given a compiled `train_step` (`tf.function`, so that ART does not
+  retrace per batch) and with its PGD attack's `batch_size` set to the training batch (ART's
+  default of 32 splits each batch into four attack calls): ART's fastest float32 set-up.
+- robustlab float32 / mixed_bfloat16: `robustlab.train.loop.make_train_step` with
+  `make_perturb_fn` (the step `robustlab perturbation` runs per batch, `float(loss)` read back
+  per batch as the training loop does), the model built by `build_model(..., precision)`.
+Then robustlab float32 vs mixed_bfloat16 at PGD-7 (the `perturbation` default).
+
+Peak: GFLOP/s of a 4096 x 4096 float32 `tf.matmul` (2 n^3 FLOPs; best of 3), and of the same
+product in bfloat16 for reference, measured in every repeat beside the steps (the fraction of
+the peak is taken per repeat, then the median). The step's work follows the P1 formula
+    FLOPs per batch = F x 3 x (steps + 1) x batch,
+F = forward FLOPs per image of the conv and dense layers (2 * H_out * W_out * k_h * k_w * C_in
+* C_out per convolution, 2 * n_in * n_out per dense layer; 27.8 MFLOP for madry_cnn), x 3 for
+forward + backward, x (steps + 1) for the PGD steps plus the training step. The attack's
+backward passes need no weight gradients, so the work actually done is nearer
+F x (2 steps + 3) x batch; both fractions of the peak are printed.
+
+    python bench/bench_adv_training.py --batches 5 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TQDM_DISABLE", "1")  # ART's progress bars
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from robustlab.attacks import make_attack, make_classifier, make_perturb_fn, pgd_attack  # noqa: E402
+from robustlab.attacks import make_perturb_fn  # noqa: E402
 from robustlab.config import AttackConfig  # noqa: E402
 from robustlab.data.mnist import load_mnist  # noqa: E402
 from robustlab.models import build_model  # noqa: E402
+from robustlab.precision import BF16, FLOAT32, cpu_has_bf16  # noqa: E402
 from robustlab.train.loop import make_train_step  # noqa: E402
 
-EPOCH_IMAGES = 55_000
+BATCH = 128
+EPS, STEP_SIZE = 0.3, 0.01
 
 
-def fresh_model(weights) -> keras.Model:
-    model = build_model("madry_cnn")
-    model.set_weights(weights)
-    return model
+def forward_flops(model: keras.Model) -> int:
+    """Forward FLOPs per image of the model's Conv2D and Dense layers (a multiply-add = 2)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kh, kw, c_in, c_out = layer.kernel.shape
+            _, h, w, _ = layer.output.shape
+            total += 2 * h * w * kh * kw * c_in * c_out
+        elif isinstance(layer, keras.layers.Dense):
+            n_in, n_out = layer.kernel.shape
+            total += 2 * n_in * n_out
+    return int(total)
 
 
-def time_robustlab_training(weights, x, y, *, eps, steps, step_size, batch_size, batches) -> float:
-    """Seconds per batch of robustlab's own train step (every row attacked, as in Madry et al.)."""
-    model = fresh_model(weights)
-    perturb = make_perturb_fn(AttackConfig(eps=eps, steps=steps, step_size=step_size))
-    train_step = make_train_step(model, keras.optimizers.Adam(1e-3), perturb)
-    n_adv = tf.constant(batch_size, tf.int32)
+class PeakSide:
+    """The machine's peak: GFLOP/s of an n x n x n `tf.matmul` in `dtype` (best of `tries`),
+    measured inside every repeat, next to the training steps, so that both see the same load."""
 
-    def batch(i):
-        sl = slice(i * batch_size, (i + 1) * batch_size)
-        return tf.constant(x[sl]), tf.constant(y[sl].astype(np.int64)), n_adv
+    def __init__(self, dtype: tf.DType, n: int = 4096, tries: int = 3):
+        self.n, self.tries = n, tries
+        a = tf.cast(tf.random.uniform((n, n)), dtype)
+        b = tf.cast(tf.random.uniform((n, n)), dtype)
+        self.product = tf.function(lambda: tf.reduce_sum(tf.cast(tf.matmul(a, b), tf.float32)))
 
-    train_step(*batch(0))[0].numpy()  # warm-up / trace
-    t = time.perf_counter()
-    for i in range(1, batches + 1):
-        loss, _ = train_step(*batch(i))
-    float(loss)
-    return (time.perf_counter() - t) / batches
+    def run(self, x=None, y=None) -> float:
+        best = float("inf")
+        for _ in range(self.tries):
+            t = time.perf_counter()
+            self.product().numpy()
+            best = min(best, time.perf_counter() - t)
+        return 2 * self.n**3 / best / 1e9
 
 
-def time_art_training(weights, x, y, *, eps, steps, step_size, batch_size, batches) -> float:
-    from art.defences.trainer import AdversarialTrainerMadryPGD
-    from art.estimators.classification import TensorFlowV2Classifier
+class RobustlabSide:
+    """robustlab's adversarial-training step in one precision."""
 
-    model = fresh_model(weights)
-    opt = keras.optimizers.Adam(1e-3)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    def __init__(self, weights, precision: str, steps: int):
+        self.model = build_model("madry_cnn", precision)
+        self.model.set_weights(weights)
+        perturb = make_perturb_fn(AttackConfig(eps=EPS, steps=steps, step_size=STEP_SIZE))
+        self.step = make_train_step(self.model, keras.optimizers.Adam(1e-3), perturb)
 
-    @tf.function(reduce_retracing=True)
-    def train_step(m, images, labels):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(labels, m(images, training=True))
-        grads = tape.gradient(loss, m.trainable_variables)
-        opt.apply_gradients(zip(grads, m.trainable_variables, strict=True))
+    def run(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Seconds per batch over the batches of (x, y)."""
+        t = time.perf_counter()
+        for i in range(0, len(x), BATCH):
+            xb, yb = tf.constant(x[i : i + BATCH]), tf.constant(y[i : i + BATCH].astype(np.int64))
+            loss, _ = self.step(xb, yb, tf.constant(len(yb), tf.int32))
+            float(loss)  # the training loop reads the loss back every batch
+        return (time.perf_counter() - t) / (len(x) // BATCH)
 
-    clf = TensorFlowV2Classifier(
-        model=model,
-        nb_classes=10,
-        input_shape=(28, 28, 1),
-        loss_object=loss_fn,
-        optimizer=opt,
-        train_step=train_step,
-        clip_values=(0.0, 1.0),
-    )
 
-    def trainer():
-        return AdversarialTrainerMadryPGD(
+class ArtSide:
+    """ART's AdversarialTrainerMadryPGD in its fastest float32 set-up."""
+
+    def __init__(self, weights, steps: int):
+        from art.defences.trainer import AdversarialTrainerMadryPGD
+        from art.estimators.classification import TensorFlowV2Classifier
+
+        model = build_model("madry_cnn", FLOAT32)
+        model.set_weights(weights)
+        opt = keras.optimizers.Adam(1e-3)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        @tf.function
+        def train_step(m, images, labels):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(labels, m(images, training=True))
+            grads = tape.gradient(loss, m.trainable_variables)
+            opt.apply_gradients(zip(grads, m.trainable_variables, strict=True))
+
+        clf = TensorFlowV2Classifier(
+            model=model,
+            nb_classes=10,
+            input_shape=(28, 28, 1),
+            loss_object=loss_fn,
+            optimizer=opt,
+            train_step=train_step,
+            clip_values=(0.0, 1.0),
+        )
+        self.trainer = AdversarialTrainerMadryPGD(
             clf,
             nb_epochs=1,
-            batch_size=batch_size,
-            eps=eps,
-            eps_step=step_size,
+            batch_size=BATCH,
+            eps=EPS,
+            eps_step=STEP_SIZE,
             max_iter=steps,
             num_random_init=1,
         )
+        self.trainer.attack.set_params(batch_size=BATCH)  # attack batch = training batch
 
-    trainer().fit(x[:batch_size], y[:batch_size])  # warm-up / trace
-    n = batches * batch_size
-    t = time.perf_counter()
-    trainer().fit(x[batch_size : batch_size + n], y[batch_size : batch_size + n])
-    return (time.perf_counter() - t) / batches
+    def run(self, x: np.ndarray, y: np.ndarray) -> float:
+        t = time.perf_counter()
+        self.trainer.fit(x, y, nb_epochs=1, batch_size=BATCH)
+        return (time.perf_counter() - t) / (len(x) // BATCH)
 
 
-def time_pgd40(weights, x, y, *, eps, step_size, batch_size) -> tuple[float, float, float, float]:
-    model = fresh_model(weights)
-    pgd_attack(
-        model,
-        x[:batch_size],
-        y[:batch_size],
-        eps=eps,
-        steps=2,
-        step_size=step_size,
-        batch_size=batch_size,
-    )
-    t = time.perf_counter()
-    ours = pgd_attack(model, x, y, eps=eps, steps=40, step_size=step_size, batch_size=batch_size)
-    t_ours = time.perf_counter() - t
-    attack = make_attack(
-        "pgd",
-        make_classifier(model),
-        eps=eps,
-        steps=40,
-        step_size=step_size,
-        restarts=1,
-        batch_size=batch_size,
-    )
-    make_attack(
-        "pgd", make_classifier(model), eps=eps, steps=2, step_size=step_size, batch_size=batch_size
-    ).generate(x[:batch_size], y[:batch_size])
-    t = time.perf_counter()
-    art = attack.generate(x, y)
-    t_art = time.perf_counter() - t
-
-    def acc(images):
-        return float(
-            (np.asarray(model.predict(images, batch_size=1000, verbose=0)).argmax(1) == y).mean()
+def timed(sides: dict, warm, x, y, repeats: int) -> dict[str, list[float]]:
+    """Each side's figure (seconds per batch; GFLOP/s for a peak) per repeat: warm-up batch
+    first (not kept), then the repeats, the sides interleaved within each."""
+    for side in sides.values():
+        side.run(*warm)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(repeats):
+        for name, side in sides.items():
+            times[name].append(side.run(x, y))
+        print(
+            f"  repeat {r + 1}: " + ", ".join(f"{n} {t[-1]:.3f}" for n, t in times.items()),
+            flush=True,
         )
+    return times
 
-    return t_ours, t_art, acc(ours), acc(art)
+
+def median(values) -> float:
+    return statistics.median(values)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--batches", type=int, default=5, help="timed training batches per side")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=40, help="PGD steps of the training attack")
-    p.add_argument("--eps", type=float, default=0.3)
-    p.add_argument("--step-size", type=float, default=0.01)
-    p.add_argument(
-        "--n-attack", type=int, default=1000, help="test images for the PGD-40 comparison"
-    )
-    p.add_argument("--attack-batch-size", type=int, default=500)
-    p.add_argument(
-        "--pretrain-images", type=int, default=5000, help="clean images to pre-train on (0 = none)"
-    )
+    p.add_argument("--batches", type=int, default=5, help="timed batches of 128 per side")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) per side")
     args = p.parse_args()
 
-    data = load_mnist(train_size=max(args.pretrain_images, (args.batches + 2) * args.batch_size))
-    keras.utils.set_random_seed(0)
-    model = build_model("madry_cnn")
-    if args.pretrain_images:
-        model.compile(
-            optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        )
-        n = args.pretrain_images
-        model.fit(data.train.x[:n], data.train.y[:n], batch_size=128, epochs=1, verbose=0)
-    weights = model.get_weights()
+    data = load_mnist(train_size=(args.batches + 1) * BATCH)
     x, y = data.train.x, data.train.y
-    kw = dict(
-        eps=args.eps,
-        steps=args.steps,
-        step_size=args.step_size,
-        batch_size=args.batch_size,
-        batches=args.batches,
-    )
+    warm = (x[:BATCH], y[:BATCH])
+    xs, ys = x[BATCH : (args.batches + 1) * BATCH], y[BATCH : (args.batches + 1) * BATCH]
+    keras.utils.set_random_seed(0)
+    weights = build_model("madry_cnn").get_weights()
     print(
-        f"tf {tf.__version__}, keras {keras.__version__}, threads {os.cpu_count()}, "
-        f"madry_cnn, eps {args.eps}, PGD-{args.steps} step {args.step_size}, batch {args.batch_size}, "
-        f"{args.batches} timed batches per side",
+        f"tf {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} cores, "
+        f"CPU bf16: {cpu_has_bf16()}, load average {os.getloadavg()[0]:.2f}; madry_cnn, eps {EPS}, "
+        f"step {STEP_SIZE}, batch {BATCH}, {args.batches} batches x {args.repeats} repeats",
         flush=True,
     )
 
-    ours = time_robustlab_training(weights, x, y, **kw)
+    print("PGD-40 (s/batch):", flush=True)
+    t40 = timed(
+        {
+            "art": ArtSide(weights, 40),
+            FLOAT32: RobustlabSide(weights, FLOAT32, 40),
+            BF16: RobustlabSide(weights, BF16, 40),
+            "peak_f32_gflops": PeakSide(tf.float32),
+            "peak_bf16_gflops": PeakSide(tf.bfloat16),
+        },
+        warm,
+        xs,
+        ys,
+        args.repeats,
+    )
+    print("PGD-7 (s/batch):", flush=True)
+    t7 = timed(
+        {FLOAT32: RobustlabSide(weights, FLOAT32, 7), BF16: RobustlabSide(weights, BF16, 7)},
+        warm,
+        xs,
+        ys,
+        args.repeats,
+    )
+    fwd = forward_flops(build_model("madry_cnn"))
+    p1_flops = fwd * 3 * (40 + 1) * BATCH
+    tight_flops = fwd * (2 * 40 + 3) * BATCH
+    peaks = t40["peak_f32_gflops"]
+    # fraction of the peak measured in the same repeat, then the median over repeats
+    p1_frac = median(p1_flops / t / 1e9 / pk for t, pk in zip(t40[FLOAT32], peaks, strict=True))
+    tight_frac = median(
+        tight_flops / t / 1e9 / pk for t, pk in zip(t40[FLOAT32], peaks, strict=True)
+    )
+    peak32, peak16 = median(peaks), median(t40["peak_bf16_gflops"])
+    art, f32, b16 = median(t40["art"]), median(t40[FLOAT32]), median(t40[BF16])
+    t7 = {name: median(t) for name, t in t7.items()}
     print(
-        f"(a) robustlab train step: {ours:.3f} s/batch -> {ours * EPOCH_IMAGES / args.batch_size:.0f} s/epoch",
+        f"\nPGD-40, batch {BATCH}, median s/batch: ART AdversarialTrainerMadryPGD {art:.3f}, "
+        f"robustlab float32 {f32:.3f}, robustlab mixed_bfloat16 {b16:.3f}\n"
+        f"  ART / robustlab: float32 {art / f32:.2f}x, mixed_bfloat16 {art / b16:.2f}x "
+        f"(target >= 5x); mixed_bfloat16 vs float32 {f32 / b16:.2f}x\n"
+        f"PGD-7, batch {BATCH}, median s/batch: float32 {t7[FLOAT32]:.3f}, mixed_bfloat16 "
+        f"{t7[BF16]:.3f} ({t7[FLOAT32] / t7[BF16]:.2f}x)\n"
+        f"peak: float32 matmul {peak32:.0f} GFLOP/s, bfloat16 matmul {peak16:.0f} GFLOP/s\n"
+        f"float32 PGD-40 step: F = {fwd / 1e6:.1f} MFLOP/image; F x 3 x 41 x {BATCH} = "
+        f"{p1_flops / 1e9:.1f} GFLOP/batch -> {p1_flops / f32 / 1e9:.0f} GFLOP/s, "
+        f"{p1_frac:.0%} of the float32 peak of its repeat (median; target >= 65%); "
+        f"F x 83 x {BATCH} = {tight_flops / 1e9:.1f} GFLOP/batch -> {tight_frac:.0%}\n"
+        f"load average at the end {os.getloadavg()[0]:.2f}",
         flush=True,
-    )
-    art = time_art_training(weights, x, y, **kw)
-    print(
-        f"(a) ART AdversarialTrainerMadryPGD: {art:.3f} s/batch -> "
-        f"{art * EPOCH_IMAGES / args.batch_size:.0f} s/epoch",
-        flush=True,
-    )
-    print(f"(a) speed-up robustlab / ART: {art / ours:.2f}x (target >= 4x)", flush=True)
-
-    test = data.test
-    xt, yt = test.x[: args.n_attack], test.y[: args.n_attack]
-    t_ours, t_art, a_ours, a_art = time_pgd40(
-        weights, xt, yt, eps=args.eps, step_size=args.step_size, batch_size=args.attack_batch_size
-    )
-    n = len(yt)
-    print(
-        f"(b) PGD-40 on {n} test images: robustlab {t_ours:.1f} s ({n / t_ours:.0f} img/s, robust acc {a_ours:.3f}), "
-        f"ART {t_art:.1f} s ({n / t_art:.0f} img/s, robust acc {a_art:.3f}); speed-up {t_art / t_ours:.2f}x"
     )
 
 

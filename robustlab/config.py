@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from robustlab.errors import ConfigError
+from robustlab.precision import check_precision
 
 AttackMethod = Literal["pgd", "fgsm_rs"]
 MAX_SEED = 2**32 - 1  # NumPy and TensorFlow seeds are unsigned 32-bit
@@ -91,6 +92,9 @@ class TrainConfig:
     init_model: str | None = None  # model URI to start from (runs:/..., models:/...)
     resume_run_id: str | None = None  # continue from this run's last checkpoint
     deterministic: bool = True  # TensorFlow op determinism (same seed: bitwise-equal runs)
+    # training precision: float32 | mixed_bfloat16 | auto (bf16 where the CPU has it natively);
+    # evaluation and the logged model are always float32 (robustlab.precision)
+    precision: str = "auto"
 
     def validate(self, check_model: bool = True) -> None:
         """`check_model=False` skips the model-name check, which imports Keras."""
@@ -105,6 +109,7 @@ class TrainConfig:
             raise ConfigError(f"seed must lie in [0, 2**32 - 1], got {self.seed}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0, got {self.patience}")
+        check_precision(self.precision)
         if not check_model:
             return
         from robustlab.models import available_models
@@ -223,6 +228,9 @@ class TuneConfig:
     max_retry: int = 2
     threads: int = 0  # TensorFlow intra/inter-op threads per worker (0 = TensorFlow's default)
     pin_cpus: bool = False  # pin worker i to CPU core i (taskset), e.g. for scaling benchmarks
+    precision: str = (
+        "auto"  # trials' training precision (TrainConfig.precision), resolved per worker
+    )
 
     @property
     def name(self) -> str:
@@ -258,4 +266,5 @@ class TuneConfig:
             )
         if self.max_retry < 0 or self.threads < 0:
             raise ConfigError("max_retry and threads must be >= 0")
+        check_precision(self.precision)
         return self

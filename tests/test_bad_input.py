@@ -118,6 +118,7 @@ TRAINING_CASES = [
         "must sum to 1",
     ),
     ("joint-mix-inf", ["joint", "--mix-ptb", "inf"], "mix_ptb must lie in [0, 1]"),
+    ("precision-unknown", ["perturbation", "--precision", "float16"], "precision must be one of"),
 ]
 
 EVALUATE_CASES = [
@@ -200,6 +201,7 @@ TUNE_CASES = [
     ("tune-clean-floor-above-one", [*_TUNE, "--clean-floor", "1.5"], "clean_floor must lie in"),
     ("tune-objective-unknown", [*_TUNE, "--objective", "hypervolume"], "unknown objective"),
     ("tune-sampler-unknown", [*_TUNE, "--sampler", "cmaes"], "unknown sampler"),
+    ("tune-precision-unknown", [*_TUNE, "--precision", "bf16"], "precision must be one of"),
     ("tune-storage-bad-url", ["tune", "--storage", "nosuchdb://x/y"], "cannot open the study"),
 ]
 REGISTER_CASES = [

@@ -85,6 +85,10 @@ def make_perturb_fn(cfg: AttackConfig, seed: int = 0) -> PerturbFn:
     `model(x, training=False)` logits. The output is `tf.stop_gradient`-ed. x: float32
     (B, 28, 28, 1) in [0, 1] (B may be dynamic or 0); y: integer labels (B,).
 
+    The attack runs through the model in its own precision (a mixed_bfloat16 model attacks in
+    bfloat16); its logits are cast to float32, the input gradient is taken with respect to the
+    float32 `x`, so it, the steps and `x_adv` are float32 in [0, 1].
+
     The returned function carries `perturb.eps_scale`, a `tf.Variable` (1.0) that multiplies
     eps and the step size: the training loop ramps it up during `cfg.eps_warmup` epochs.
 
@@ -112,7 +116,11 @@ def make_perturb_fn(cfg: AttackConfig, seed: int = 0) -> PerturbFn:
             delta0 = u * e
         else:
             delta0 = tf.zeros_like(x)
-        x_adv = _pgd_from(model, x, y, delta0, eps=e, steps=steps, step_size=a)
+
+        def float32_logits(images: tf.Tensor, training: bool = False) -> tf.Tensor:
+            return tf.cast(model(images, training=training), tf.float32)
+
+        x_adv = _pgd_from(float32_logits, x, y, delta0, eps=e, steps=steps, step_size=a)
         return tf.stop_gradient(x_adv)
 
     perturb.__name__ = f"perturb_{cfg.method}"

@@ -82,6 +82,12 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         help="TensorFlow op determinism (false: a few %% faster, still seeded; see README)",
     )
     g.add_argument(
+        "--precision",
+        default="auto",
+        help="training precision: auto (mixed_bfloat16 where the CPU has AVX512-BF16 or AMX, "
+        "else float32), float32 or mixed_bfloat16; evaluation and the logged model are float32",
+    )
+    g.add_argument(
         "--allow-unknown-provenance",
         type=_bool,
         nargs="?",
@@ -194,6 +200,7 @@ def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
             args.init_model,
             args.resume_run_id,
             deterministic=args.deterministic is not False,
+            precision=args.precision,
         ),
         mix=mix,
         attack=attack,

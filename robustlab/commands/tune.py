@@ -52,6 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
     )
     p.add_argument("--pin-cpus", type=flag, default=False, help="pin worker i to core i (taskset)")
     p.add_argument(
+        "--precision",
+        default="auto",
+        help="trials' training precision: auto (bf16 where the CPU has it), float32, mixed_bfloat16",
+    )
+    p.add_argument(
         "--create-only",
         type=flag,
         default=False,
@@ -105,6 +110,7 @@ def run(args: argparse.Namespace) -> None:
         max_retry=args.max_retry,
         threads=args.threads,
         pin_cpus=args.pin_cpus,
+        precision=args.precision,
     ).validate()
     from robustlab.tune.study import run_tune
 

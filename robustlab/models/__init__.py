@@ -26,11 +26,16 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str) -> keras.Model:
-    """A fresh, uncompiled model that outputs logits."""
+def build_model(name: str, precision: str = "float32") -> keras.Model:
+    """A fresh, uncompiled model that outputs logits, built under the Keras dtype policy of
+    `precision` (robustlab.precision; the global policy is restored afterwards). Builders give
+    their logits layer `dtype="float32"`, so logits and loss stay float32 under mixed_bfloat16."""
+    from robustlab.precision import precision_scope
+
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; choose one of {available_models()}")
-    return _REGISTRY[name]()
+    with precision_scope(precision):
+        return _REGISTRY[name]()
 
 
 from robustlab.models import cnn  # noqa: E402,F401  (registers the built-in architectures)

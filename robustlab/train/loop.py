@@ -54,7 +54,11 @@ class FitResult:
 def make_train_step(
     model: keras.Model, optimizer: keras.optimizers.Optimizer, perturb: PerturbFn | None
 ):
-    """Compile one step: attack rows [0, n_adv) against the current model, then an Adam update."""
+    """Compile one step: attack rows [0, n_adv) against the current model, then an Adam update.
+
+    The step runs in the model's own precision (a mixed_bfloat16 model computes its layers in
+    bfloat16, the attack included); logits are cast to float32, so loss and accuracy are float32.
+    """
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     @tf.function(
@@ -69,7 +73,7 @@ def make_train_step(
             x_adv = perturb(model, x[:n_adv], y[:n_adv])
             x = tf.concat([x_adv, x[n_adv:]], axis=0)
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
+            logits = tf.cast(model(x, training=True), tf.float32)
             loss = loss_fn(y, logits)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
@@ -113,8 +117,9 @@ def fit(
 ) -> FitResult:
     """Train `epochs` epochs (resuming from `state`), early-stop on `monitor`, keep the best weights.
 
-    After each epoch: validators run, `on_epoch` gets the metrics, a checkpoint is written to
-    `checkpoint_dir` and handed to `on_checkpoint`. On return the model holds the best weights.
+    After each epoch: validators run on the model being trained, in its training precision
+    (val/* curves and early stopping of a mixed_bfloat16 run are bf16 figures), `on_epoch` gets
+    the metrics, a checkpoint is written to `checkpoint_dir` and handed to `on_checkpoint`. On return the model holds the best weights.
     With `eps_warmup` > 0 epochs, the attack's `eps_scale` ramps linearly from 0 to 1 per batch.
 
     Reproducible given `cfg.seed`: the batch order comes from a NumPy RNG whose state is saved in

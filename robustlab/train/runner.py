@@ -25,6 +25,15 @@ from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
 from robustlab.invariance.leakage import excluded_test_indices
 from robustlab.models import build_model
+from robustlab.precision import (
+    AUTO,
+    BF16,
+    FLOAT32,
+    float32_copy,
+    model_precision,
+    resolve_precision,
+    with_precision,
+)
 from robustlab.provenance import UNKNOWN_TAG, metadata_for_run, require_provenance
 from robustlab.regimes import Phase, Regime
 from robustlab.seeding import seed_everything
@@ -163,6 +172,28 @@ def _restore(
     optimizer = keras.optimizers.Adam()
     state, best = load_checkpoint(folder, model, optimizer)
     return state, optimizer, best
+
+
+def training_precision(cfg: RunConfig) -> str:
+    """The resolved training precision; `auto` on a resumed run keeps the precision it ran in."""
+    if cfg.train.precision == AUTO and cfg.train.resume_run_id:
+        try:
+            old = mlflow.tracking.MlflowClient().get_run(cfg.train.resume_run_id)
+        except Exception:  # noqa: BLE001 - check_resume reports a missing run in one line
+            old = None
+        logged = old.data.params.get("precision") if old is not None else None
+        if logged in (FLOAT32, BF16):
+            return logged
+    return resolve_precision(cfg.train.precision)
+
+
+def _training_model(cfg: RunConfig, init_model: keras.Model | None, precision: str) -> keras.Model:
+    """A fresh model (or `init_model`'s copy) in the training precision, logits float32."""
+    if init_model is None:
+        return build_model(cfg.train.model, precision)
+    if model_precision(init_model) == precision:
+        return init_model
+    return with_precision(init_model, precision)
 
 
 def _tracking_server_down() -> bool:
@@ -311,9 +342,11 @@ def run_training(
             file=sys.stderr,
         )
 
+    precision = training_precision(cfg)
     params = {
         "regime": regime.name,
         **cfg.flat_params(),
+        "precision": precision,  # resolved: float32 or mixed_bfloat16
         "inv_label_source": extras.inv_label_source,
         "inv_pool": ",".join(extras.inv_pool) if (regime.uses_inv or all_curves) else "",
         "phases": ",".join(f"{p.name}:{p.epochs}" for p in regime.phases),
@@ -353,7 +386,8 @@ def run_training(
             _log_datasets(mnist, pools)
             log_excluded_sources(excluded)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        model = init_model or build_model(cfg.train.model)
+        model = _training_model(cfg, init_model, precision)
+        print(f"training precision: {precision}", file=sys.stderr)
         resumed: tuple | None = _restore(ckpt_folder, model) if ckpt_folder else None
         if resumed and not same_run:
             mlflow.set_tag("robustlab.resumed_from", resume_id)
@@ -430,17 +464,20 @@ def run_training(
                     f"{phase.name}/train_seconds": result.seconds,
                 }
                 mlflow.log_metrics(summary, run_id=parent_id)
+        # fp32 judging: whatever the training precision, everything below (selection metrics,
+        # evaluation, the logged model) sees only a float32 copy of the trained weights
+        judged = float32_copy(model)
         if extras.on_trained is not None:
-            mlflow.log_metrics(extras.on_trained(model))
-        test = _final_clean_eval(model, mnist, excluded, cfg, out, extras.test_indices)
+            mlflow.log_metrics(extras.on_trained(judged))
+        test = _final_clean_eval(judged, mnist, excluded, cfg, out, extras.test_indices)
         for s in eval_sets.values():
-            mlflow.log_metrics(inv_accuracy(model, s, "test"))
+            mlflow.log_metrics(inv_accuracy(judged, s, "test"))
         if extras.robust_eval:
             from robustlab.evaluation.robustness import evaluate_and_log
 
-            evaluate_and_log(model, test, eval_cfg, out_dir=out / "eval")
+            evaluate_and_log(judged, test, eval_cfg, out_dir=out / "eval")
         _log_model(
-            model,
+            judged,
             test.x[:4],
             metadata_for_run(
                 regime,

@@ -114,6 +114,7 @@ class Objective:
             seed=cfg.seed,
             patience=0,
             resume_run_id=resume,
+            precision=cfg.precision,
         )
         data = DataConfig(cfg.data_dir, b.train_size, b.eval_size)
         return RunConfig(data, train, mix, attack) if mix else RunConfig(data, train, attack=attack)
