@@ -54,6 +54,7 @@ def model_metadata(
     excluded: Iterable[int],
     complete: bool = True,
     init_model: str | None = None,
+    training_precision: str = "float32",
 ) -> dict[str, Any]:
     """The `metadata` dict a robustlab model is logged with (JSON/YAML-safe values only)."""
     return {
@@ -66,7 +67,8 @@ def model_metadata(
             "eps": float(eps),
             "seed": int(seed),
             "data_digest": data_digest,
-            "precision": "float32",
+            "precision": "float32",  # of the logged model, whatever it was trained in
+            "training_precision": training_precision,
             "init_model": init_model or "",
             "excluded_complete": bool(complete),
             "excluded_test_indices": [int(i) for i in excluded],
@@ -180,7 +182,14 @@ def require_provenance(model_uri: str, allow_unknown: bool, flag: str | None) ->
 
 
 def metadata_for_run(
-    regime, cfg, *, run_id: str, data_digest: str, excluded: Iterable[int], init_known: bool = True
+    regime,
+    cfg,
+    *,
+    run_id: str,
+    data_digest: str,
+    excluded: Iterable[int],
+    init_known: bool = True,
+    training_precision: str = "float32",
 ) -> dict[str, Any]:
     """`model_metadata` for a `robustlab.regimes.Regime` trained under a `RunConfig`."""
     phases = [
@@ -202,4 +211,5 @@ def metadata_for_run(
         excluded=excluded,
         complete=init_known,
         init_model=cfg.train.init_model,
+        training_precision=training_precision,
     )

@@ -486,6 +486,7 @@ def run_training(
                 data_digest=mnist.digest,
                 excluded=excluded,
                 init_known=init_prov is None or init_prov.known,
+                training_precision=precision,
             ),
         )
     shutil.rmtree(local_checkpoint_dir(parent_id), ignore_errors=True)  # the run has the model
