@@ -180,13 +180,13 @@ def test_pgd_restarts_draw_independent_starts_and_break_more(model_and_test, mon
     """Issue 12.3: each restart starts from its own random point, so restarts find adversarials
     that one restart misses (a restart repeating the same start could not)."""
     from robustlab.attacks import make_classifier
-    from robustlab.evaluation import robustness
+    from robustlab.evaluation import robustness, stages
 
     model, test = model_and_test
     test = subsample(test, 150, seed=5)
     spy = _Spy()
-    monkeypatch.setattr(robustness, "pgd_attack", spy.wrap_pgd_attack(robustness.pgd_attack))
-    monkeypatch.setattr(robustness, "make_attack", spy.wrap_make_attack(robustness.make_attack))
+    monkeypatch.setattr(stages, "pgd_attack", spy.wrap_pgd_attack(stages.pgd_attack))
+    monkeypatch.setattr(stages, "make_attack", spy.wrap_make_attack(stages.make_attack))
     clean_ok = model.predict(test.x, verbose=0).argmax(1) == test.y
     history = robustness.pgd_restarts(
         model,
