@@ -197,23 +197,30 @@ def _make_attack_batch(
     random_start: bool,
     restarts: int,
     early_exit: bool = True,
+    given_starts: bool = False,
 ):
     """A `tf.function` running `restarts` PGD attacks on a batch, keeping the worst case.
 
     It returns (adversarials, loop iterations, gradient rows). With `early_exit`, each restart
     attacks only the examples no earlier restart broke (`_pgd_early_exit`); without, every
-    restart runs all steps on every example (`_pgd_from`, the training attack).
+    restart runs all steps on every example (`_pgd_from`, the training attack). With
+    `given_starts` (one restart), the random start is the call's `ub` (uniform in [-1, 1]) x eps
+    instead of a draw from the generator.
     """
     gen = tf.random.Generator.from_seed(0)
 
     @tf.function(reduce_retracing=True)
-    def attack_batch(xb: tf.Tensor, yb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def attack_batch(
+        xb: tf.Tensor, yb: tf.Tensor, ub: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         best = xb
         best_wrong = tf.zeros(tf.shape(yb), dtype=tf.bool)
         best_loss = tf.fill(tf.shape(yb), tf.constant(-np.inf, tf.float32))
         iterations, rows = tf.constant(0), tf.constant(0)
         for _ in range(restarts):  # small Python loop: restarts are few, steps are a graph loop
-            if random_start:
+            if random_start and given_starts:
+                delta0 = tf.reshape(ub, tf.shape(xb)) * eps
+            elif random_start:
                 delta0 = gen.uniform(tf.shape(xb), -eps, eps, dtype=tf.float32)
             else:
                 delta0 = tf.zeros_like(xb)
@@ -253,6 +260,7 @@ def pgd_attack(
     seed: int = 0,
     early_exit: bool = True,
     stats: dict[str, int] | None = None,
+    starts: np.ndarray | None = None,
 ) -> np.ndarray:
     """L-inf PGD adversarials of `x` (numpy float32 in [0, 1]), worst case over `restarts`.
 
@@ -261,8 +269,13 @@ def pgd_attack(
     misclassified, steps only the others and ends a batch when all are broken (later restarts
     attack only the survivors); `early_exit=False` runs every step on every example (the cost
     before issue 11). `stats`, when given, gains "iterations" (loop steps, summed over batches
-    and restarts) and "gradient_steps" (examples pushed through a forward/backward pass). Deterministic for a given `seed`: the random starts are drawn afresh from
-    `seed` on every call, so independent restarts across calls need different seeds. A model
+    and restarts) and "gradient_steps" (examples pushed through a forward/backward pass).
+
+    Deterministic for a given `seed`: the random starts are drawn afresh from `seed` on every
+    call, so independent restarts across calls need different seeds. `starts` (x's shape,
+    uniform in [-1, 1], one restart only) gives each example its start instead: scaled by eps,
+    it does not depend on the batch the example lands in (the staged evaluation passes rows of
+    one draw per stage, so a chained stage starts each survivor where it would start alone). A model
     that outputs probabilities instead of logits is refused (ConfigError). One `tf.function`
     per call, traced once per batch shape (at most two: full batches and the remainder).
     """
@@ -273,6 +286,10 @@ def pgd_attack(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y).astype(np.int64).reshape(-1)
+    if starts is not None:
+        starts = np.asarray(starts, dtype=np.float32)
+        if starts.shape != x.shape or restarts != 1:
+            raise ConfigError("starts must have the images' shape and restarts must be 1")
     if len(x) == 0:
         return x.copy()
     check_logits(model, x)
@@ -283,6 +300,7 @@ def pgd_attack(
         bool(random_start),
         int(restarts),
         bool(early_exit),
+        starts is not None,
     )
     per_model = _ATTACKS.setdefault(model, {})
     if key not in per_model:  # one graph per model and attack setting, reused across calls
@@ -294,7 +312,8 @@ def pgd_attack(
     iterations = rows = 0
     for start in range(0, len(x), batch_size):
         sl = slice(start, start + batch_size)
-        adv, it, r = attack_batch(tf.constant(x[sl]), tf.constant(y[sl]))
+        ub = tf.constant(starts[sl]) if starts is not None else tf.zeros((0,), tf.float32)
+        adv, it, r = attack_batch(tf.constant(x[sl]), tf.constant(y[sl]), ub)
         out[sl] = adv.numpy()
         iterations, rows = iterations + int(it), rows + int(r)
     if stats is not None:

@@ -132,8 +132,11 @@ def _attack(
     batch_size: int,
     early_exit: bool,
     stats: dict[str, int],
+    starts: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One run of `stage`'s attack (one restart) on (x, y); returns the adversarial images."""
+    """One run of `stage`'s attack (one restart) on (x, y); returns the adversarial images.
+
+    `starts`: robustlab PGD's random starts (uniform in [-1, 1], x's shape)."""
     if stage.attack == "pgd" and stage.engine == "robustlab":
         return pgd_attack(
             model,
@@ -147,6 +150,7 @@ def _attack(
             seed=seed,
             early_exit=early_exit,
             stats=stats,
+            starts=starts,
         )
     params: dict[str, Any] = {"steps": stage.steps}
     if stage.attack == "pgd":  # ART's PGD runs every step on every example
@@ -210,6 +214,13 @@ def run_stages(
             if stage.eps == 0 or len(alive) == 0:
                 break
             xs, ys = x[idx[alive]], y[idx[alive]]
+            starts = None
+            if stage.attack == "pgd" and stage.engine == "robustlab":
+                # one draw over the whole subset: an example's start does not depend on which
+                # other examples are still alive (chained == alone, example by example)
+                rng = np.random.default_rng(restart_seed)
+                u = rng.random((len(idx), *x.shape[1:]), dtype=np.float32)
+                starts = 2.0 * u[alive] - 1.0
             adv = _attack(
                 model,
                 classifier_fn,
@@ -220,6 +231,7 @@ def run_stages(
                 batch_size=batch_size,
                 early_exit=early_exit,
                 stats=stats,
+                starts=starts,
             )
             broken = predict_logits(model, adv, batch_size).argmax(axis=1) != ys
             robust[alive[broken]] = False
