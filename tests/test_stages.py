@@ -26,7 +26,7 @@ def test_early_exit_keeps_the_robust_flags_and_costs_fewer_steps(model_and_test)
     from robustlab.attacks import pgd_attack
 
     model, test = model_and_test
-    small = subsample(test, 300, seed=11)
+    small = subsample(test, 200, seed=11)
     ok = _predict(model, small.x) == small.y
     x, y = small.x[ok], small.y[ok]
     eps = 0.3
@@ -58,9 +58,9 @@ def test_chained_stages_give_exactly_the_worst_case_of_the_stages_alone(model_an
     clean_ok = _predict(model, x) == y
     subsets = {"all": np.arange(len(y))}
     stages = [
-        Stage("a", "pgd", 0.15, steps=10, seed_stream="pgd100", seed_index=0),
-        Stage("b", "pgd", 0.15, steps=10, seed_stream="pgd100", seed_index=1),
-        Stage("c", "pgd", 0.25, steps=10, seed_stream="pgd100", seed_index=2),
+        Stage("a", "pgd", 0.25, steps=3, seed_stream="pgd100", seed_index=0),
+        Stage("b", "pgd", 0.25, steps=3, seed_stream="pgd100", seed_index=1),
+        Stage("c", "pgd", 0.3, steps=3, seed_stream="pgd100", seed_index=2),
     ]
     kw = {"seed": 3, "batch_size": 100}
     chained = run_stages(model, x, y, clean_ok, subsets, stages, **kw)
