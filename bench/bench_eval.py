@@ -40,8 +40,7 @@ from robustlab.models import build_model  # noqa: E402
 
 def end_of_training_config(regime: str, eps: float) -> EvalConfig:
     """The EvalConfig a training entry point builds from its CLI defaults."""
-    args = build_parser().parse_args([regime, "--eps", str(eps)])
-    return configs(args)[1]
+    return replace(configs(build_parser().parse_args([regime]))[1], eps=eps)
 
 
 def train(train_x, train_y, *, epochs: int, pgd_epochs: int, eps: float) -> keras.Model:
