@@ -48,8 +48,6 @@ from robustlab.evaluation.stages import (
 )
 from robustlab.evaluation.stats import Accuracy, accuracy, predict_logits
 
-__all__ = ["attack_seed", "build_stages", "evaluate_and_log", "pgd_restarts"]
-
 EPS_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 MASKING_TAG = "robustlab.warning.gradient_masking"
 MASKING_MARGIN = 0.05  # AutoAttack / Square this far below PGD (same examples) => warning
