@@ -9,8 +9,10 @@ Chains (each is the exact per-example worst case over its stages):
 - subset "all" (every test image): PGD-40, then R restarts of PGD-{steps} on what is left, so
   `test/pgd100x{R}_acc` is the worst case over PGD-40 and the R restarts;
 - subset "autoattack" (seeded subset of `cfg.autoattack_size`): ART's AutoAttack (APGD-CE,
-  APGD-DLR, Square) from the clean-correct images, independent of the PGD chain; a stand-alone
-  Square on the same images, independent of both (the gradient-free masking check);
+  APGD-DLR, Square) on the images the PGD chain left standing there, so `test/autoattack_acc`
+  is the worst case over PGD and AutoAttack (a non-robust model leaves it nothing to do); a
+  stand-alone Square from the clean-correct images, independent of both (the gradient-free
+  masking check: Square alone far below PGD);
 - subset "curve" (seeded subset of `curve_size`): PGD-40 at ascending eps, each point attacking
   only the survivors of the previous point (an adversarial within eps_i lies within eps_{i+1}),
   so the curve is the worst case over the smaller eps and cannot rise with eps.
@@ -129,6 +131,7 @@ def build_stages(
                 engine="art",
                 seed_stream="autoattack",
                 square_queries=square_queries,
+                after_all=cfg.early_exit,  # the old cost: AutoAttack on every clean-correct image
             )
         )
         stages.append(

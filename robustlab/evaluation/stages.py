@@ -9,7 +9,8 @@ records its seconds, examples attacked and broken, gradient steps (when known) a
 
 A stage marked `independent` attacks every clean-correct example of its subset instead and feeds
 no survivors on (the stand-alone Square check, and every eps-curve point in the pre-issue-11
-cost mode); `worst_case` still ANDs it in.
+cost mode); `worst_case` still ANDs it in. A stage marked `after_all` attacks only the examples
+of its subset that also survived every stage so far on subset "all" (AutoAttack after PGD).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Stage:
     seed_index: int = 0
     square_queries: int = 0
     independent: bool = False
+    after_all: bool = False
 
     def validate(self) -> Stage:
         if self.attack not in ATTACKS:
@@ -117,6 +119,7 @@ class StageResult:
             "restarts": s.restarts,
             "subset": s.subset,
             "independent": s.independent,
+            "after_all": s.after_all,
             "n_attacked": self.n_attacked,
             "n_broken": self.n_broken,
             "seconds": self.seconds,
@@ -201,6 +204,7 @@ def run_stages(
         return classifiers[0]
 
     flags = {name: np.asarray(clean_ok)[idx].copy() for name, idx in subsets.items()}
+    alive_all = np.asarray(clean_ok, dtype=bool).copy()  # survivors of chain "all", per image
     results: list[StageResult] = []
     for stage in stages:
         stage.validate()
@@ -208,6 +212,8 @@ def run_stages(
             raise ConfigError(f"stage {stage.name}: no subset {stage.subset!r} given")
         idx = subsets[stage.subset]
         start = np.asarray(clean_ok)[idx] if stage.independent else flags[stage.subset]
+        if stage.after_all and "all" in subsets:
+            start = start & alive_all[idx]
         robust = start.copy()
         seeds = stage.seeds(seed)
         stats: dict[str, int] = {}
@@ -252,6 +258,8 @@ def run_stages(
         )
         if not stage.independent:
             flags[stage.subset] = robust
+            if stage.subset == "all":
+                alive_all[idx] = robust
         results.append(result)
         if progress is not None:
             progress(result)
