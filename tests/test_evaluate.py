@@ -104,6 +104,11 @@ def test_evaluate_and_log_records_metrics_intervals_and_artifacts(
         "curve",
         "total",
     }
+    stages = {s["name"]: s for s in report["stages"]}
+    assert {"pgd40", "pgd100x2", "autoattack", "square"} <= set(stages)
+    # AutoAttack attacks what the PGD chain left standing on its subset; Square every clean one
+    assert stages["autoattack"]["n_attacked"] == round(metrics["test/pgd_subset_acc"] * 30)
+    assert stages["square"]["n_attacked"] > stages["autoattack"]["n_attacked"]
     summary = (tmp_path / "out" / "evaluation.md").read_text()
     assert "test/pgd100x2_acc" in summary and "No sign of gradient masking" in summary
 
