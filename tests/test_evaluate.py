@@ -106,9 +106,10 @@ def test_evaluate_and_log_records_metrics_intervals_and_artifacts(
     }
     stages = {s["name"]: s for s in report["stages"]}
     assert {"pgd40", "pgd100x2", "autoattack", "square"} <= set(stages)
-    # AutoAttack attacks what the PGD chain left standing on its subset; Square every clean one
-    assert stages["autoattack"]["n_attacked"] == round(metrics["test/pgd_subset_acc"] * 30)
-    assert stages["square"]["n_attacked"] > stages["autoattack"]["n_attacked"]
+    # AutoAttack and Square each attack what the PGD chain left standing on their subset
+    n_pgd_survivors = round(metrics["test/pgd_subset_acc"] * 30)
+    assert stages["autoattack"]["n_attacked"] == stages["square"]["n_attacked"] == n_pgd_survivors
+    assert 0 < n_pgd_survivors < round(metrics["test/clean_acc"] * 120)
     summary = (tmp_path / "out" / "evaluation.md").read_text()
     assert "test/pgd100x2_acc" in summary and "No sign of gradient masking" in summary
 

@@ -11,8 +11,8 @@ Chains (each is the exact per-example worst case over its stages):
 - subset "autoattack" (seeded subset of `cfg.autoattack_size`): ART's AutoAttack (APGD-CE,
   APGD-DLR, Square) on the images the PGD chain left standing there, so `test/autoattack_acc`
   is the worst case over PGD and AutoAttack (a non-robust model leaves it nothing to do); a
-  stand-alone Square from the clean-correct images, independent of both (the gradient-free
-  masking check: Square alone far below PGD);
+  stand-alone Square on the same PGD survivors, independent of AutoAttack (`test/square_acc`:
+  worst case over PGD and Square; the gradient-free masking check: far below PGD);
 - subset "curve" (seeded subset of `curve_size`): PGD-40 at ascending eps, each point attacking
   only the survivors of the previous point (an adversarial within eps_i lies within eps_{i+1}),
   so the curve is the worst case over the smaller eps and cannot rise with eps.
@@ -144,6 +144,7 @@ def build_stages(
                 engine="art",
                 seed_stream="square",
                 independent=True,
+                after_all=cfg.early_exit,
             )
         )
     for i, e in enumerate(eps_grid):
