@@ -171,10 +171,22 @@ class EvalConfig:
     pgd_restarts: int = 5  # random restarts of the PGD-100 attack (0 = PGD-40 only)
     seed: int = 0
     batch_size: int = 500
-    curve_size: int = 1000  # seeded subset for the accuracy-vs-eps curve
-    curve_points: int = 9  # eps values from 0 to 0.4 on that curve
+    # the accuracy-vs-eps curve (PGD-40 on a seeded subset, each eps on the survivors of the
+    # smaller one). End-of-training default 500 images x 5 points (0, 0.1, .., 0.4): on a robust
+    # model each point costs about 40 gradient steps per robust image, so 500 x 4 attacked
+    # points stay under a fifth of the full-test-set PGD-40 stage; `evaluate` and the `full`
+    # budget pass 1000 x 9 (0, 0.05, .., 0.4)
+    curve_size: int = 500
+    curve_points: int = 5
     square_queries: int = 5000  # Square's query budget, inside AutoAttack and alone
-    pgd_engine: str = "art"  # "art" or "robustlab" (in-graph PGD, same result, about 2x faster)
+    # "robustlab": in-graph PGD with early exit (end of training; same attack as ART's, tested);
+    # `evaluate` passes "art" by default, the independent cross-check against ART's PGD
+    pgd_engine: str = "robustlab"
+    pgd_steps: int = 100  # steps of each restart of the restart stage: test/pgd{steps}x{R}_acc
+    # False: every PGD runs all its steps and each eps-curve point attacks every clean-correct
+    # image (the evaluation cost before issue 11, for bench/bench_eval.py); the flags are the
+    # same, except that the curve is then not the worst case over the smaller eps
+    early_exit: bool = True
 
     def validate(self) -> EvalConfig:
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
@@ -193,6 +205,8 @@ class EvalConfig:
             raise ConfigError(
                 f"pgd_restarts must be >= 0 (0 = PGD-40 only), got {self.pgd_restarts}"
             )
+        if self.pgd_steps < 1:
+            raise ConfigError(f"pgd_steps must be >= 1, got {self.pgd_steps}")
         if self.pgd_engine not in PGD_ENGINES:
             raise ConfigError(f"pgd_engine must be one of {PGD_ENGINES}, got {self.pgd_engine!r}")
         return self

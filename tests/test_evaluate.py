@@ -104,6 +104,12 @@ def test_evaluate_and_log_records_metrics_intervals_and_artifacts(
         "curve",
         "total",
     }
+    stages = {s["name"]: s for s in report["stages"]}
+    assert {"pgd40", "pgd100x2", "autoattack", "square"} <= set(stages)
+    # AutoAttack and Square each attack what the PGD chain left standing on their subset
+    n_pgd_survivors = round(metrics["test/pgd_subset_acc"] * 30)
+    assert stages["autoattack"]["n_attacked"] == stages["square"]["n_attacked"] == n_pgd_survivors
+    assert n_pgd_survivors > 0  # the subset stages had work to do
     summary = (tmp_path / "out" / "evaluation.md").read_text()
     assert "test/pgd100x2_acc" in summary and "No sign of gradient masking" in summary
 
@@ -180,13 +186,13 @@ def test_pgd_restarts_draw_independent_starts_and_break_more(model_and_test, mon
     """Issue 12.3: each restart starts from its own random point, so restarts find adversarials
     that one restart misses (a restart repeating the same start could not)."""
     from robustlab.attacks import make_classifier
-    from robustlab.evaluation import robustness
+    from robustlab.evaluation import robustness, stages
 
     model, test = model_and_test
     test = subsample(test, 150, seed=5)
     spy = _Spy()
-    monkeypatch.setattr(robustness, "pgd_attack", spy.wrap_pgd_attack(robustness.pgd_attack))
-    monkeypatch.setattr(robustness, "make_attack", spy.wrap_make_attack(robustness.make_attack))
+    monkeypatch.setattr(stages, "pgd_attack", spy.wrap_pgd_attack(stages.pgd_attack))
+    monkeypatch.setattr(stages, "make_attack", spy.wrap_make_attack(stages.make_attack))
     clean_ok = model.predict(test.x, verbose=0).argmax(1) == test.y
     history = robustness.pgd_restarts(
         model,

@@ -1,18 +1,25 @@
-"""Robustness evaluation through ART: clean, PGD-40, PGD-100 x R, AutoAttack, Square, eps-curve.
+"""Robustness evaluation: clean, PGD-40, PGD-{steps} x R, AutoAttack, Square, eps-curve, as stages.
 
-Cost model (why the attacks are chained): an example that is misclassified clean, or broken by a
-cheaper attack, is not robust whatever a stronger attack does, so each attack only runs on the
-examples still correct after the previous ones. `test/pgd100x{R}_acc` is therefore the
-per-example worst case over PGD-40 and R restarts of PGD-100 (each restart attacking only what
-the earlier ones left standing). This is exactly the accuracy of "PGD-40 + PGD-100 x R" run on
-every example, never higher than PGD-100 x R alone, and it costs time only for robust examples.
-On a robust model (about 90% robust at eps 0.3) PGD-100 x R still dominates the cost: about
-R x 100 gradient steps per robust image.
+`evaluate_and_log` validates its inputs, builds an ordered list of stages from the EvalConfig
+(`build_stages`), runs them with `robustlab.evaluation.stages.run_stages` (each stage attacks
+only the survivors of the stages before it on the same subset) and turns the stage flags into
+metrics, plots and evaluation.json (which lists every stage's cost).
 
-AutoAttack (ART `AutoAttack` over APGD-CE, APGD-DLR and Square, see
-`robustlab.attacks.art_factory.make_attack`) and a stand-alone Square attack run on a fixed,
-seeded subset of `cfg.autoattack_size` examples; the accuracy-vs-eps curve (PGD-40, one random
-start) runs on a seeded subset of `curve_size` examples.
+Chains (each is the exact per-example worst case over its stages):
+- subset "all" (every test image): PGD-40, then R restarts of PGD-{steps} on what is left, so
+  `test/pgd100x{R}_acc` is the worst case over PGD-40 and the R restarts;
+- subset "autoattack" (seeded subset of `cfg.autoattack_size`): ART's AutoAttack (APGD-CE,
+  APGD-DLR, Square) on the images the PGD chain left standing there, so `test/autoattack_acc`
+  is the worst case over PGD and AutoAttack (a non-robust model leaves it nothing to do); a
+  stand-alone Square on the same PGD survivors, independent of AutoAttack (`test/square_acc`:
+  worst case over PGD and Square; the gradient-free masking check: far below PGD);
+- subset "curve" (seeded subset of `curve_size`): PGD-40 at ascending eps, each point attacking
+  only the survivors of the previous point (an adversarial within eps_i lies within eps_{i+1}),
+  so the curve is the worst case over the smaller eps and cannot rise with eps.
+
+The in-graph PGD (`pgd_engine="robustlab"`) exits early: an example is frozen at the first
+iterate the model misclassifies and a batch stops once all are broken. Cost therefore grows with
+the robust examples only: a non-robust model costs a few steps per image.
 """
 
 from __future__ import annotations
@@ -27,15 +34,20 @@ from typing import Any
 
 import numpy as np
 
-from robustlab.attacks.art_factory import make_attack, make_classifier
 from robustlab.attacks.checks import check_logits
-from robustlab.attacks.tf_attacks import pgd_attack
 from robustlab.config import EvalConfig
-from robustlab.data.mnist import Split, subsample
+from robustlab.data.mnist import Split
 from robustlab.data.validate import check_images, check_labels
 from robustlab.errors import DataError
 from robustlab.evaluation.indices import log_evaluated_indices
 from robustlab.evaluation.plots import image_grid, line_plot
+from robustlab.evaluation.stages import (
+    Stage,
+    StageResult,
+    attack_seed,
+    pgd_step,
+    run_stages,
+)
 from robustlab.evaluation.stats import Accuracy, accuracy, predict_logits
 
 EPS_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
@@ -43,19 +55,7 @@ MASKING_TAG = "robustlab.warning.gradient_masking"
 MASKING_MARGIN = 0.05  # AutoAttack / Square this far below PGD (same examples) => warning
 CURVE_RISE_TOL = 0.02  # robust accuracy may wobble this much upwards with eps (sampling noise)
 SQUARE_QUERIES = 5000  # queries of Square, inside AutoAttack and stand-alone
-PGD_STEP_FACTOR = 2.5  # step size = 2.5 * eps / steps (Madry et al.)
 GRID_COLUMNS = 10
-_STAGES = {"pgd40": 1, "pgd100": 2, "curve": 3, "autoattack": 4, "square": 5}
-
-
-def attack_seed(seed: int, stage: str, index: int = 0) -> int:
-    """A reproducible seed of its own for each attack stage and restart (or eps-curve point).
-
-    Every restart draws its random start from its own seed, so R restarts are R independent
-    starts (not one start R times), and a restart does not depend on what ran before it.
-    """
-    words = [int(seed) % 2**32, _STAGES[stage], int(index)]
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def check_eval_inputs(test: Split) -> None:
@@ -76,62 +76,92 @@ def _progress(stage: str, seconds: float) -> None:
     print(f"[evaluate] {stage} done ({seconds:.0f} s)", file=sys.stderr, flush=True)
 
 
-def _pgd_step(eps: float, steps: int) -> float:
-    return PGD_STEP_FACTOR * eps / steps if eps > 0 else 0.01
-
-
 def _predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     return predict_logits(model, x, batch_size).argmax(axis=1)
 
 
-def _attack_survivors(
-    model,
-    classifier,
-    name: str,
-    x: np.ndarray,
-    y: np.ndarray,
-    robust: np.ndarray,
-    *,
-    eps: float,
-    batch_size: int,
-    x_adv: np.ndarray | None = None,
-    engine: str = "art",
-    seed: int = 0,
-    **params: Any,
-) -> np.ndarray:
-    """Run attack `name` on the examples flagged `robust`; returns the updated flags.
+def _subset_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """Indices of `robustlab.data.mnist.subsample(split, size, seed=seed)` in a split of `n`."""
+    if size <= 0 or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
-    Attacks come from ART, except PGD with `engine="robustlab"`: the in-graph PGD of
-    `robustlab.attacks.tf_attacks` (tested to match ART's PGD per example, about 2x faster).
-    When `x_adv` is given, the adversarial images that broke an example are written into it.
-    `seed` fixes the random start: PGD and Square from ART draw it from numpy's global
-    generator, which is seeded with `seed` just before the attack.
-    """
-    robust = robust.copy()
-    idx = np.flatnonzero(robust)
-    if len(idx) == 0 or eps == 0:
-        return robust
-    if name == "pgd" and engine == "robustlab":
-        adv = pgd_attack(
-            model,
-            x[idx],
-            y[idx],
-            eps=eps,
-            steps=params["steps"],
-            step_size=params["step_size"],
-            restarts=params.get("restarts", 1),
-            batch_size=batch_size,
-            seed=seed,
+
+def eps_grid_for(cfg: EvalConfig) -> tuple[float, ...]:
+    """The eps-curve points: EPS_GRID, or `cfg.curve_points` evenly spaced from 0 to its end."""
+    if cfg.curve_points == len(EPS_GRID):
+        return EPS_GRID
+    return tuple(round(float(e), 4) for e in np.linspace(0.0, EPS_GRID[-1], cfg.curve_points))
+
+
+def restart_stage_name(steps: int, restarts: int) -> str:
+    return f"pgd{steps}x{restarts}"
+
+
+def build_stages(
+    cfg: EvalConfig,
+    eps_grid: Sequence[float],
+    *,
+    square_queries: int,
+    autoattack_steps: int = 100,
+) -> list[Stage]:
+    """The evaluation's stages, in order, from `cfg` (see the module docstring)."""
+    eps, engine = float(cfg.eps), cfg.pgd_engine
+    stages = [Stage("pgd40", "pgd", eps, steps=40, engine=engine, seed_stream="pgd40")]
+    if cfg.pgd_restarts > 0:
+        stages.append(
+            Stage(
+                restart_stage_name(cfg.pgd_steps, cfg.pgd_restarts),
+                "pgd",
+                eps,
+                steps=cfg.pgd_steps,
+                restarts=cfg.pgd_restarts,
+                engine=engine,
+                seed_stream="pgd100",
+            )
         )
-    else:
-        attack = make_attack(name, classifier, eps=eps, batch_size=batch_size, **params)
-        np.random.seed(seed)  # ART's random starts come from numpy's global generator
-        adv = attack.generate(x[idx], y[idx]).astype(np.float32)
-    broken = _predict(model, adv, batch_size) != y[idx]
-    robust[idx[broken]] = False
-    if x_adv is not None:
-        x_adv[idx[broken]] = adv[broken]
-    return robust
+    if cfg.autoattack_size > 0:
+        stages.append(
+            Stage(
+                "autoattack",
+                "autoattack",
+                eps,
+                steps=autoattack_steps,
+                subset="autoattack",
+                engine="art",
+                seed_stream="autoattack",
+                square_queries=square_queries,
+                after_all=cfg.early_exit,  # the old cost: AutoAttack on every clean-correct image
+            )
+        )
+        stages.append(
+            Stage(
+                "square",
+                "square",
+                eps,
+                steps=square_queries,
+                subset="autoattack",
+                engine="art",
+                seed_stream="square",
+                independent=True,
+                after_all=cfg.early_exit,
+            )
+        )
+    for i, e in enumerate(eps_grid):
+        stages.append(
+            Stage(
+                f"curve@{float(e):g}",
+                "pgd",
+                float(e),
+                steps=40,
+                subset="curve",
+                engine=engine,
+                seed_stream="curve",
+                seed_index=i,
+                independent=not cfg.early_exit,  # the old cost: every point attacks every image
+            )
+        )
+    return stages
 
 
 def pgd_restarts(
@@ -155,26 +185,31 @@ def pgd_restarts(
     start of its own (`attack_seed(seed, "pgd100", r)`). Returns the robust flags after each
     restart; the last is the per-example worst case over `robust` and every restart.
     """
-    history: list[np.ndarray] = []
-    for r in range(restarts):
-        robust = _attack_survivors(
-            model,
-            classifier,
+    stages = [
+        Stage(
+            f"restart{r}",
             "pgd",
-            x,
-            y,
-            robust,
-            eps=eps,
-            batch_size=batch_size,
-            x_adv=x_adv,
+            eps,
             steps=steps,
-            step_size=_pgd_step(eps, steps),
-            restarts=1,
             engine=engine,
-            seed=attack_seed(seed, "pgd100", r),
+            seed_stream="pgd100",
+            seed_index=r,
         )
-        history.append(robust)
-    return history
+        for r in range(restarts)
+    ]
+    results = run_stages(
+        model,
+        x,
+        y,
+        robust,
+        {"all": np.arange(len(x))},
+        stages,
+        seed=seed,
+        batch_size=batch_size,
+        adv_out=x_adv,
+        classifier=classifier,
+    )
+    return [r.robust for r in results]
 
 
 def gradient_masking_warnings(
@@ -246,165 +281,88 @@ def evaluate_and_log(
     square_queries: int | None = None,
     autoattack_steps: int = 100,
 ) -> dict[str, float]:
-    """Evaluate `model` (logits) on `test` with ART attacks and log the results.
+    """Evaluate `model` (logits) on `test` through the stages of `build_stages(cfg)` and log it.
 
     `test` is already stripped of excluded sources and subsampled by the caller. Metrics (each
     with `_ci_low`/`_ci_high`, 95% Wilson): `test/clean_acc`, `test/pgd40_acc` (PGD-40, one
-    random start, step 2.5 eps / 40), `test/pgd100x{R}_acc` (worst case over PGD-40 and R
-    restarts of PGD-100, not logged when R = 0, see the module docstring), `test/autoattack_acc`, `test/square_acc` and
-    `test/pgd_subset_acc` (the PGD-100 x R accuracy on that same subset, for comparison) when
-    `cfg.autoattack_size` > 0 (0 skips them), `test/pgd_curve_acc` logged with step = eps in
-    hundredths. Artifacts in `out_dir` (and in the active MLflow run when `log`):
-    evaluation.json, evaluation.md, eps_curve.png, adversarial_examples.png. A gradient-masking
-    suspicion sets the run tag `robustlab.warning.gradient_masking`. Seeded by `cfg.seed`.
-    `eps_grid`, `curve_size`, `square_queries` and `autoattack_steps` (APGD iterations) exist to
-    keep tests fast; leave the defaults for reported numbers.
+    random start, step 2.5 eps / 40), `test/pgd{S}x{R}_acc` (S = `cfg.pgd_steps`, usually
+    `pgd100x{R}`: worst case over PGD-40 and R restarts of PGD-S; not logged when R = 0),
+    `test/autoattack_acc`, `test/square_acc` and `test/pgd_subset_acc` (the PGD worst case on
+    that same subset, for comparison) when `cfg.autoattack_size` > 0 (0 skips them),
+    `test/pgd_curve_acc` logged with step = eps in hundredths, `test/n_eval`,
+    `test/eval_seconds`. Artifacts in `out_dir` (and in the active MLflow run when `log`):
+    evaluation.json (with `stages`: every stage's cost), evaluation.md, eps_curve.png,
+    adversarial_examples.png. A gradient-masking suspicion sets the run tag
+    `robustlab.warning.gradient_masking`. Seeded by `cfg.seed`. `eps_grid`, `curve_size`,
+    `square_queries` and `autoattack_steps` (APGD iterations) exist to keep tests fast; leave
+    the defaults for reported numbers.
     """
     cfg.validate()
     check_eval_inputs(test)
     check_logits(model, test.x)
     square_queries = cfg.square_queries if square_queries is None else square_queries
+    curve_size = cfg.curve_size if curve_size is None else curve_size
+    eps_grid = eps_grid_for(cfg) if eps_grid is None else tuple(float(e) for e in eps_grid)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eps, bs, R = float(cfg.eps), int(cfg.batch_size), int(cfg.pgd_restarts)
-    engine = cfg.pgd_engine
-    classifier = make_classifier(model)
-    x, y = test.x, test.y
-    seconds: dict[str, float] = {}
-    t_start = t = time.perf_counter()
-
+    x, y, n = test.x, test.y, len(test)
+    stages = build_stages(
+        cfg, eps_grid, square_queries=square_queries, autoattack_steps=autoattack_steps
+    )
+    subsets = {
+        "all": np.arange(n),
+        "autoattack": _subset_indices(n, min(cfg.autoattack_size, n), cfg.seed)
+        if cfg.autoattack_size > 0
+        else np.arange(0),
+        "curve": _subset_indices(n, curve_size, cfg.seed),
+    }
+    t_start = time.perf_counter()
     clean_pred = _predict(model, x, bs)
     clean_ok = clean_pred == y
-    seconds["clean"] = time.perf_counter() - t
+    seconds: dict[str, float] = {"clean": time.perf_counter() - t_start}
     _progress("clean", seconds["clean"])
 
-    t = time.perf_counter()
     x_adv = x.copy()
-    pgd40_ok = _attack_survivors(
+    results = run_stages(
         model,
-        classifier,
-        "pgd",
         x,
         y,
         clean_ok,
-        eps=eps,
-        batch_size=bs,
-        x_adv=x_adv,
-        steps=40,
-        step_size=_pgd_step(eps, 40),
-        restarts=1,
-        engine=engine,
-        seed=attack_seed(cfg.seed, "pgd40"),
-    )
-    seconds["pgd40"] = time.perf_counter() - t
-    _progress("pgd40", seconds["pgd40"])
-
-    t = time.perf_counter()
-    history = pgd_restarts(
-        model,
-        classifier,
-        x,
-        y,
-        pgd40_ok,
-        restarts=R,
-        eps=eps,
-        steps=100,
-        batch_size=bs,
-        engine=engine,
+        subsets,
+        stages,
         seed=cfg.seed,
-        x_adv=x_adv,
+        batch_size=bs,
+        early_exit=cfg.early_exit,
+        adv_out=x_adv,
+        progress=lambda r: _progress(r.stage.name, r.seconds),
     )
-    pgd100_ok = history[-1] if history else pgd40_ok
+    by_name = {r.stage.name: r for r in results}
+    for r in results:  # the curve's points add up to one part, as before
+        key = "curve" if r.stage.subset == "curve" else r.stage.name
+        seconds[key] = seconds.get(key, 0.0) + r.seconds
+
+    pgd40_ok = by_name["pgd40"].robust
+    restart_name = restart_stage_name(cfg.pgd_steps, R)
+    pgd_ok = by_name[restart_name].robust if R > 0 else pgd40_ok
     accs: dict[str, Accuracy] = {
         "test/clean_acc": accuracy(clean_ok),
         "test/pgd40_acc": accuracy(pgd40_ok),
     }
     if R > 0:  # R = 0: PGD-40 is the strongest PGD; AutoAttack stays the strong attack
-        seconds[f"pgd100x{R}"] = time.perf_counter() - t
-        _progress(f"pgd100x{R}", seconds[f"pgd100x{R}"])
-        accs[f"test/pgd100x{R}_acc"] = accuracy(pgd100_ok)
-
+        accs[f"test/{restart_name}_acc"] = accuracy(pgd_ok)
     aa_acc = sq_acc = None
-    n_aa = 0
-    if cfg.autoattack_size > 0 and len(test) > 0:
-        sub_idx = np.sort(
-            np.random.default_rng(cfg.seed).choice(
-                len(test), size=min(cfg.autoattack_size, len(test)), replace=False
-            )
-        )
-        n_aa = len(sub_idx)
-        xs, ys = x[sub_idx], y[sub_idx]
-        t = time.perf_counter()
-        aa_ok = clean_ok[sub_idx].copy()
-        if eps > 0 and aa_ok.any():
-            aa = make_attack(
-                "autoattack",
-                classifier,
-                eps=eps,
-                batch_size=bs,
-                square_queries=square_queries,
-                steps=autoattack_steps,
-            )
-            np.random.seed(attack_seed(cfg.seed, "autoattack"))  # ART's RNG: numpy's global one
-            adv = aa.generate(xs, ys).astype(np.float32)
-            aa_ok &= _predict(model, adv, bs) == ys
-        seconds["autoattack"] = time.perf_counter() - t
-        _progress("autoattack", seconds["autoattack"])
-        t = time.perf_counter()
-        sq_ok = _attack_survivors(
-            model,
-            classifier,
-            "square",
-            xs,
-            ys,
-            clean_ok[sub_idx],
-            eps=eps,
-            batch_size=bs,
-            steps=square_queries,
-            restarts=1,
-            seed=attack_seed(cfg.seed, "square"),
-        )
-        seconds["square"] = time.perf_counter() - t
-        _progress("square", seconds["square"])
-        accs["test/autoattack_acc"] = accuracy(aa_ok)
-        accs["test/square_acc"] = accuracy(sq_ok)
-        accs["test/pgd_subset_acc"] = accuracy(pgd100_ok[sub_idx])
+    sub_idx = subsets["autoattack"]
+    if "autoattack" in by_name and len(sub_idx) > 0:
+        accs["test/autoattack_acc"] = accuracy(by_name["autoattack"].robust)
+        accs["test/square_acc"] = accuracy(by_name["square"].robust)
+        accs["test/pgd_subset_acc"] = accuracy(pgd_ok[sub_idx])
         aa_acc, sq_acc = accs["test/autoattack_acc"].value, accs["test/square_acc"].value
+    curve = [r for r in results if r.stage.subset == "curve"]
+    curve_accs = [accuracy(r.robust) for r in curve]
+    n_curve = len(subsets["curve"])
 
-    # accuracy vs eps: PGD-40 with one random start on a seeded subset
-    t = time.perf_counter()
-    curve_size = cfg.curve_size if curve_size is None else curve_size
-    if eps_grid is None:
-        eps_grid = (
-            EPS_GRID
-            if cfg.curve_points == len(EPS_GRID)
-            else tuple(round(float(e), 4) for e in np.linspace(0.0, EPS_GRID[-1], cfg.curve_points))
-        )
-    curve_split = subsample(test, curve_size, seed=cfg.seed) if curve_size > 0 else test
-    xc, yc = curve_split.x, curve_split.y
-    curve_clean = _predict(model, xc, bs) == yc if len(yc) else np.zeros(0, dtype=bool)
-    curve_accs = []
-    for i, e in enumerate(eps_grid):
-        ok = _attack_survivors(
-            model,
-            classifier,
-            "pgd",
-            xc,
-            yc,
-            curve_clean,
-            eps=float(e),
-            batch_size=bs,
-            steps=40,
-            step_size=_pgd_step(float(e), 40),
-            restarts=1,
-            engine=engine,
-            seed=attack_seed(cfg.seed, "curve", i),
-        )
-        curve_accs.append(accuracy(ok))
-    seconds["curve"] = time.perf_counter() - t
-    _progress("curve", seconds["curve"])
-
-    pgd_ref = accs["test/pgd_subset_acc"].value if aa_acc is not None else accuracy(pgd100_ok).value
+    pgd_ref = accs["test/pgd_subset_acc"].value if aa_acc is not None else accuracy(pgd_ok).value
     warnings = gradient_masking_warnings(
         pgd_ref, aa_acc, sq_acc, list(eps_grid), [a.value for a in curve_accs]
     )
@@ -412,20 +370,19 @@ def evaluate_and_log(
     metrics: dict[str, float] = {}
     for name, acc in accs.items():
         metrics.update(acc.as_metrics(name))
-    metrics["test/n_eval"] = float(len(test))
+    metrics["test/n_eval"] = float(n)
     seconds["total"] = time.perf_counter() - t_start
     metrics["test/eval_seconds"] = seconds["total"]
 
-    # figures
     curve_path = line_plot(
         {"PGD-40": ([float(e) for e in eps_grid], [a.value for a in curve_accs])},
         out_dir / "eps_curve.png",
         xlabel="L-inf eps",
         ylabel="robust accuracy",
-        title=f"Accuracy vs eps (PGD-40, n={len(yc)})",
+        title=f"Accuracy vs eps (PGD-40, n={n_curve})",
         bands={"PGD-40": ([a.ci_low for a in curve_accs], [a.ci_high for a in curve_accs])},
     )
-    cols = min(GRID_COLUMNS, len(test))
+    cols = min(GRID_COLUMNS, n)
     grid_path = out_dir / "adversarial_examples.png"
     if cols > 0:
         image_grid(
@@ -436,64 +393,21 @@ def evaluate_and_log(
             title=f"Clean vs worst PGD adversarial (label→prediction), eps={eps:g}",
         )
 
-    pgd_library = (
-        "ART ProjectedGradientDescent"
-        if cfg.pgd_engine == "art"
-        else "robustlab.attacks.tf_attacks.pgd_attack (matches ART's PGD, tested)"
+    info = _report(
+        cfg,
+        test,
+        results,
+        accs,
+        metrics,
+        warnings,
+        seconds,
+        eps_grid=eps_grid,
+        curve_accs=curve_accs,
+        n_autoattack=len(sub_idx),
+        n_curve=n_curve,
+        square_queries=square_queries,
+        autoattack_steps=autoattack_steps,
     )
-    info: dict[str, Any] = {
-        "eps": eps,
-        "pgd_engine": cfg.pgd_engine,
-        "norm": "inf",
-        "seed": cfg.seed,
-        "n_eval": len(test),
-        "n_autoattack": n_aa,
-        "n_curve": len(yc),
-        "pgd_restarts": R,
-        "attacks": {
-            "pgd40": {
-                "library": pgd_library,
-                "steps": 40,
-                "step_size": _pgd_step(eps, 40),
-                "random_starts": 1,
-            },
-            "autoattack": {
-                "library": "ART AutoAttack",
-                "attacks": ["APGD-CE", "APGD-DLR", "Square"],
-                "apgd_steps": autoattack_steps,
-                "square_queries": square_queries,
-                "size": n_aa,
-            },
-            "square": {"library": "ART SquareAttack", "queries": square_queries, "size": n_aa},
-        },
-        "metrics": metrics,
-        "accuracies": {
-            name: {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high, "n": a.n}
-            for name, a in accs.items()
-        },
-        "curve": {
-            "attack": "PGD-40, one random start, step 2.5 eps / 40",
-            "eps": [float(e) for e in eps_grid],
-            "acc": [a.value for a in curve_accs],
-            "ci_low": [a.ci_low for a in curve_accs],
-            "ci_high": [a.ci_high for a in curve_accs],
-            "n": len(yc),
-        },
-        "gradient_masking": bool(warnings),
-        "warnings": warnings,
-        "seconds": seconds,
-        "excluded_sources_removed_by_caller": True,
-        "source_indices_sha": _indices_digest(test.source_index),
-    }
-    if R > 0:
-        info["attacks"][f"pgd100x{R}"] = {
-            "library": pgd_library,
-            "steps": 100,
-            "step_size": _pgd_step(eps, 100),
-            "restarts": R,
-            "start_seeds": [attack_seed(cfg.seed, "pgd100", r) for r in range(R)],
-            "note": "worst case with PGD-40; each restart attacks the survivors from a new start",
-        }
     json_path = out_dir / "evaluation.json"
     json_path.write_text(
         json.dumps(_finite(info), indent=2, default=_json_default, allow_nan=False)
@@ -515,6 +429,96 @@ def evaluate_and_log(
         if warnings:
             mlflow.set_tag(MASKING_TAG, "; ".join(warnings)[:5000])
     return metrics
+
+
+def _report(
+    cfg: EvalConfig,
+    test: Split,
+    results: list[StageResult],
+    accs: dict[str, Accuracy],
+    metrics: dict[str, float],
+    warnings: list[str],
+    seconds: dict[str, float],
+    *,
+    eps_grid: Sequence[float],
+    curve_accs: list[Accuracy],
+    n_autoattack: int,
+    n_curve: int,
+    square_queries: int,
+    autoattack_steps: int,
+) -> dict[str, Any]:
+    """evaluation.json's content."""
+    eps, R = float(cfg.eps), int(cfg.pgd_restarts)
+    pgd_library = (
+        "ART ProjectedGradientDescent"
+        if cfg.pgd_engine == "art"
+        else "robustlab.attacks.tf_attacks.pgd_attack (matches ART's PGD, tested; early exit)"
+    )
+    info: dict[str, Any] = {
+        "eps": eps,
+        "pgd_engine": cfg.pgd_engine,
+        "early_exit": cfg.early_exit,
+        "norm": "inf",
+        "seed": cfg.seed,
+        "n_eval": len(test),
+        "n_autoattack": n_autoattack,
+        "n_curve": n_curve,
+        "pgd_restarts": R,
+        "pgd_steps": cfg.pgd_steps,
+        "attacks": {
+            "pgd40": {
+                "library": pgd_library,
+                "steps": 40,
+                "step_size": pgd_step(eps, 40),
+                "random_starts": 1,
+            },
+            "autoattack": {
+                "library": "ART AutoAttack",
+                "attacks": ["APGD-CE", "APGD-DLR", "Square"],
+                "apgd_steps": autoattack_steps,
+                "square_queries": square_queries,
+                "size": n_autoattack,
+            },
+            "square": {
+                "library": "ART SquareAttack",
+                "queries": square_queries,
+                "size": n_autoattack,
+            },
+        },
+        "metrics": metrics,
+        "accuracies": {
+            name: {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high, "n": a.n}
+            for name, a in accs.items()
+        },
+        "curve": {
+            "attack": "PGD-40, one random start, step 2.5 eps / 40, each eps on the survivors "
+            "of the smaller ones"
+            if cfg.early_exit
+            else "PGD-40, one random start, step 2.5 eps / 40",
+            "eps": [float(e) for e in eps_grid],
+            "acc": [a.value for a in curve_accs],
+            "ci_low": [a.ci_low for a in curve_accs],
+            "ci_high": [a.ci_high for a in curve_accs],
+            "n": n_curve,
+        },
+        "gradient_masking": bool(warnings),
+        "warnings": warnings,
+        "stages": [r.record() for r in results],
+        "seconds": seconds,
+        "excluded_sources_removed_by_caller": True,
+        "source_indices_sha": _indices_digest(test.source_index),
+    }
+    if R > 0:
+        name = restart_stage_name(cfg.pgd_steps, R)
+        info["attacks"][name] = {
+            "library": pgd_library,
+            "steps": cfg.pgd_steps,
+            "step_size": pgd_step(eps, cfg.pgd_steps),
+            "restarts": R,
+            "start_seeds": [attack_seed(cfg.seed, "pgd100", r) for r in range(R)],
+            "note": "worst case with PGD-40; each restart attacks the survivors from a new start",
+        }
+    return info
 
 
 def _indices_digest(indices: np.ndarray) -> str:

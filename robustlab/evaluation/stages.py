@@ -1,0 +1,275 @@
+"""Staged evaluation: an ordered list of attacks, each run on the survivors of the ones before.
+
+AutoAttack's shape (Croce & Hein 2020) applied to the whole evaluation: an example that is
+misclassified clean, or already broken by an earlier stage on the same subset, is not robust
+whatever a later stage does, so a stage attacks only the examples still standing. The flags after
+the last stage of a subset are exactly the per-example worst case over all its stages (the AND of
+what every stage alone would report), and cost grows only with the robust examples. Each stage
+records its seconds, examples attacked and broken, gradient steps (when known) and seeds.
+
+A stage marked `independent` attacks every clean-correct example of its subset instead and feeds
+no survivors on (the stand-alone Square check, and every eps-curve point in the pre-issue-11
+cost mode); `worst_case` still ANDs it in. A stage marked `after_all` attacks only the examples
+of its subset that also survived every stage so far on subset "all" (AutoAttack after PGD).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from robustlab.attacks.art_factory import make_attack, make_classifier
+from robustlab.attacks.tf_attacks import pgd_attack
+from robustlab.errors import ConfigError
+from robustlab.evaluation.stats import predict_logits
+
+ATTACKS = ("pgd", "autoattack", "square")
+SUBSETS = ("all", "autoattack", "curve")
+ENGINES = ("robustlab", "art")
+PGD_STEP_FACTOR = 2.5  # step size = 2.5 * eps / steps (Madry et al.)
+# robustlab's PGD computes in fixed chunks of rows whatever the batch, so one batch can hold
+# many examples: a batch's tail (few examples left, padded to a chunk) then costs once, not once
+# per 500 images
+ROBUSTLAB_PGD_BATCH = 10_000
+_SEED_STREAMS = {"pgd40": 1, "pgd100": 2, "curve": 3, "autoattack": 4, "square": 5}
+
+
+def attack_seed(seed: int, stage: str, index: int = 0) -> int:
+    """A reproducible seed of its own for each attack stage and restart (or eps-curve point).
+
+    Every restart draws its random start from its own seed, so R restarts are R independent
+    starts (not one start R times), and a restart does not depend on what ran before it.
+    """
+    words = [int(seed) % 2**32, _SEED_STREAMS[stage], int(index)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def pgd_step(eps: float, steps: int) -> float:
+    return PGD_STEP_FACTOR * eps / steps if eps > 0 else 0.01
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One attack of the evaluation.
+
+    `steps`: PGD steps, APGD iterations (autoattack) or Square queries (square). `restarts`:
+    independent random starts of PGD, each on the survivors of the previous one, restart r seeded
+    by `attack_seed(seed, seed_stream, seed_index + r)`. `engine`: PGD through robustlab's
+    in-graph `pgd_attack` or ART (AutoAttack and Square are always ART). `square_queries`:
+    Square's budget inside AutoAttack.
+    """
+
+    name: str
+    attack: str
+    eps: float
+    steps: int = 40
+    restarts: int = 1
+    subset: str = "all"
+    engine: str = "robustlab"
+    seed_stream: str = "pgd40"
+    seed_index: int = 0
+    square_queries: int = 0
+    independent: bool = False
+    after_all: bool = False
+
+    def validate(self) -> Stage:
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"stage {self.name}: attack must be one of {ATTACKS}")
+        if self.subset not in SUBSETS:
+            raise ConfigError(f"stage {self.name}: subset must be one of {SUBSETS}")
+        if self.engine not in ENGINES or (self.attack != "pgd" and self.engine != "art"):
+            raise ConfigError(
+                f"stage {self.name}: engine must be one of {ENGINES} (ART if not PGD)"
+            )
+        if self.steps < 1 or self.restarts < 1:
+            raise ConfigError(f"stage {self.name}: steps and restarts must be >= 1")
+        if self.seed_stream not in _SEED_STREAMS:
+            raise ConfigError(f"stage {self.name}: unknown seed stream {self.seed_stream!r}")
+        return self
+
+    def seeds(self, seed: int) -> list[int]:
+        return [
+            attack_seed(seed, self.seed_stream, self.seed_index + r) for r in range(self.restarts)
+        ]
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    robust: np.ndarray  # flags over the stage's subset after it (worst case over its chain)
+    n_attacked: int  # examples the stage attacked (its first restart)
+    n_broken: int  # of those, broken by the stage
+    seconds: float
+    gradient_steps: int | None  # examples x steps pushed through forward/backward; None: unknown
+    seeds: list[int] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """The stage as it goes into evaluation.json."""
+        s = self.stage
+        return {
+            "name": s.name,
+            "attack": s.attack,
+            "engine": s.engine,
+            "eps": s.eps,
+            "steps": s.steps,
+            "restarts": s.restarts,
+            "subset": s.subset,
+            "independent": s.independent,
+            "after_all": s.after_all,
+            "n_attacked": self.n_attacked,
+            "n_broken": self.n_broken,
+            "seconds": self.seconds,
+            "gradient_steps": self.gradient_steps,
+            "seeds": self.seeds,
+        }
+
+
+def _attack(
+    model,
+    classifier_fn: Callable[[], Any],
+    stage: Stage,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    seed: int,
+    batch_size: int,
+    early_exit: bool,
+    stats: dict[str, int],
+    starts: np.ndarray | None = None,
+) -> np.ndarray:
+    """One run of `stage`'s attack (one restart) on (x, y); returns the adversarial images.
+
+    `starts`: robustlab PGD's random starts (uniform in [-1, 1], x's shape)."""
+    if stage.attack == "pgd" and stage.engine == "robustlab":
+        return pgd_attack(
+            model,
+            x,
+            y,
+            eps=stage.eps,
+            steps=stage.steps,
+            step_size=pgd_step(stage.eps, stage.steps),
+            restarts=1,
+            batch_size=max(batch_size, ROBUSTLAB_PGD_BATCH),
+            seed=seed,
+            early_exit=early_exit,
+            stats=stats,
+            starts=starts,
+        )
+    params: dict[str, Any] = {"steps": stage.steps}
+    if stage.attack == "pgd":  # ART's PGD runs every step on every example
+        params.update(step_size=pgd_step(stage.eps, stage.steps), restarts=1)
+        stats["gradient_steps"] = stats.get("gradient_steps", 0) + len(x) * stage.steps
+    elif stage.attack == "square":
+        params["restarts"] = 1
+    else:
+        params["square_queries"] = stage.square_queries
+    attack = make_attack(
+        stage.attack, classifier_fn(), eps=stage.eps, batch_size=batch_size, **params
+    )
+    np.random.seed(seed)  # ART's random starts come from numpy's global generator
+    return attack.generate(x, y).astype(np.float32)
+
+
+def run_stages(
+    model,
+    x: np.ndarray,
+    y: np.ndarray,
+    clean_ok: np.ndarray,
+    subsets: dict[str, np.ndarray],
+    stages: Sequence[Stage],
+    *,
+    seed: int,
+    batch_size: int,
+    early_exit: bool = True,
+    adv_out: np.ndarray | None = None,
+    classifier=None,
+    progress: Callable[[StageResult], None] | None = None,
+) -> list[StageResult]:
+    """Run `stages` in order; each attacks the survivors of the earlier stages on its subset.
+
+    `subsets` maps a subset name to indices into `x`; a subset starts from `clean_ok` on those
+    indices. `adv_out` (shape of `x`), when given, receives the adversarial that broke each
+    example in a chained stage on subset "all". `early_exit=False` makes robustlab's PGD run
+    every step on every example (the cost before issue 11; chaining is the stage list's choice).
+    """
+    classifiers = [classifier]
+
+    def classifier_fn():
+        if classifiers[0] is None:
+            classifiers[0] = make_classifier(model)
+        return classifiers[0]
+
+    flags = {name: np.asarray(clean_ok)[idx].copy() for name, idx in subsets.items()}
+    alive_all = np.asarray(clean_ok, dtype=bool).copy()  # survivors of chain "all", per image
+    results: list[StageResult] = []
+    for stage in stages:
+        stage.validate()
+        if stage.subset not in subsets:
+            raise ConfigError(f"stage {stage.name}: no subset {stage.subset!r} given")
+        idx = subsets[stage.subset]
+        start = np.asarray(clean_ok)[idx] if stage.independent else flags[stage.subset]
+        if stage.after_all and "all" in subsets:
+            start = start & alive_all[idx]
+        robust = start.copy()
+        seeds = stage.seeds(seed)
+        stats: dict[str, int] = {}
+        t = time.perf_counter()
+        n_attacked = int(robust.sum()) if stage.eps > 0 else 0
+        for restart_seed in seeds:
+            alive = np.flatnonzero(robust)
+            if stage.eps == 0 or len(alive) == 0:
+                break
+            xs, ys = x[idx[alive]], y[idx[alive]]
+            starts = None
+            if stage.attack == "pgd" and stage.engine == "robustlab":
+                # one draw over the whole subset: an example's start does not depend on which
+                # other examples are still alive (chained == alone, example by example)
+                rng = np.random.default_rng(restart_seed)
+                u = rng.random((len(idx), *x.shape[1:]), dtype=np.float32)
+                starts = 2.0 * u[alive] - 1.0
+            adv = _attack(
+                model,
+                classifier_fn,
+                stage,
+                xs,
+                ys,
+                seed=restart_seed,
+                batch_size=batch_size,
+                early_exit=early_exit,
+                stats=stats,
+                starts=starts,
+            )
+            broken = predict_logits(model, adv, batch_size).argmax(axis=1) != ys
+            robust[alive[broken]] = False
+            if adv_out is not None and stage.subset == "all" and not stage.independent:
+                adv_out[idx[alive[broken]]] = adv[broken]
+        result = StageResult(
+            stage=stage,
+            robust=robust,
+            n_attacked=n_attacked,
+            n_broken=int(start.sum() - robust.sum()),
+            seconds=time.perf_counter() - t,
+            gradient_steps=None if stage.attack != "pgd" else stats.get("gradient_steps", 0),
+            seeds=seeds,
+        )
+        if not stage.independent:
+            flags[stage.subset] = robust
+            if stage.subset == "all":
+                alive_all[idx] = robust
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return results
+
+
+def worst_case(results: Sequence[StageResult], subset: str, start: np.ndarray) -> np.ndarray:
+    """Per-example worst case on `subset`: `start` (e.g. clean-correct) AND every stage's flags."""
+    out = np.asarray(start, dtype=bool).copy()
+    for r in results:
+        if r.stage.subset == subset:
+            out &= r.robust
+    return out
