@@ -116,20 +116,21 @@ def run_worker(study_name: str, url: str, data_dir: str | None = None, max_trial
         trial_id = study._pop_waiting_trial_id()
         if trial_id is None:
             break
-        _run_pair(study, trial_id, plan, data_dir)
-        done += 1
-        _release()
+        if _run_pair(study, trial_id, plan, data_dir):
+            done += 1
+            _release()
     return done
 
 
-def _run_pair(study: optuna.Study, trial_id: int, plan: Plan, data_dir: str | None) -> None:
+def _run_pair(study: optuna.Study, trial_id: int, plan: Plan, data_dir: str | None) -> bool:
+    """Train the pair of trial `trial_id` (popped, RUNNING); False when it is not a pair."""
     storage = study._storage
     frozen = storage.get_trial(trial_id)
     label, seed = frozen.user_attrs.get(REGIME_ATTR), frozen.user_attrs.get(SEED_ATTR)
     if label is None or seed is None:  # not one of the experiment's enqueued pairs
         study.tell(trial_id, state=TrialState.FAIL)
         print(f"trial {frozen.number}: not an enqueued pair, ended FAIL", file=sys.stderr)
-        return
+        return False
     trial = optuna.Trial(study, trial_id)
     trial.suggest_categorical("regime", [label])
     trial.suggest_int("seed", int(seed), int(seed))
@@ -148,6 +149,7 @@ def _run_pair(study: optuna.Study, trial_id: int, plan: Plan, data_dir: str | No
         file=sys.stderr,
         flush=True,
     )
+    return True
 
 
 def train_pair(
