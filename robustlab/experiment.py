@@ -288,7 +288,7 @@ def run_experiment(
             return parent_id
         t0 = time.perf_counter()
         _drive(study, url, pairs, workers, data_dir, heartbeat)
-        mlflow.log_metric("experiment/wall_seconds", time.perf_counter() - t0)
+        mlflow.log_metrics({"experiment/wall_seconds": time.perf_counter() - t0, **_peak_rss_mb()})
         runs = {**_complete_runs(study), **adopted}
         _end_lost_runs(study, set(runs.values()))
         child_ids: dict[str, list[str]] = {label: [] for label in labels}
@@ -300,6 +300,17 @@ def run_experiment(
         mlflow.log_metrics({f"time/{label}_seconds": s for label, s in seconds.items()})
         _summarize(parent_id, child_ids, seconds, budget, seeds)
         return parent_id
+
+
+def _peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of the largest worker it started (Linux: KiB)."""
+    import resource
+
+    return {
+        "experiment/parent_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "experiment/worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        / 1024,
+    }
 
 
 def _existing_study(store, name: str, plan_attr: dict) -> optuna.Study | None:

@@ -128,7 +128,7 @@ def _run_pair(study: optuna.Study, trial_id: int, plan: Plan, data_dir: str | No
     frozen = storage.get_trial(trial_id)
     label, seed = frozen.user_attrs.get(REGIME_ATTR), frozen.user_attrs.get(SEED_ATTR)
     if label is None or seed is None:  # not one of the experiment's enqueued pairs
-        study.tell(trial_id, state=TrialState.FAIL)
+        study.tell(frozen.number, state=TrialState.FAIL)  # tell() takes the trial's number
         print(f"trial {frozen.number}: not an enqueued pair, ended FAIL", file=sys.stderr)
         return False
     trial = optuna.Trial(study, trial_id)
@@ -140,10 +140,10 @@ def _run_pair(study: optuna.Study, trial_id: int, plan: Plan, data_dir: str | No
             run_id = train_pair(plan, label, int(seed), frozen, trial, data_dir)
             seconds = time.perf_counter() - t0
         except BaseException:
-            study.tell(trial_id, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL)
             raise
         trial.set_user_attr(RUN_ATTR, run_id)
-        study.tell(trial_id, [seconds])
+        study.tell(trial, [seconds])
     print(
         f"trial {frozen.number}: {label} seed {seed} -> run {run_id} ({seconds:.0f} s)",
         file=sys.stderr,
