@@ -46,6 +46,7 @@ from robustlab.experiment_worker import (
     REGIME_ATTR,
     RUN_ATTR,
     SEED_ATTR,
+    pair_distributions,
 )
 from robustlab.invariance.leakage import excluded_test_indices
 from robustlab.regimes import Regime, make_regime
@@ -266,17 +267,19 @@ def run_experiment(
         mlflow.log_dict({"mnist_split": "test", "indices": list(test_indices)}, EVALUATED_ARTIFACT)
         client = MlflowClient()
         pairs = [(label, seed) for seed in range(seeds) for label in labels]
-        for (label, seed), old in sorted(done.items(), key=lambda kv: pairs.index(kv[0])):
+        complete = _complete_runs(study)
+        for label, seed in [p for p in pairs if p in done]:
+            old = done[(label, seed)]
             print(
                 f"== experiment: {label} seed {seed}: reusing run {old.info.run_id} ==",
                 file=sys.stderr,
                 flush=True,
             )
-            client.set_tag(old.info.run_id, "mlflow.parentRunId", parent_id)
             client.set_tag(old.info.run_id, "robustlab.moved_from_parent", resume_run_id)
-        adopted = {k: r.info.run_id for k, r in done.items()}
-        adopted.update(_adopt_complete(study, parent_id, set(pairs) - set(adopted)))
-        _enqueue_missing(study, [p for p in pairs if p not in adopted])
+            if (label, seed) not in complete:  # a COMPLETE trial, so that a resumed study has it
+                _add_adopted(study, label, seed, old, tuple(labels), seeds)
+        _adopt_complete(study, parent_id)
+        _enqueue_missing(study, pairs)
         if create_only:
             print(
                 f"experiment study {name} created (parent run {parent_id}); train its pairs from "
@@ -289,7 +292,7 @@ def run_experiment(
         t0 = time.perf_counter()
         _drive(study, url, pairs, workers, data_dir, heartbeat)
         mlflow.log_metrics({"experiment/wall_seconds": time.perf_counter() - t0, **_peak_rss_mb()})
-        runs = {**_complete_runs(study), **adopted}
+        runs = _complete_runs(study)
         _end_lost_runs(study, set(runs.values()))
         child_ids: dict[str, list[str]] = {label: [] for label in labels}
         seconds: dict[str, float] = dict.fromkeys(labels, 0.0)
@@ -347,13 +350,31 @@ def _complete_runs(study: optuna.Study) -> dict[tuple[str, int], str]:
     return runs
 
 
-def _adopt_complete(study: optuna.Study, parent_id: str, wanted: set) -> dict:
-    """A resumed study: its COMPLETE pairs' runs move under the new parent."""
-    runs = {k: v for k, v in _complete_runs(study).items() if k in wanted}
+def _add_adopted(
+    study: optuna.Study, label: str, seed: int, run: Run, regimes: tuple[str, ...], seeds: int
+) -> None:
+    """A FINISHED child of the resumed experiment, as a COMPLETE trial of this study."""
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.COMPLETE,
+            values=[((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000],
+            params={"regime": label, "seed": seed},
+            distributions=pair_distributions(regimes, seeds),
+            user_attrs={
+                REGIME_ATTR: label,
+                SEED_ATTR: seed,
+                RUN_ATTR: run.info.run_id,
+                "adopted_from": run.data.tags.get("mlflow.parentRunId", ""),
+            },
+        )
+    )
+
+
+def _adopt_complete(study: optuna.Study, parent_id: str) -> None:
+    """The runs of the study's COMPLETE pairs move under the (new) parent run."""
     client = MlflowClient()
-    for run_id in runs.values():
+    for run_id in _complete_runs(study).values():
         client.set_tag(run_id, "mlflow.parentRunId", parent_id)
-    return runs
 
 
 def _enqueue_missing(study: optuna.Study, pairs: list[tuple[str, int]]) -> None:

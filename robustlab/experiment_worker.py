@@ -45,6 +45,8 @@ class Plan:
     experiment_id: str
     budget: str
     eps: float
+    regimes: tuple[str, ...]
+    seeds: int
     label_sources: tuple[str, ...]
     test_indices_sha: str
     heartbeat: TuneConfig  # heartbeat_interval, grace_period, max_retry (tune's storage settings)
@@ -80,10 +82,20 @@ def load_plan(study_name: str, url: str) -> Plan:
         attrs[ATTR_EXPERIMENT],
         p["budget"],
         float(p["eps"]),
+        tuple(p["regimes"].split(",")),
+        int(p["seeds"]),
         tuple(p["label_sources"]),
         p["test_indices_sha"],
         heartbeat,
     )
+
+
+def pair_distributions(regimes: tuple[str, ...], seeds: int) -> dict:
+    """The trials' two params (one distribution each per study: Optuna refuses categorical
+    choices that differ between trials)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    return {"regime": CategoricalDistribution(regimes), "seed": IntDistribution(0, seeds - 1)}
 
 
 @cache
@@ -132,8 +144,8 @@ def _run_pair(study: optuna.Study, trial_id: int, plan: Plan, data_dir: str | No
         print(f"trial {frozen.number}: not an enqueued pair, ended FAIL", file=sys.stderr)
         return False
     trial = optuna.Trial(study, trial_id)
-    trial.suggest_categorical("regime", [label])
-    trial.suggest_int("seed", int(seed), int(seed))
+    for name, dist in pair_distributions(plan.regimes, plan.seeds).items():
+        trial._suggest(name, dist)  # the enqueued value, recorded as the trial's param
     with get_heartbeat_thread(trial_id, storage):
         try:
             t0 = time.perf_counter()
@@ -192,7 +204,14 @@ def train_pair(
             seen.append(mlflow.active_run().info.run_id)
             trial.set_user_attr(RUN_ATTR, seen[0])
 
-    print(f"== experiment: {label} seed {seed} ==", file=sys.stderr, flush=True)
+    import psutil
+
+    started = time.time() - psutil.Process().create_time()  # imports, data, test set
+    print(
+        f"== experiment: {label} seed {seed} ({started:.1f} s since the worker started) ==",
+        file=sys.stderr,
+        flush=True,
+    )
     return run_training(
         regime,
         cfg,
