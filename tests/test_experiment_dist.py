@@ -70,7 +70,7 @@ def test_create_only_enqueues_each_pair_once_and_workers_never_add_trials(
     # a trial that is not one of the pairs is ended FAIL (not COMPLETE) without training; with
     # no WAITING trial left the worker exits 0 and creates none (study.ask() would)
     for t in study.get_trials(states=(TrialState.WAITING,)):
-        study.tell(t.number, state=TrialState.FAIL)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     study.enqueue_trial({"x": 1.0})
     assert main(["experiment-worker", "--study-name", "e1", "--storage", storage]) == 0
     states = [t.state for t in study.get_trials()]
