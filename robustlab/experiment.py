@@ -35,7 +35,7 @@ from robustlab.config import (
     TrainConfig,
     TuneConfig,
 )
-from robustlab.data.mnist import load_mnist, subsample
+from robustlab.data.mnist import Split, load_raw_mnist, subsample
 from robustlab.errors import ConfigError, RobustlabError
 from robustlab.evaluation.indices import EVALUATED_ARTIFACT
 from robustlab.evaluation.plots import line_plot
@@ -148,7 +148,10 @@ def regime_for(label: str, b: Budget, mix: MixConfig | None = None) -> tuple[Reg
     return make_regime(label, epochs=b.epochs, mix=mix), "human"
 
 
-def _config(b: Budget, seed: int, data_dir: str | None, eps: float) -> tuple[RunConfig, EvalConfig]:
+def _config(
+    b: Budget, seed: int, data_dir: str | None, eps: float, check_model: bool = True
+) -> tuple[RunConfig, EvalConfig]:
+    """One pair's configuration (`check_model=False`: no Keras import, for the parent)."""
     attack = AttackConfig(
         eps=eps, steps=b.attack_steps, step_size=2.5 * eps / b.attack_steps, eps_warmup=1.0
     )
@@ -169,7 +172,7 @@ def _config(b: Budget, seed: int, data_dir: str | None, eps: float) -> tuple[Run
         square_queries=b.square_queries,
         pgd_engine=b.pgd_engine,
     )
-    return cfg.validate(), ev.validate()
+    return cfg.validate(check_model), ev.validate()
 
 
 def run_experiment(
@@ -214,7 +217,7 @@ def run_experiment(
     b = BUDGETS[budget]
     labels = parse_regimes(regimes)
     plan = [(label, *regime_for(label, b)) for label in labels]  # validates every regime up front
-    _config(b, 0, data_dir, eps)
+    _config(b, 0, data_dir, eps, check_model=False)  # the parent never imports TensorFlow
     label_sources = sorted({s for _, _, s in plan})
     test_indices = shared_test_indices(set(label_sources), b.eval_size, data_dir)
     digest = indices_digest(test_indices)
@@ -475,7 +478,10 @@ def shared_test_indices(
     every label source the experiment trains with, training and validation), then a subset of
     `eval_size` (0 = all) seeded by TEST_SUBSET_SEED: one set, whatever the regime and seed.
     """
-    mnist = load_mnist(data_dir)
+    raw = load_raw_mnist(data_dir)  # the indices need no pixels: skip the float32 copy
+    n_test = raw.y_test.shape[0]
+    test = Split(np.empty((n_test, 0), np.uint8), raw.y_test, "test", np.arange(n_test))
+    del raw
     excluded = np.unique(
         np.concatenate(
             [
@@ -485,7 +491,7 @@ def shared_test_indices(
             or [np.empty(0, np.int64)]
         )
     )
-    test = subsample(mnist.test.without_sources(excluded), eval_size, seed=TEST_SUBSET_SEED)
+    test = subsample(test.without_sources(excluded), eval_size, seed=TEST_SUBSET_SEED)
     return tuple(int(i) for i in test.source_index)
 
 
