@@ -207,6 +207,15 @@ def test_wrong_credentials_or_host_are_one_line_and_leave_nothing(live, tmp_path
         for argv, command in (
             ([*tune_args("bad", 1), "--storage", storage], "tune"),
             (["tune-worker", "--study-name", "bad", "--storage", storage], "tune-worker"),
+            (
+                ["experiment-worker", "--study-name", "bad", "--storage", storage],
+                "experiment-worker",
+            ),
+            (
+                ["experiment", "--budget", "smoke", "--seeds", "1", "--regimes", "vanilla"]
+                + ["--study-name", "bad", "--create-only", "true", "--storage", storage],
+                "experiment",
+            ),
         ):
             out = robustlab(argv, coord, env, timeout=120)
             line = _one_error_line(out, command)
