@@ -184,6 +184,7 @@ def run_experiment(
     resume_run_id: str | None = None,
     *,
     workers: int = 1,
+    pairs_per_worker: int = 1,
     storage: str | None = None,
     study_name: str | None = None,
     create_only: bool = False,
@@ -195,8 +196,8 @@ def run_experiment(
 
     The pairs are the enqueued trials of an Optuna study on `storage` (as tune's: the argument,
     else $ROBUSTLAB_OPTUNA_STORAGE, else tracking/optuna.db), named `study_name` (default
-    `experiment-<parent run id>`); `workers` local `robustlab experiment-worker` processes (one
-    fresh process per pair) train them, and workers on other machines may join. This process
+    `experiment-<parent run id>`); `workers` local `robustlab experiment-worker` processes (a
+    fresh one per `pairs_per_worker` pairs: memory stays bounded) train them, and workers on other machines may join. This process
     never trains. `create_only`: create the parent run and the study, train nothing. An existing
     `study_name` (same budget, eps, regimes, seeds) is resumed: a new parent adopts its COMPLETE
     pairs, and the missing ones are trained. `resume_run_id`: an earlier experiment's parent run
@@ -206,8 +207,10 @@ def run_experiment(
         raise ConfigError(f"unknown budget {budget!r}; choose one of {list(BUDGETS)}")
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if workers < 1 or pairs_per_worker < 1:
+        raise ConfigError(
+            f"workers and pairs_per_worker must be >= 1, got {workers} and {pairs_per_worker}"
+        )
     heartbeat = TuneConfig(
         storage=storage,
         heartbeat_interval=heartbeat_interval,
@@ -293,7 +296,7 @@ def run_experiment(
             )
             return parent_id
         t0 = time.perf_counter()
-        _drive(study, url, pairs, workers, data_dir, heartbeat)
+        _drive(study, url, pairs, workers, data_dir, heartbeat, pairs_per_worker)
         mlflow.log_metrics({"experiment/wall_seconds": time.perf_counter() - t0, **_peak_rss_mb()})
         runs = _complete_runs(study)
         _end_lost_runs(study, set(runs.values()))
@@ -407,8 +410,10 @@ def _drive(
     workers: int,
     data_dir: str | None,
     heartbeat: TuneConfig,
+    pairs_per_worker: int = 1,
 ) -> None:
-    """Keep up to `workers` worker processes (one pair each) busy until every pair is COMPLETE.
+    """Keep up to `workers` worker processes (each exits after `pairs_per_worker` pairs) busy
+    until every pair is COMPLETE.
 
     Trials RUNNING elsewhere (workers on other machines) are waited for; a dead worker's trial
     comes back WAITING once its heartbeat is stale (`fail_stale_trials`)."""
@@ -417,7 +422,7 @@ def _drive(
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
     cmd = [sys.executable, "-m", "robustlab.cli", "experiment-worker", "--study-name"]
-    cmd += [study.study_name, "--storage", url, "--max-trials", "1"]
+    cmd += [study.study_name, "--storage", url, "--max-trials", str(pairs_per_worker)]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     procs: list[subprocess.Popen] = []

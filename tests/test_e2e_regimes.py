@@ -150,8 +150,8 @@ def test_joint_validates_its_mixture_and_trains(tracking, tmp_path):
 
 def test_experiment_smoke_report(tracking, tmp_path):
     ensure_experiment("robustlab")
-    # two local worker processes (a fresh one per pair): start-up overlaps the other's training
-    args = ("budget=smoke", "seeds=2", "workers=2", f"data_dir={DATA_DIR}")
+    # two local worker processes of 7 pairs each: two start-ups, not 14
+    args = ("budget=smoke", "seeds=2", "workers=2", "pairs_per_worker=7", f"data_dir={DATA_DIR}")
     out = mlflow_run("experiment", tmp_path, *args)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = _runs()

@@ -37,6 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
         "--workers", type=int, default=1, help="local worker processes (each pair: a fresh one)"
     )
     p.add_argument(
+        "--pairs-per-worker",
+        type=int,
+        default=1,
+        help="pairs a local worker trains before it exits (1: bounded memory; more: less start-up)",
+    )
+    p.add_argument(
         "--storage",
         type=optional,
         default=None,
@@ -98,6 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--eps must lie in (0, 1], got {args.eps}")
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.pairs_per_worker < 1:
+        raise ConfigError(f"--pairs-per-worker must be >= 1, got {args.pairs_per_worker}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -117,6 +125,7 @@ def run(args: argparse.Namespace) -> None:
         args.eps,
         args.resume_run_id,
         workers=args.workers,
+        pairs_per_worker=args.pairs_per_worker,
         storage=args.storage,
         study_name=args.study_name,
         create_only=args.create_only,
