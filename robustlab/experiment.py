@@ -1,33 +1,59 @@
-"""The multi-seed experiment: regimes × seeds as nested runs, aggregated into a report."""
+"""The multi-seed experiment: regimes × seeds as child runs, aggregated into a report.
+
+The parent process validates, creates the parent run and an Optuna study with one enqueued trial
+per regime × seed, starts worker processes (`robustlab.experiment_worker`) that train the pairs,
+and summarizes; it never trains (nor imports TensorFlow).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
+import optuna
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from robustlab.commands import experiment as _cli
-from robustlab.config import AttackConfig, DataConfig, EvalConfig, MixConfig, RunConfig, TrainConfig
-from robustlab.data.mnist import load_mnist, subsample
-from robustlab.errors import ConfigError
+from robustlab.config import (
+    AttackConfig,
+    DataConfig,
+    EvalConfig,
+    MixConfig,
+    RunConfig,
+    TrainConfig,
+    TuneConfig,
+)
+from robustlab.data.mnist import Split, load_raw_mnist, subsample
+from robustlab.errors import ConfigError, RobustlabError
 from robustlab.evaluation.indices import EVALUATED_ARTIFACT
 from robustlab.evaluation.plots import line_plot
+from robustlab.experiment_worker import (
+    ATTR_KIND,
+    ATTR_PLAN,
+    KIND,
+    REGIME_ATTR,
+    RUN_ATTR,
+    SEED_ATTR,
+    pair_distributions,
+)
 from robustlab.invariance.leakage import excluded_test_indices
 from robustlab.regimes import Regime, make_regime
 from robustlab.report import KEY_METRICS, aggregate, write_comparison, write_report
 from robustlab.tracking import configure_tracking, start_run
 from robustlab.train.inv_pool import load_inv_pools
-from robustlab.train.runner import Extras, run_training
+from robustlab.tune.study import ATTR_EXPERIMENT, ATTR_PARENT, _redact, open_storage, storage_url
 
 DEFAULT_REGIMES = tuple(_cli.DEFAULT_REGIMES.split(","))
 TEST_SUBSET_SEED = 0  # the experiment's test subset is fixed per experiment, not per training seed
@@ -122,7 +148,10 @@ def regime_for(label: str, b: Budget, mix: MixConfig | None = None) -> tuple[Reg
     return make_regime(label, epochs=b.epochs, mix=mix), "human"
 
 
-def _config(b: Budget, seed: int, data_dir: str | None, eps: float) -> tuple[RunConfig, EvalConfig]:
+def _config(
+    b: Budget, seed: int, data_dir: str | None, eps: float, check_model: bool = True
+) -> tuple[RunConfig, EvalConfig]:
+    """One pair's configuration (`check_model=False`: no Keras import, for the parent)."""
     attack = AttackConfig(
         eps=eps, steps=b.attack_steps, step_size=2.5 * eps / b.attack_steps, eps_warmup=1.0
     )
@@ -143,7 +172,7 @@ def _config(b: Budget, seed: int, data_dir: str | None, eps: float) -> tuple[Run
         square_queries=b.square_queries,
         pgd_engine=b.pgd_engine,
     )
-    return cfg.validate(), ev.validate()
+    return cfg.validate(check_model), ev.validate()
 
 
 def run_experiment(
@@ -153,21 +182,47 @@ def run_experiment(
     data_dir: str | None = None,
     eps: float = 0.3,
     resume_run_id: str | None = None,
+    *,
+    workers: int = 1,
+    pairs_per_worker: int = 1,
+    storage: str | None = None,
+    study_name: str | None = None,
+    create_only: bool = False,
+    heartbeat_interval: int = 60,
+    grace_period: int = 180,
+    max_retry: int = 2,
 ) -> str:
-    """Run every regime × seed as a nested run, then log the comparison and report on the parent.
+    """Run every regime × seed as a child run, then log the comparison and report on the parent.
 
-    `resume_run_id`: an earlier (interrupted) experiment with the same budget and eps; its
-    FINISHED children are moved under the new parent and reused instead of being trained again.
+    The pairs are the enqueued trials of an Optuna study on `storage` (as tune's: the argument,
+    else $ROBUSTLAB_OPTUNA_STORAGE, else tracking/optuna.db), named `study_name` (default
+    `experiment-<parent run id>`); `workers` local `robustlab experiment-worker` processes (a
+    fresh one per `pairs_per_worker` pairs: memory stays bounded) train them, and workers on other machines may join. This process
+    never trains. `create_only`: create the parent run and the study, train nothing. An existing
+    `study_name` (same budget, eps, regimes, seeds) is resumed: a new parent adopts its COMPLETE
+    pairs, and the missing ones are trained. `resume_run_id`: an earlier experiment's parent run
+    (same budget and eps) whose FINISHED children are adopted instead of trained again.
     """
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget {budget!r}; choose one of {list(BUDGETS)}")
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    if workers < 1 or pairs_per_worker < 1:
+        raise ConfigError(
+            f"workers and pairs_per_worker must be >= 1, got {workers} and {pairs_per_worker}"
+        )
+    heartbeat = TuneConfig(
+        storage=storage,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        max_retry=max_retry,
+    ).validate()
     b = BUDGETS[budget]
     labels = parse_regimes(regimes)
     plan = [(label, *regime_for(label, b)) for label in labels]  # validates every regime up front
-    _config(b, 0, data_dir, eps)
-    test_indices = shared_test_indices({s for _, _, s in plan}, b.eval_size, data_dir)
+    _config(b, 0, data_dir, eps, check_model=False)  # the parent never imports TensorFlow
+    label_sources = sorted({s for _, _, s in plan})
+    test_indices = shared_test_indices(set(label_sources), b.eval_size, data_dir)
     digest = indices_digest(test_indices)
     params = {
         "budget": budget,
@@ -179,52 +234,241 @@ def run_experiment(
         "n_test": len(test_indices),
         "test_indices_sha": digest,
     }
+    url = storage_url(heartbeat)
+    store = open_storage(url, heartbeat)
+    plan_attr = {
+        "budget": budget,
+        "eps": eps,
+        "regimes": ",".join(labels),
+        "seeds": seeds,
+        "label_sources": label_sources,
+        "test_indices_sha": digest,
+        "n_test": len(test_indices),
+        "heartbeat_interval": heartbeat_interval,
+        "grace_period": grace_period,
+        "max_retry": max_retry,
+    }
+    old_study = _existing_study(store, study_name, plan_attr) if study_name else None
     done = finished_children(resume_run_id, budget, eps, digest) if resume_run_id else {}
     tags = {"robustlab.kind": "experiment"}
     if resume_run_id:
         tags["robustlab.resumed_from"] = resume_run_id
+    if old_study is not None:
+        tags["robustlab.resumed_study"] = "true"
     with start_run(f"experiment-{budget}", params=params, tags=tags) as parent:
+        parent_id = parent.info.run_id
+        name = study_name or f"experiment-{parent_id}"
+        study = optuna.create_study(
+            study_name=name, storage=store, direction="minimize", load_if_exists=True
+        )
+        study.set_metric_names(["train_seconds"])
+        for key, value in {
+            ATTR_KIND: KIND,
+            ATTR_PARENT: parent_id,
+            ATTR_EXPERIMENT: parent.info.experiment_id,
+            ATTR_PLAN: json.dumps(plan_attr),
+        }.items():
+            study.set_user_attr(key, value)
+        mlflow.set_tags({"robustlab.study": name, "robustlab.optuna_storage": _redact(url)})
+        mlflow.log_dict({"mnist_split": "test", "indices": list(test_indices)}, EVALUATED_ARTIFACT)
+        client = MlflowClient()
+        pairs = [(label, seed) for seed in range(seeds) for label in labels]
+        complete = _complete_runs(study)
+        for label, seed in [p for p in pairs if p in done]:
+            old = done[(label, seed)]
+            print(
+                f"== experiment: {label} seed {seed}: reusing run {old.info.run_id} ==",
+                file=sys.stderr,
+                flush=True,
+            )
+            client.set_tag(old.info.run_id, "robustlab.moved_from_parent", resume_run_id)
+            if (label, seed) not in complete:  # a COMPLETE trial, so that a resumed study has it
+                _add_adopted(study, label, seed, old, tuple(labels), seeds)
+        _adopt_complete(study, parent_id)
+        _enqueue_missing(study, pairs)
+        if create_only:
+            print(
+                f"experiment study {name} created (parent run {parent_id}); train its pairs from "
+                f"any machine with: robustlab experiment-worker --study-name {name} "
+                "[--storage URL], then summarize with the same robustlab experiment command "
+                f"plus --study-name {name}",
+                file=sys.stderr,
+            )
+            return parent_id
+        t0 = time.perf_counter()
+        _drive(study, url, pairs, workers, data_dir, heartbeat, pairs_per_worker)
+        mlflow.log_metrics({"experiment/wall_seconds": time.perf_counter() - t0, **_peak_rss_mb()})
+        runs = _complete_runs(study)
+        _end_lost_runs(study, set(runs.values()))
         child_ids: dict[str, list[str]] = {label: [] for label in labels}
         seconds: dict[str, float] = dict.fromkeys(labels, 0.0)
-        client = MlflowClient()
-        for seed in range(seeds):
-            for label, regime, label_source in plan:
-                if (label, seed) in done:
-                    old = done[(label, seed)]
-                    print(
-                        f"== experiment: {label} seed {seed}: reusing run {old.info.run_id} ==",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    client.set_tag(old.info.run_id, "mlflow.parentRunId", parent.info.run_id)
-                    client.set_tag(old.info.run_id, "robustlab.moved_from_parent", resume_run_id)
-                    child_ids[label].append(old.info.run_id)
-                    seconds[label] += (old.info.end_time - old.info.start_time) / 1000
-                    continue
-                t0 = time.perf_counter()
-                print(f"== experiment: {label} seed {seed} ==", file=sys.stderr, flush=True)
-                keras.backend.clear_session()
-                cfg, ev = _config(b, seed, data_dir, eps)
-                cfg = replace(cfg, train=replace(cfg.train, epochs=regime.phases[0].epochs))
-                run_id = run_training(
-                    regime,
-                    cfg,
-                    ev,
-                    Extras(
-                        inv_label_source=label_source,
-                        all_curves=True,
-                        nested=True,
-                        run_name=f"{label}-seed{seed}",
-                        tags={"robustlab.experiment_regime": label, "robustlab.seed": str(seed)},
-                        test_indices=test_indices,
-                    ),
-                )
-                child_ids[label].append(run_id)
-                seconds[label] += time.perf_counter() - t0
+        for label, seed in pairs:
+            info = client.get_run(runs[(label, seed)]).info
+            child_ids[label].append(info.run_id)
+            seconds[label] += ((info.end_time or info.start_time) - info.start_time) / 1000
         mlflow.log_metrics({f"time/{label}_seconds": s for label, s in seconds.items()})
-        mlflow.log_dict({"mnist_split": "test", "indices": list(test_indices)}, EVALUATED_ARTIFACT)
-        _summarize(parent.info.run_id, child_ids, seconds, budget, seeds)
-        return parent.info.run_id
+        _summarize(parent_id, child_ids, seconds, budget, seeds)
+        return parent_id
+
+
+def _peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of the largest worker it started (Linux: KiB)."""
+    import resource
+
+    return {
+        "experiment/parent_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "experiment/worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        / 1024,
+    }
+
+
+def _existing_study(store, name: str, plan_attr: dict) -> optuna.Study | None:
+    """The experiment study `name` when it exists and runs the same plan; ConfigError otherwise."""
+    if name not in {s.study_name for s in store.get_all_studies()}:
+        return None
+    study = optuna.load_study(study_name=name, storage=store)
+    if study.user_attrs.get(ATTR_KIND) != KIND:
+        raise ConfigError(f"study {name!r} exists and is not an experiment study; choose another")
+    old = json.loads(study.user_attrs.get(ATTR_PLAN, "{}"))
+    keys = ("budget", "eps", "regimes", "seeds", "test_indices_sha")
+    changed = [k for k in keys if old.get(k) != plan_attr[k]]
+    if changed:
+        was = ", ".join(f"{k}={old.get(k)}" for k in changed)
+        raise ConfigError(
+            f"experiment study {name!r} exists with {was}; resume it with the same values "
+            "or choose another --study-name"
+        )
+    return study
+
+
+def _pair_of(trial: optuna.trial.FrozenTrial) -> tuple[str, int] | None:
+    label, seed = trial.user_attrs.get(REGIME_ATTR), trial.user_attrs.get(SEED_ATTR)
+    return None if label is None or seed is None else (label, int(seed))
+
+
+def _complete_runs(study: optuna.Study) -> dict[tuple[str, int], str]:
+    """(regime, seed) -> the run of its first COMPLETE trial."""
+    runs: dict[tuple[str, int], str] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        pair = _pair_of(t)
+        if pair is not None and RUN_ATTR in t.user_attrs:
+            runs.setdefault(pair, t.user_attrs[RUN_ATTR])
+    return runs
+
+
+def _add_adopted(
+    study: optuna.Study, label: str, seed: int, run: Run, regimes: tuple[str, ...], seeds: int
+) -> None:
+    """A FINISHED child of the resumed experiment, as a COMPLETE trial of this study."""
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.COMPLETE,
+            values=[((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000],
+            params={"regime": label, "seed": seed},
+            distributions=pair_distributions(regimes, seeds),
+            user_attrs={
+                REGIME_ATTR: label,
+                SEED_ATTR: seed,
+                RUN_ATTR: run.info.run_id,
+                "adopted_from": run.data.tags.get("mlflow.parentRunId", ""),
+            },
+        )
+    )
+
+
+def _adopt_complete(study: optuna.Study, parent_id: str) -> None:
+    """The runs of the study's COMPLETE pairs move under the (new) parent run."""
+    client = MlflowClient()
+    for run_id in _complete_runs(study).values():
+        client.set_tag(run_id, "mlflow.parentRunId", parent_id)
+
+
+def _enqueue_missing(study: optuna.Study, pairs: list[tuple[str, int]]) -> None:
+    """One WAITING trial per pair that has no COMPLETE, WAITING or RUNNING trial yet."""
+    live = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    present = {_pair_of(t) for t in study.get_trials(deepcopy=False, states=live)}
+    for label, seed in pairs:
+        if (label, seed) not in present:
+            study.enqueue_trial(
+                {"regime": label, "seed": seed}, user_attrs={REGIME_ATTR: label, SEED_ATTR: seed}
+            )
+
+
+def _pending(study: optuna.Study, pairs: list) -> tuple[list, int, int]:
+    """Pairs without a COMPLETE trial; WAITING and RUNNING trial counts."""
+    trials = study.get_trials(deepcopy=False)
+    complete = {_pair_of(t) for t in trials if t.state == TrialState.COMPLETE}
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return [p for p in pairs if p not in complete], waiting, running
+
+
+def _drive(
+    study: optuna.Study,
+    url: str,
+    pairs: list,
+    workers: int,
+    data_dir: str | None,
+    heartbeat: TuneConfig,
+    pairs_per_worker: int = 1,
+) -> None:
+    """Keep up to `workers` worker processes (each exits after `pairs_per_worker` pairs) busy
+    until every pair is COMPLETE.
+
+    Trials RUNNING elsewhere (workers on other machines) are waited for; a dead worker's trial
+    comes back WAITING once its heartbeat is stale (`fail_stale_trials`)."""
+    from optuna.storages import fail_stale_trials
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    cmd = [sys.executable, "-m", "robustlab.cli", "experiment-worker", "--study-name"]
+    cmd += [study.study_name, "--storage", url, "--max-trials", str(pairs_per_worker)]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    procs: list[subprocess.Popen] = []
+    failures = 0
+    try:
+        while True:
+            for p in [p for p in procs if p.poll() is not None]:
+                procs.remove(p)
+                failures += p.returncode != 0
+            fail_stale_trials(study)
+            missing, waiting, running = _pending(study, pairs)
+            if not missing and not procs:
+                return
+            if failures > 2 * len(pairs):
+                raise RobustlabError(
+                    f"experiment workers failed {failures} times (see their output above); "
+                    f"fix the cause and resume with --study-name {study.study_name}"
+                )
+            if not waiting and not running and not procs:
+                raise RobustlabError(
+                    f"{len(missing)} regime × seed pair(s) failed: {missing[:4]} (see the worker "
+                    f"output above); resume with --study-name {study.study_name} to retry them"
+                )
+            for _ in range(min(waiting, workers - len(procs))):
+                procs.append(subprocess.Popen(cmd, env=env))
+            time.sleep(1.0 if procs else min(5.0, heartbeat.heartbeat_interval))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def _end_lost_runs(study: optuna.Study, keep: set[str]) -> None:
+    """Runs of FAILED trials (a worker that died, an error) still RUNNING: end them FAILED."""
+    client = MlflowClient()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if not run_id or run_id in keep:
+            continue
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "robustlab.experiment.worker_lost", "true")
+                client.set_terminated(run_id, "FAILED")
+        except MlflowException:
+            continue
 
 
 assert tuple(BUDGETS) == _cli.BUDGETS
@@ -239,7 +483,10 @@ def shared_test_indices(
     every label source the experiment trains with, training and validation), then a subset of
     `eval_size` (0 = all) seeded by TEST_SUBSET_SEED: one set, whatever the regime and seed.
     """
-    mnist = load_mnist(data_dir)
+    raw = load_raw_mnist(data_dir)  # the indices need no pixels: skip the float32 copy
+    n_test = raw.y_test.shape[0]
+    test = Split(np.empty((n_test, 0), np.uint8), raw.y_test, "test", np.arange(n_test))
+    del raw
     excluded = np.unique(
         np.concatenate(
             [
@@ -249,7 +496,7 @@ def shared_test_indices(
             or [np.empty(0, np.int64)]
         )
     )
-    test = subsample(mnist.test.without_sources(excluded), eval_size, seed=TEST_SUBSET_SEED)
+    test = subsample(test.without_sources(excluded), eval_size, seed=TEST_SUBSET_SEED)
     return tuple(int(i) for i in test.source_index)
 
 

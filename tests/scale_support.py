@@ -108,10 +108,14 @@ def robustlab(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 
     )
 
 
-def worker(name: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+def worker(
+    name: str, cwd: Path, env: dict[str, str], command: str = "tune-worker"
+) -> subprocess.Popen:
+    """`robustlab <command> --study-name NAME` (tune-worker or experiment-worker), logging to
+    cwd/worker.log."""
     log = open(cwd / "worker.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        [str(BIN / "robustlab"), "tune-worker", "--study-name", name],
+        [str(BIN / "robustlab"), command, "--study-name", name],
         cwd=cwd,
         env=env,
         stdout=log,

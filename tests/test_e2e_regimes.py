@@ -150,7 +150,9 @@ def test_joint_validates_its_mixture_and_trains(tracking, tmp_path):
 
 def test_experiment_smoke_report(tracking, tmp_path):
     ensure_experiment("robustlab")
-    out = mlflow_run("experiment", tmp_path, "budget=smoke", "seeds=2", f"data_dir={DATA_DIR}")
+    # two local worker processes of 7 pairs each: two start-ups, not 14
+    args = ("budget=smoke", "seeds=2", "workers=2", "pairs_per_worker=7", f"data_dir={DATA_DIR}")
+    out = mlflow_run("experiment", tmp_path, *args)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = _runs()
     parent = next(r for r in runs if r.data.tags.get("robustlab.kind") == "experiment")
@@ -158,6 +160,7 @@ def test_experiment_smoke_report(tracking, tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
     regimes = parent.data.params["regimes"].split(",")
     assert len(regimes) == 7 and len(children) == 7 * 2
+    assert parent.data.metrics["experiment/parent_peak_rss_mb"] < 1024  # it never trains
     assert {c.data.tags["robustlab.experiment_regime"] for c in children} == set(regimes)
 
     # comparison.csv: one row per regime x logged test metric, n_seeds = 2 everywhere

@@ -136,6 +136,65 @@ def test_two_workers_on_two_urls_complete_every_trial_once(live, tmp_path, reap)
 
 @needs_postgres
 @pytest.mark.slow
+def test_experiment_pairs_spread_over_two_workers_on_two_urls(live, tmp_path, reap):
+    name = "exp2"
+    coord, coord_env = machine(tmp_path, "coordinator", live)
+    args = ["experiment", "--budget", "smoke", "--seeds", "2", "--regimes", "vanilla,invariance"]
+    args += ["--data-dir", str(DATA_DIR), "--study-name", name]
+    made = robustlab([*args, "--create-only", "true"], coord, coord_env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=live.storage)
+    assert [t.state for t in study.get_trials()] == [TrialState.WAITING] * 4
+
+    places = [machine(tmp_path, f"worker{i}", live) for i in range(2)]
+    procs = [worker(name, cwd, env, "experiment-worker") for cwd, env in places]
+    reap.extend(procs)
+    codes = [p.wait(timeout=900) for p in procs]
+    logs = [(cwd / "worker.log").read_text() for cwd, _ in places]
+    assert codes == [0, 0], [log[-2000:] for log in logs]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # every pair exactly once
+    pairs = {(t.params["regime"], t.params["seed"]): t.user_attrs["mlflow_run_id"] for t in trials}
+    assert set(pairs) == {(r, s) for r in ("vanilla", "invariance") for s in (0, 1)}
+    done = [set(re.findall(r"^trial (\d+): ", log, re.M)) for log in logs]
+    assert all(done) and not done[0] & done[1], logs  # both worked, never on the same pair
+    for cwd, _ in places:  # nothing stays on the "machines"
+        left = [p for p in cwd.rglob("*") if p.is_file() and p.name != "worker.log"]
+        assert [p for p in left if "home" not in p.relative_to(cwd).parts] == []
+
+    # the coordinator summarizes: no pair trained again, a new parent adopts the four runs
+    summary = robustlab(args, coord, coord_env)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    assert len(study.get_trials()) == 4
+    parent_id = study.user_attrs[ATTR_PARENT]
+    children = trial_runs(live, parent_id)
+    assert sorted(c.info.run_id for c in children) == sorted(pairs.values())
+    client = live.client()
+
+    def indices(run_id: str) -> list[int]:
+        (tmp_path / run_id).mkdir()
+        path = client.download_artifacts(
+            run_id, "evaluated_test_indices.json", str(tmp_path / run_id)
+        )
+        with open(path) as f:
+            return json.load(f)["indices"]
+
+    shared = indices(parent_id)
+    assert len(shared) == len(set(shared)) == 200  # the smoke budget's eval_size
+    for c in children:
+        key = (c.data.tags["robustlab.experiment_regime"], int(c.data.tags["robustlab.seed"]))
+        assert pairs[key] == c.info.run_id and c.info.status == "FINISHED"
+        assert {"test/clean_acc", "test/pgd40_acc"} <= set(c.data.metrics)
+        assert c.data.metrics["test/n_eval"] == 200
+        assert indices(c.info.run_id) == shared
+    names = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"report.md", "comparison.csv"} <= names
+    tags = client.get_run(parent_id).data.tags
+    assert {"robustlab.claim1", "robustlab.claim2", "robustlab.claim3"} <= set(tags)
+
+
+@needs_postgres
+@pytest.mark.slow
 def test_wrong_credentials_or_host_are_one_line_and_leave_nothing(live, tmp_path):
     coord, env = machine(tmp_path, "coordinator", live)
     wrong_password = live.storage.replace("robustlab:", "robustlab:x", 1)
@@ -148,6 +207,15 @@ def test_wrong_credentials_or_host_are_one_line_and_leave_nothing(live, tmp_path
         for argv, command in (
             ([*tune_args("bad", 1), "--storage", storage], "tune"),
             (["tune-worker", "--study-name", "bad", "--storage", storage], "tune-worker"),
+            (
+                ["experiment-worker", "--study-name", "bad", "--storage", storage],
+                "experiment-worker",
+            ),
+            (
+                ["experiment", "--budget", "smoke", "--seeds", "1", "--regimes", "vanilla"]
+                + ["--study-name", "bad", "--create-only", "true", "--storage", storage],
+                "experiment",
+            ),
         ):
             out = robustlab(argv, coord, env, timeout=120)
             line = _one_error_line(out, command)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from robustlab.commands import optional
+from robustlab.commands import flag, optional
 from robustlab.errors import ConfigError
 
 BUDGETS = (
@@ -33,8 +33,56 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
         default=None,
         help="an interrupted experiment's parent run: reuse its finished regime × seed runs",
     )
+    p.add_argument(
+        "--workers", type=int, default=1, help="local worker processes (each pair: a fresh one)"
+    )
+    p.add_argument(
+        "--pairs-per-worker",
+        type=int,
+        default=1,
+        help="pairs a local worker trains before it exits (1: bounded memory; more: less start-up)",
+    )
+    p.add_argument(
+        "--storage",
+        type=optional,
+        default=None,
+        help="RDB URL of the study (default $ROBUSTLAB_OPTUNA_STORAGE, then tracking/optuna.db)",
+    )
+    p.add_argument(
+        "--study-name",
+        type=optional,
+        default=None,
+        help="default experiment-<parent run id>; an existing one is resumed and summarized",
+    )
+    p.add_argument(
+        "--create-only",
+        type=flag,
+        default=False,
+        help="create the parent run and the study, train nothing (workers: experiment-worker)",
+    )
+    p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds")
+    p.add_argument(
+        "--grace-period", type=int, default=180, help="seconds before a silent pair is retried"
+    )
+    p.add_argument("--max-retry", type=int, default=2)
     p.set_defaults(func=run)
-    return ["experiment"]
+    w = sub.add_parser(
+        "experiment-worker",
+        help="train an experiment study's waiting regime × seed pairs (experiment starts these)",
+    )
+    w.add_argument("--study-name", required=True)
+    w.add_argument(
+        "--storage",
+        type=optional,
+        default=None,
+        help="the study's RDB URL (default $ROBUSTLAB_OPTUNA_STORAGE)",
+    )
+    w.add_argument("--data-dir", type=optional, default=None)
+    w.add_argument(
+        "--max-trials", type=int, default=0, help="exit after this many pairs (0: until none waits)"
+    )
+    w.set_defaults(func=run_worker)
+    return ["experiment", "experiment-worker"]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -54,6 +102,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"unknown regime(s) {unknown or args.regimes!r}; choose from {known}")
     if not math.isfinite(args.eps) or not 0.0 < args.eps <= 1.0:
         raise ConfigError(f"--eps must lie in (0, 1], got {args.eps}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.pairs_per_worker < 1:
+        raise ConfigError(f"--pairs-per-worker must be >= 1, got {args.pairs_per_worker}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -66,9 +118,41 @@ def run(args: argparse.Namespace) -> None:
     from robustlab.experiment import run_experiment
 
     run_id = run_experiment(
-        args.budget, args.seeds, args.regimes, args.data_dir, args.eps, args.resume_run_id
+        args.budget,
+        args.seeds,
+        args.regimes,
+        args.data_dir,
+        args.eps,
+        args.resume_run_id,
+        workers=args.workers,
+        pairs_per_worker=args.pairs_per_worker,
+        storage=args.storage,
+        study_name=args.study_name,
+        create_only=args.create_only,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+        max_retry=args.max_retry,
     )
+    if args.create_only:
+        return
     print(
         f"experiment {run_id} finished: report.md, comparison.csv and plots are in its artifacts",
         file=sys.stderr,
     )
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import os
+
+    from robustlab.tune.study import STORAGE_ENV
+
+    if args.max_trials < 0:
+        raise ConfigError(f"--max-trials must be >= 0 (0: no limit), got {args.max_trials}")
+    storage = args.storage or os.environ.get(STORAGE_ENV)
+    if not storage:
+        raise ConfigError(
+            f"experiment-worker needs --storage URL or ${STORAGE_ENV} (the study's RDB URL)"
+        )
+    from robustlab.experiment_worker import run_worker as work
+
+    work(args.study_name, storage, args.data_dir, args.max_trials)
