@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": "generate",
     "label": "label",
     "experiment": "experiment",
+    "experiment-worker": "experiment",
     "tracking-init": "tracking_init",
     "services": "services",
     "tune": "tune",
