@@ -46,10 +46,11 @@ EVAL = [
 EVAL_NO_AA = [*EVAL[:2], "--autoattack-size", "0", *EVAL[4:]]
 
 
-def _train(seed: int, epochs: int = 1, nested: bool = False) -> str:
+def _train(seed: int, epochs: int = 1, nested: bool = False, precision: str = "auto") -> str:
     """A really trained tiny vanilla model (256 images) logged by the runner; returns its run id."""
     cfg = RunConfig(
-        data=DataConfig(None, 256, 100), train=TrainConfig(epochs=epochs, seed=seed, patience=0)
+        data=DataConfig(None, 256, 100),
+        train=TrainConfig(epochs=epochs, seed=seed, patience=0, precision=precision),
     ).validate()
     extras = Extras(robust_eval=False, nested=nested, run_name=f"tiny-{seed}")
     return run_training(make_regime("vanilla", epochs=epochs), cfg, EvalConfig(), extras)
@@ -217,7 +218,9 @@ def test_register_from_an_experiment_parent_scores_children_on_validation(tracki
 
     with start_run("experiment", system_metrics=False) as parent:
         untrained = _train(4, epochs=0, nested=True)  # chance-level: below any sensible floor
-        trained = _train(5, epochs=1, nested=True)
+        # float32: validation during training runs in the training precision, and register
+        # scores the logged float32 model, so only a float32 run logs the very same number
+        trained = _train(5, epochs=1, nested=True, precision="float32")
     pid = parent.info.run_id
     argv = ["register", "--experiment-run-id", pid, "--clean-floor", "0.5", "--eps", "0.1"]
     assert main([*argv, *EVAL_NO_AA]) == 0, capsys.readouterr().err[-3000:]
