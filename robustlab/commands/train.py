@@ -63,7 +63,10 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         help="final evaluation: AutoAttack/Square subset (0 = skip)",
     )
     g.add_argument(
-        "--pgd-restarts", type=int, default=1, help="restarts of the final PGD-100 (evaluate: 5)"
+        "--pgd-restarts",
+        type=int,
+        default=0,
+        help="restarts of PGD-100 after PGD-40 (default 0: PGD-40 and AutoAttack; evaluate: 5)",
     )
     g.add_argument(
         "--robust-eval", type=_bool, default=True, help="run the robustness evaluation at the end"

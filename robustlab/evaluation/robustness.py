@@ -72,8 +72,9 @@ def check_eval_inputs(test: Split) -> None:
         raise DataError("evaluation split: one source index per image is required")
 
 
-def _progress(stage: str, seconds: float) -> None:
-    print(f"[evaluate] {stage} done ({seconds:.0f} s)", file=sys.stderr, flush=True)
+def _progress(stage: str, seconds: float, peak_mb: float | None = None) -> None:
+    peak = f", peak RSS {peak_mb:.0f} MiB" if peak_mb is not None else ""
+    print(f"[evaluate] {stage} done ({seconds:.0f} s{peak})", file=sys.stderr, flush=True)
 
 
 def _predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -335,7 +336,7 @@ def evaluate_and_log(
         batch_size=bs,
         early_exit=cfg.early_exit,
         adv_out=x_adv,
-        progress=lambda r: _progress(r.stage.name, r.seconds),
+        progress=lambda r: _progress(r.stage.name, r.seconds, r.peak_rss_mb),
     )
     by_name = {r.stage.name: r for r in results}
     for r in results:  # the curve's points add up to one part, as before
