@@ -13,7 +13,9 @@ shared machine hits all three); the figure per side is the median seconds per ba
 - robustlab float32 / mixed_bfloat16: `robustlab.train.loop.make_train_step` with
   `make_perturb_fn` (the step `robustlab perturbation` runs per batch, `float(loss)` read back
   per batch as the training loop does), the model built by `build_model(..., precision)`.
-Then robustlab float32 vs mixed_bfloat16 at PGD-7 (the `perturbation` default).
+Then robustlab float32 vs mixed_bfloat16 at PGD-7 (the `perturbation` default). TensorFlow op
+determinism is on, as in every run (`--deterministic 0` switches it off for all sides; measured
+idle here, it changed neither precision's step time beyond noise).
 
 Peak: GFLOP/s of a 4096 x 4096 float32 `tf.matmul` (2 n^3 FLOPs; best of 3), and of the same
 product in bfloat16 for reference, measured in every repeat beside the steps (the fraction of
@@ -47,6 +49,7 @@ from robustlab.config import AttackConfig  # noqa: E402
 from robustlab.data.mnist import load_mnist  # noqa: E402
 from robustlab.models import build_model  # noqa: E402
 from robustlab.precision import BF16, FLOAT32, cpu_has_bf16  # noqa: E402
+from robustlab.seeding import seed_everything  # noqa: E402
 from robustlab.train.loop import make_train_step  # noqa: E402
 
 BATCH = 128
@@ -176,17 +179,24 @@ def main() -> None:
     )
     p.add_argument("--batches", type=int, default=5, help="timed batches of 128 per side")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) per side")
+    p.add_argument(
+        "--deterministic",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="TensorFlow op determinism, on by default as in runs (one switch for all sides)",
+    )
     args = p.parse_args()
+    seed_everything(0, bool(args.deterministic))  # the runs' setting: same kernels as a run
 
     data = load_mnist(train_size=(args.batches + 1) * BATCH)
     x, y = data.train.x, data.train.y
     warm = (x[:BATCH], y[:BATCH])
     xs, ys = x[BATCH : (args.batches + 1) * BATCH], y[BATCH : (args.batches + 1) * BATCH]
-    keras.utils.set_random_seed(0)
     weights = build_model("madry_cnn").get_weights()
     print(
         f"tf {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} cores, "
-        f"CPU bf16: {cpu_has_bf16()}, load average {os.getloadavg()[0]:.2f}; madry_cnn, eps {EPS}, "
+        f"CPU bf16: {cpu_has_bf16()}, op determinism {bool(args.deterministic)}, load average {os.getloadavg()[0]:.2f}; madry_cnn, eps {EPS}, "
         f"step {STEP_SIZE}, batch {BATCH}, {args.batches} batches x {args.repeats} repeats",
         flush=True,
     )
