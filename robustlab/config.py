@@ -179,6 +179,9 @@ class EvalConfig:
     curve_size: int = 500
     curve_points: int = 5
     square_queries: int = 5000  # Square's query budget, inside AutoAttack and alone
+    # the stand-alone Square stage beside AutoAttack (whose third attack is Square already): the
+    # end of training and the experiment's smoke/default budgets leave it to `evaluate`
+    square_alone: bool = True
     # "robustlab": in-graph PGD with early exit (end of training; same attack as ART's, tested);
     # `evaluate` passes "art" by default, the independent cross-check against ART's PGD
     pgd_engine: str = "robustlab"

@@ -78,6 +78,7 @@ class Budget:
     curve_points: int = 9
     square_queries: int = 1000
     pgd_engine: str = "robustlab"  # evaluation PGD: in-graph (same result as ART, about 2x faster)
+    square_alone: bool = False  # Square beside AutoAttack (which runs Square too); `full`: True
 
 
 BUDGETS: dict[str, Budget] = {
@@ -122,6 +123,7 @@ BUDGETS: dict[str, Budget] = {
         patience=5,
         square_queries=5000,
         pgd_engine="art",
+        square_alone=True,
     ),
 }
 
@@ -170,6 +172,7 @@ def _config(
         curve_size=b.curve_size,
         curve_points=b.curve_points,
         square_queries=b.square_queries,
+        square_alone=b.square_alone,
         pgd_engine=b.pgd_engine,
     )
     return cfg.validate(check_model), ev.validate()

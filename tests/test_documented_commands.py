@@ -81,10 +81,13 @@ def _no_inherited_experiment_id(monkeypatch):
 
 def test_training_entry_point_evaluates_with_zero_restarts(trained):
     m = trained.run.data.metrics
-    assert {"test/clean_acc", "test/pgd40_acc", "test/autoattack_acc", "test/square_acc"} <= set(m)
+    assert {"test/clean_acc", "test/pgd40_acc", "test/autoattack_acc"} <= set(m)
     assert not [k for k in m if k.startswith("test/pgd100")]  # R = 0: no PGD-100 metric
     report = _json(trained.run.info.run_id, "evaluation.json")
     assert report["pgd_restarts"] == 0 and "pgd100x0" not in report["attacks"]
+    # Square runs inside AutoAttack only; the stand-alone Square is evaluate's
+    assert "test/square_acc" not in m and "square" not in report["attacks"]
+    assert [s["name"] for s in report["stages"]][:2] == ["pgd40", "autoattack"]
     evaluated = _json(trained.run.info.run_id, "evaluated_test_indices.json")["indices"]
     assert len(evaluated) == 60 and not set(evaluated) & trained.excluded
     assert len(trained.excluded) == 493  # the thesis pool's sources (ties dropped)

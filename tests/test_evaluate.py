@@ -110,6 +110,7 @@ def test_evaluate_and_log_records_metrics_intervals_and_artifacts(
     n_pgd_survivors = round(metrics["test/pgd_subset_acc"] * 30)
     assert stages["autoattack"]["n_attacked"] == stages["square"]["n_attacked"] == n_pgd_survivors
     assert n_pgd_survivors > 0  # the subset stages had work to do
+    assert all(s["peak_rss_mb"] > 100 for s in stages.values())  # this process's peak, in MiB
     summary = (tmp_path / "out" / "evaluation.md").read_text()
     assert "test/pgd100x2_acc" in summary and "No sign of gradient masking" in summary
 

@@ -12,7 +12,8 @@ Chains (each is the exact per-example worst case over its stages):
   APGD-DLR, Square) on the images the PGD chain left standing there, so `test/autoattack_acc`
   is the worst case over PGD and AutoAttack (a non-robust model leaves it nothing to do); a
   stand-alone Square on the same PGD survivors, independent of AutoAttack (`test/square_acc`:
-  worst case over PGD and Square; the gradient-free masking check: far below PGD);
+  worst case over PGD and Square; the gradient-free masking check: far below PGD), unless
+  `cfg.square_alone` is False (end of training: AutoAttack's own Square is the check);
 - subset "curve" (seeded subset of `curve_size`): PGD-40 at ascending eps, each point attacking
   only the survivors of the previous point (an adversarial within eps_i lies within eps_{i+1}),
   so the curve is the worst case over the smaller eps and cannot rise with eps.
@@ -135,6 +136,7 @@ def build_stages(
                 after_all=cfg.early_exit,  # the old cost: AutoAttack on every clean-correct image
             )
         )
+    if cfg.autoattack_size > 0 and cfg.square_alone:
         stages.append(
             Stage(
                 "square",
@@ -356,9 +358,11 @@ def evaluate_and_log(
     sub_idx = subsets["autoattack"]
     if "autoattack" in by_name and len(sub_idx) > 0:
         accs["test/autoattack_acc"] = accuracy(by_name["autoattack"].robust)
-        accs["test/square_acc"] = accuracy(by_name["square"].robust)
         accs["test/pgd_subset_acc"] = accuracy(pgd_ok[sub_idx])
-        aa_acc, sq_acc = accs["test/autoattack_acc"].value, accs["test/square_acc"].value
+        aa_acc = accs["test/autoattack_acc"].value
+    if "square" in by_name and len(sub_idx) > 0:
+        accs["test/square_acc"] = accuracy(by_name["square"].robust)
+        sq_acc = accs["test/square_acc"].value
     curve = [r for r in results if r.stage.subset == "curve"]
     curve_accs = [accuracy(r.robust) for r in curve]
     n_curve = len(subsets["curve"])
@@ -480,11 +484,17 @@ def _report(
                 "square_queries": square_queries,
                 "size": n_autoattack,
             },
-            "square": {
-                "library": "ART SquareAttack",
-                "queries": square_queries,
-                "size": n_autoattack,
-            },
+            **(
+                {
+                    "square": {
+                        "library": "ART SquareAttack",
+                        "queries": square_queries,
+                        "size": n_autoattack,
+                    }
+                }
+                if cfg.square_alone
+                else {}
+            ),
         },
         "metrics": metrics,
         "accuracies": {
