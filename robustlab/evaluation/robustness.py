@@ -484,17 +484,6 @@ def _report(
                 "square_queries": square_queries,
                 "size": n_autoattack,
             },
-            **(
-                {
-                    "square": {
-                        "library": "ART SquareAttack",
-                        "queries": square_queries,
-                        "size": n_autoattack,
-                    }
-                }
-                if cfg.square_alone
-                else {}
-            ),
         },
         "metrics": metrics,
         "accuracies": {
@@ -519,6 +508,12 @@ def _report(
         "excluded_sources_removed_by_caller": True,
         "source_indices_sha": _indices_digest(test.source_index),
     }
+    if cfg.square_alone:
+        info["attacks"]["square"] = {
+            "library": "ART SquareAttack",
+            "queries": square_queries,
+            "size": n_autoattack,
+        }
     if R > 0:
         name = restart_stage_name(cfg.pgd_steps, R)
         info["attacks"][name] = {
