@@ -94,6 +94,10 @@ def test_factory_builds_every_named_art_attack():
         "SquareAttack",
     ]
     assert [a.loss_type for a in aa.attacks[:2]] == ["cross_entropy", "difference_logits_ratio"]
+    assert [a.estimator.loss_object.fn.__name__ for a in aa.attacks[:2]] == [
+        "cross_entropy",
+        "difference_logits_ratio",
+    ]
     assert aa.attacks[2].max_iter == 10
 
 
@@ -252,3 +256,39 @@ def test_pgd40_matches_art_projected_gradient_descent(model_and_test, eps):
         model.predict(art, verbose=0).argmax(1) == y
     )
     assert same.mean() >= 0.98
+
+
+@pytest.mark.parametrize("loss_type", ["cross_entropy", "difference_logits_ratio"])
+def test_compiled_apgd_estimator_matches_arts_own_loss(model_and_test, loss_type):
+    """The compiled estimator behind our APGD computes ART APGD's own loss and gradient, and
+    APGD reaches the same robust accuracy with it as with ART's eager estimator."""
+    from art.attacks.evasion import AutoProjectedGradientDescent
+
+    from robustlab.attacks import make_attack, make_classifier
+
+    model, test = model_and_test
+    rng = np.random.default_rng(0)
+    x = np.clip(test.x[:200] + rng.uniform(-0.3, 0.3, test.x[:200].shape), 0, 1)
+    x = x.astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[test.y[:200]]
+    kw = dict(norm=np.inf, eps=0.3, eps_step=0.6, max_iter=10, nb_random_init=1, batch_size=200)
+    art = AutoProjectedGradientDescent(
+        make_classifier(model), loss_type=loss_type, verbose=False, **kw
+    )
+    ours = make_attack(
+        "apgd", make_classifier(model), eps=0.3, steps=10, batch_size=200, loss_type=loss_type
+    )
+    assert type(ours.estimator) is not type(art.estimator)
+    np.testing.assert_allclose(
+        ours.estimator.compute_loss(x, y), art.estimator.compute_loss(x, y), rtol=1e-4, atol=1e-5
+    )
+    g_ours, g_art = ours.estimator.loss_gradient(x, y), art.estimator.loss_gradient(x, y)
+    assert np.abs(g_art).max() > 0
+    np.testing.assert_allclose(g_ours, g_art, rtol=1e-3, atol=1e-3 * np.abs(g_art).max())
+    accs = []
+    for attack in (ours, art):
+        np.random.seed(1)
+        accs.append(_acc(model, attack.generate(test.x[:200], test.y[:200]), test.y[:200]))
+    print(f"{loss_type}: APGD-10 robust acc compiled {accs[0]:.3f}, ART eager {accs[1]:.3f}")
+    assert accs[1] < _acc(model, test.x[:200], test.y[:200]) - 0.02  # the attack bites
+    assert abs(accs[0] - accs[1]) <= 0.01

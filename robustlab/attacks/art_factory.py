@@ -168,22 +168,34 @@ def make_attack(name: str, classifier, *, eps: float, **params: Any):
             verbose=False,
         )
     if key == "apgd":
+        from robustlab.attacks.compiled_estimator import LOSS_TYPES, CompiledLossClassifier
+
         loss_type = p.get("loss_type", "cross_entropy")
-        if loss_type not in ("cross_entropy", "difference_logits_ratio"):
+        if loss_type not in LOSS_TYPES:
             raise ConfigError(
                 f"apgd: loss_type must be 'cross_entropy' or 'difference_logits_ratio', got {loss_type!r}"
             )
-        return AutoProjectedGradientDescent(
-            classifier,
+        # the same loss as ART's `loss_type`, computed by a compiled estimator (ART uses the
+        # estimator's own loss when loss_type is None)
+        estimator = CompiledLossClassifier(
+            classifier.model,
+            loss_type,
+            nb_classes=classifier.nb_classes,
+            input_shape=classifier.input_shape,
+        )
+        apgd = AutoProjectedGradientDescent(
+            estimator,
             norm=np.inf,
             eps=eps,
             eps_step=eps_step,
             max_iter=max_iter,
             nb_random_init=restarts,
             batch_size=batch_size,
-            loss_type=loss_type,
+            loss_type=None,
             verbose=False,
         )
+        apgd.loss_type = loss_type  # ART reads it only in __init__; keep it for repr/inspection
+        return apgd
     if key == "square":
         return SquareAttack(
             classifier,
