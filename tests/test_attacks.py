@@ -292,3 +292,22 @@ def test_compiled_apgd_estimator_matches_arts_own_loss(model_and_test, loss_type
     print(f"{loss_type}: APGD-10 robust acc compiled {accs[0]:.3f}, ART eager {accs[1]:.3f}")
     assert accs[1] < _acc(model, test.x[:200], test.y[:200]) - 0.02  # the attack bites
     assert abs(accs[0] - accs[1]) <= 0.01
+
+
+def test_an_attacked_model_is_released_when_dropped():
+    """pgd_attack's per-model graph cache must not keep models alive: `tune` and `register`
+    attack many models in one process (issue 11: about 19 MiB per model stayed resident)."""
+    import gc
+    import weakref
+
+    from robustlab.attacks import pgd_attack
+    from robustlab.models import build_model
+
+    x = np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32)
+    y = np.zeros(32, dtype=np.int64)
+    model = build_model("madry_cnn")
+    pgd_attack(model, x, y, eps=0.3, steps=2, step_size=0.1, batch_size=32, seed=0)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

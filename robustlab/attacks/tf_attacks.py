@@ -246,11 +246,15 @@ def _make_attack_batch(
     instead of a draw from the generator.
     """
     gen = tf.random.Generator.from_seed(0)
+    # the cache in _ATTACKS holds this function weakly by its model; a strong reference from the
+    # closure would keep every attacked model (and its graphs) alive for the whole process
+    model_ref = weakref.ref(model)
 
     @tf.function(reduce_retracing=True)
     def attack_batch(
         xb: tf.Tensor, yb: tf.Tensor, ub: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        model = model_ref()  # alive: traced only from a call that passes the model
         best = xb
         best_wrong = tf.zeros(tf.shape(yb), dtype=tf.bool)
         best_loss = tf.fill(tf.shape(yb), tf.constant(-np.inf, tf.float32))
