@@ -82,7 +82,7 @@ class CompiledLossClassifier(TensorFlowV2Classifier):
         def mean_loss_gradient(x: tf.Tensor, y: tf.Tensor, training: bool) -> tf.Tensor:
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                loss = tf.reduce_mean(fn(y, model(x, training=training)))
+                loss = tf.reduce_mean(losses(x, y, training))
             return tape.gradient(loss, x)
 
         self._losses = losses
