@@ -45,8 +45,8 @@ def end_of_training_config(regime: str, eps: float) -> EvalConfig:
 
 def train(train_x, train_y, *, epochs: int, pgd_epochs: int, eps: float) -> keras.Model:
     """madry_cnn: `epochs` clean epochs, then `pgd_epochs` of PGD-7 training (eps warm-up 1)."""
-    from robustlab.attacks import make_perturb_fn
     from robustlab.train.loop import fit
+    from robustlab.train.methods import make_method
     from robustlab.train.mixture import Mixture, Pool
 
     keras.utils.set_random_seed(0)
@@ -71,7 +71,7 @@ def train(train_x, train_y, *, epochs: int, pgd_epochs: int, eps: float) -> kera
             replace(cfg, epochs=pgd_epochs),
             pgd_epochs,
             validators=[],
-            perturb=make_perturb_fn(attack),
+            method=make_method(attack),
             eps_warmup=1.0,
         )
     return model

@@ -9,7 +9,10 @@ from typing import Any, Literal
 from robustlab.errors import ConfigError
 from robustlab.precision import check_precision
 
-AttackMethod = Literal["pgd", "fgsm_rs"]
+AttackMethod = Literal["pgd", "fgsm_rs", "trades"]
+METHODS: tuple[str, ...] = ("pgd", "fgsm_rs", "trades")
+PGD_STEP_FACTOR = 2.5  # PGD's step size: 2.5 * eps / steps (Madry et al.)
+FGSM_RS_STEP_FACTOR = 1.25  # FGSM-RS's one step: 1.25 * eps (Wong et al. 2020)
 MAX_SEED = 2**32 - 1  # NumPy and TensorFlow seeds are unsigned 32-bit
 
 
@@ -18,6 +21,18 @@ def check_finite(**values: float) -> None:
     for name, value in values.items():
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number, got {value}")
+
+
+def pgd_step_size(eps: float, steps: int) -> float:
+    """PGD's step size, 2.5 * eps / steps (0.01 for eps 0, where it does not matter)."""
+    return PGD_STEP_FACTOR * eps / steps if eps > 0 else 0.01
+
+
+def default_step_size(method: str, eps: float, steps: int) -> float:
+    """A training method's default step: FGSM-RS 1.25 * eps, PGD and TRADES 2.5 * eps / steps."""
+    if method == "fgsm_rs":
+        return FGSM_RS_STEP_FACTOR * eps
+    return pgd_step_size(eps, max(steps, 1))
 
 
 @dataclass(frozen=True)
@@ -43,19 +58,34 @@ class AttackConfig:
     random_start: bool = True
     method: AttackMethod = "pgd"
     eps_warmup: float = 0.0  # epochs over which eps ramps linearly from 0 to `eps` (0 = none)
+    trades_beta: float = 6.0  # TRADES: weight of KL(f(x) || f(x')) beside CE(f(x), y)
 
     def validate(self) -> None:
-        check_finite(eps=self.eps, step_size=self.step_size, eps_warmup=self.eps_warmup)
+        check_finite(
+            eps=self.eps,
+            step_size=self.step_size,
+            eps_warmup=self.eps_warmup,
+            trades_beta=self.trades_beta,
+        )
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
             raise ConfigError(f"eps must lie in [0, 1] (images are in [0, 1]), got {self.eps}")
+        if self.steps < 1 and self.method == "trades":
+            raise ConfigError(
+                f"attack_steps must be >= 1 for method=trades (its inner maximisation takes "
+                f"steps), got {self.steps}"
+            )
         if self.steps < 1:
             raise ConfigError(f"attack_steps must be >= 1, got {self.steps}")
+        if self.trades_beta < 0:
+            raise ConfigError(f"trades_beta must be >= 0, got {self.trades_beta}")
         if not self.step_size > 0:
             raise ConfigError(f"step_size must be > 0, got {self.step_size}")
         if self.eps_warmup < 0:
             raise ConfigError(f"eps_warmup must be >= 0 epochs, got {self.eps_warmup}")
-        if self.method not in ("pgd", "fgsm_rs"):
-            raise ConfigError(f"unknown method {self.method!r}; choose 'pgd' or 'fgsm_rs'")
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"unknown method {self.method!r}; choose one of {', '.join(map(repr, METHODS))}"
+            )
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,16 @@ class MixConfig:
             )
 
 
+LR_SCHEDULES = ("constant", "step")
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The learning rate's factor in epoch `epoch` (0-based) of `epochs` under `schedule`."""
+    if schedule == "constant" or epoch < 0.75 * epochs:
+        return 1.0
+    return 0.1 if epoch < 0.9 * epochs else 0.01
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
@@ -95,6 +135,9 @@ class TrainConfig:
     # training precision: float32 | mixed_bfloat16 | auto (bf16 where the CPU has it natively);
     # evaluation and the logged model are always float32 (robustlab.precision)
     precision: str = "auto"
+    # learning rate over each phase's epochs: constant, or step (x0.1 from 75% of the epochs,
+    # x0.01 from 90%, as in Madry's and TRADES' schedules)
+    lr_schedule: str = "constant"
 
     def validate(self, check_model: bool = True) -> None:
         """`check_model=False` skips the model-name check, which imports Keras."""
@@ -110,6 +153,10 @@ class TrainConfig:
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0, got {self.patience}")
         check_precision(self.precision)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}"
+            )
         if not check_model:
             return
         from robustlab.models import available_models
@@ -149,6 +196,7 @@ class RunConfig:
             "random_start": "random_start",
             "method": "method",
             "eps_warmup": "eps_warmup",
+            "trades_beta": "trades_beta",
         }
         out: dict[str, Any] = {}
         for section, values in asdict(self).items():

@@ -17,11 +17,11 @@ def trained_model():
     """
     import keras
 
-    from robustlab.attacks import make_perturb_fn
     from robustlab.config import AttackConfig, MixConfig, TrainConfig
     from robustlab.data.mnist import load_mnist
     from robustlab.models import build_model
     from robustlab.train.loop import fit
+    from robustlab.train.methods import make_method
     from robustlab.train.mixture import Mixture, Pool
 
     data = load_mnist(train_size=8000)
@@ -41,7 +41,7 @@ def trained_model():
         TrainConfig(epochs=3, batch_size=128, patience=0),
         3,
         validators=[],
-        perturb=make_perturb_fn(attack),
+        method=make_method(attack),
         eps_warmup=1.0,
     )
     return model, data.test

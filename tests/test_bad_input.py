@@ -47,6 +47,7 @@ TRAINING_CASES = [
     ("lr-zero", ["vanilla", "--learning-rate", "0"], "learning_rate must be > 0"),
     ("batch-size-zero", ["vanilla", "--batch-size", "0"], "batch_size must be >= 1"),
     ("patience-negative", ["vanilla", "--patience", "-1"], "patience must be >= 0"),
+    ("lr-schedule-unknown", ["vanilla", "--lr-schedule", "cosine"], "unknown lr_schedule 'cosine'"),
     ("autoattack-negative", ["vanilla", "--autoattack-size", "-1"], "autoattack_size must be"),
     ("pgd-restarts-negative", ["vanilla", "--pgd-restarts", "-1"], "pgd_restarts must be >= 0"),
     ("robust-eval-maybe", ["vanilla", "--robust-eval", "maybe"], "expected true/false"),
@@ -86,6 +87,14 @@ TRAINING_CASES = [
     ("eps-warmup-nan", ["perturbation", "--eps-warmup", "nan"], "eps_warmup must be a finite"),
     ("eps-warmup-negative", ["perturbation", "--eps-warmup", "-1"], "eps_warmup must be >= 0"),
     ("method-unknown", ["perturbation", "--method", "fgsm"], "unknown method 'fgsm'"),
+    ("trades-beta-negative", ["perturbation", "--trades-beta", "-1"], "trades_beta must be >= 0"),
+    ("trades-beta-nan", ["perturbation", "--trades-beta", "nan"], "trades_beta must be a finite"),
+    ("trades-beta-inf", ["joint", "--trades-beta", "inf"], "trades_beta must be a finite"),
+    (
+        "trades-no-steps",
+        ["perturbation", "--method", "trades", "--attack-steps", "0"],
+        "attack_steps must be >= 1 for method=trades",
+    ),
     (
         "inv-pool-unknown",
         ["invariance", "--inv-pool", "thesis_linf_epsXYZ"],

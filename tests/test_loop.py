@@ -128,3 +128,28 @@ def test_resume_skips_a_checkpoint_slot_truncated_by_a_crash(data, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(RobustlabError, match="no intact checkpoint"):
         epoch_of()
+
+
+def test_step_lr_schedule_drops_the_rate_late_in_the_phase(data, tmp_path):
+    pool, val = data
+    small = Pool(pool.x[:128], pool.y[:128], "mnist-128")
+    seen: list[float] = []
+    keras.utils.set_random_seed(0)
+    model, optimizer = build_model("madry_cnn"), keras.optimizers.Adam(1e-3)
+    cfg = TrainConfig(epochs=10, batch_size=64, seed=0, patience=0, lr_schedule="step")
+
+    def record(metrics, step):
+        seen.append(float(np.asarray(optimizer.learning_rate)))
+
+    fit(model, optimizer, Mixture(small, MixConfig(), 64), cfg, 10, validators=[], on_epoch=record)
+    np.testing.assert_allclose(seen, [1e-3] * 8 + [1e-4, 1e-5], rtol=1e-6)
+    constant = keras.optimizers.Adam(2e-3)
+    fit(
+        build_model("madry_cnn"),
+        constant,
+        Mixture(small, MixConfig(), 64),
+        TrainConfig(epochs=3, batch_size=64, patience=0),
+        3,
+        validators=[],
+    )
+    assert float(np.asarray(constant.learning_rate)) == pytest.approx(2e-3)

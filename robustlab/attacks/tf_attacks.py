@@ -46,6 +46,21 @@ def _input_gradient(model: keras.Model, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor
     return tape.gradient(loss, x)
 
 
+def kl_divergence(p_logits: tf.Tensor, q_logits: tf.Tensor) -> tf.Tensor:
+    """Per-example KL(softmax(p) || softmax(q)) from logits (float32)."""
+    log_p = tf.nn.log_softmax(p_logits, axis=-1)
+    log_q = tf.nn.log_softmax(q_logits, axis=-1)
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _kl_input_gradient(model: keras.Model, x: tf.Tensor, clean_logits: tf.Tensor) -> tf.Tensor:
+    """d(sum of KL(f(x_clean) || f(x)))/dx, the clean distribution held fixed (TRADES)."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(kl_divergence(clean_logits, model(x, training=False)))
+    return tape.gradient(loss, x)
+
+
 def _project(x_adv: tf.Tensor, x: tf.Tensor, eps: float | tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), 0.0, 1.0)
 
@@ -59,12 +74,14 @@ def _pgd_from(
     eps: float | tf.Tensor,
     steps: int,
     step_size: float | tf.Tensor,
+    gradient: Callable[[keras.Model, tf.Tensor, tf.Tensor], tf.Tensor] = _input_gradient,
 ) -> tf.Tensor:
-    """`steps` projected signed-gradient steps starting at clip(x + delta0) (graph loop, not unrolled)."""
+    """`steps` projected signed-gradient steps starting at clip(x + delta0) (graph loop, not
+    unrolled), ascending `gradient(model, x_adv, y)` (default: the cross-entropy's)."""
     x_adv0 = tf.clip_by_value(x + delta0, 0.0, 1.0)
 
     def body(i, x_adv):
-        grad = _input_gradient(model, x_adv, y)
+        grad = gradient(model, x_adv, y)
         x_next = _project(x_adv + step_size * tf.sign(grad), x, eps)
         return i + 1, x_next
 
@@ -170,15 +187,21 @@ def _check(eps: float, steps: int, step_size: float) -> None:
     AttackConfig(eps=eps, steps=steps, step_size=step_size).validate()
 
 
+TRADES_START_STD = 0.001  # TRADES' random start: x + 0.001 * N(0, 1) (Zhang et al. 2019)
+
+
 def make_perturb_fn(cfg: AttackConfig, seed: int = 0) -> PerturbFn:
     """A pure-TF `perturb(model, x, y) -> x_adv` for use inside a `@tf.function` train step.
 
     `cfg.method == "pgd"`: optional uniform random start in the eps-ball, `cfg.steps` signed
     gradient steps of `cfg.step_size`, each projected to the eps-ball and [0, 1] (a `tf.while_loop`).
     `cfg.method == "fgsm_rs"` (Wong et al. 2020): uniform start in the eps-ball, one signed step
-    of `cfg.step_size` (use 1.25 * eps), projection. The loss is sparse softmax cross-entropy on
-    `model(x, training=False)` logits. The output is `tf.stop_gradient`-ed. x: float32
-    (B, 28, 28, 1) in [0, 1] (B may be dynamic or 0); y: integer labels (B,).
+    of `cfg.step_size` (use 1.25 * eps), projection. The loss of both is sparse softmax
+    cross-entropy on `model(x, training=False)` logits. `cfg.method == "trades"` (Zhang et al.
+    2019): start at x + 0.001 N(0, 1), `cfg.steps` signed steps ascending
+    KL(f(x) || f(x')) with f(x) the (fixed) clean softmax, each projected likewise; `y` is unused.
+    The output is `tf.stop_gradient`-ed. x: float32 (B, 28, 28, 1) in [0, 1] (B may be dynamic
+    or 0); y: integer labels (B,).
 
     The attack runs through the model in its own precision (a mixed_bfloat16 model attacks in
     bfloat16); its logits are cast to float32, the input gradient is taken with respect to the
@@ -187,15 +210,16 @@ def make_perturb_fn(cfg: AttackConfig, seed: int = 0) -> PerturbFn:
     The returned function carries `perturb.eps_scale`, a `tf.Variable` (1.0) that multiplies
     eps and the step size: the training loop ramps it up during `cfg.eps_warmup` epochs.
 
-    Random starts are stateless (`tf.random.stateless_uniform`) keyed by `perturb.seed`, an int64
-    `tf.Variable` [seed, counter] whose counter advances by one per call: the training loop sets
-    it at the start of every epoch from (run seed, epoch), so a run resumed from a checkpoint in a
-    new process draws exactly the starts the uninterrupted run drew.
+    Random starts are stateless (`tf.random.stateless_uniform` / `stateless_normal`) keyed by
+    `perturb.seed`, an int64 `tf.Variable` [seed, counter] whose counter advances by one per
+    call: the training loop sets it at the start of every epoch from (run seed, epoch), so a run
+    resumed from a checkpoint in a new process draws exactly the starts the uninterrupted run drew.
     """
     cfg.validate()
     eps, step_size = float(cfg.eps), float(cfg.step_size)
     steps = 1 if cfg.method == "fgsm_rs" else int(cfg.steps)
-    random_start = True if cfg.method == "fgsm_rs" else bool(cfg.random_start)
+    random_start = True if cfg.method in ("fgsm_rs", "trades") else bool(cfg.random_start)
+    trades = cfg.method == "trades"
 
     eps_scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="eps_scale")
     seed_var = tf.Variable([int(seed), 0], trainable=False, dtype=tf.int64, name="perturb_seed")
@@ -207,15 +231,31 @@ def make_perturb_fn(cfg: AttackConfig, seed: int = 0) -> PerturbFn:
         if random_start:
             key = seed_var.read_value()
             seed_var.assign_add(tf.constant([0, 1], tf.int64))
-            u = tf.random.stateless_uniform(tf.shape(x), key, -1.0, 1.0, dtype=tf.float32)
-            delta0 = u * e
+            if trades:
+                delta0 = TRADES_START_STD * tf.random.stateless_normal(tf.shape(x), key)
+            else:
+                u = tf.random.stateless_uniform(tf.shape(x), key, -1.0, 1.0, dtype=tf.float32)
+                delta0 = u * e
         else:
             delta0 = tf.zeros_like(x)
 
         def float32_logits(images: tf.Tensor, training: bool = False) -> tf.Tensor:
             return tf.cast(model(images, training=training), tf.float32)
 
-        x_adv = _pgd_from(float32_logits, x, y, delta0, eps=e, steps=steps, step_size=a)
+        if trades:  # the clean distribution is the fixed target of the KL
+            target = tf.stop_gradient(float32_logits(x))
+            x_adv = _pgd_from(
+                float32_logits,
+                x,
+                target,
+                delta0,
+                eps=e,
+                steps=steps,
+                step_size=a,
+                gradient=_kl_input_gradient,
+            )
+        else:
+            x_adv = _pgd_from(float32_logits, x, y, delta0, eps=e, steps=steps, step_size=a)
         return tf.stop_gradient(x_adv)
 
     perturb.__name__ = f"perturb_{cfg.method}"

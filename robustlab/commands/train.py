@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 from robustlab.commands import optional
-from robustlab.config import AttackConfig, DataConfig, EvalConfig, MixConfig, RunConfig, TrainConfig
+from robustlab.config import (
+    AttackConfig,
+    DataConfig,
+    EvalConfig,
+    MixConfig,
+    RunConfig,
+    TrainConfig,
+    default_step_size,
+)
 from robustlab.errors import ConfigError
 from robustlab.regimes import ORDERS, check_eps_warmup, make_regime
 from robustlab.train.inv_pool import LABEL_SOURCES, TRAIN_POOL_SETS
@@ -53,6 +61,11 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
     g.add_argument("--model", default="madry_cnn")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument(
+        "--lr-schedule",
+        default="constant",
+        help="constant, or step: x0.1 from 75%% of each phase's epochs, x0.01 from 90%%",
+    )
     g.add_argument(
         "--patience", type=int, default=3, help="early stopping patience in epochs (0 = off)"
     )
@@ -108,10 +121,16 @@ def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) 
         "--step-size",
         type=float,
         default=step_size,
-        help="0 = method default (pgd: 2.5*eps/steps, fgsm_rs: 1.25*eps)",
+        help="0 = method default (pgd, trades: 2.5*eps/steps; fgsm_rs: 1.25*eps)",
     )
     g.add_argument("--random-start", type=_bool, default=True)
-    g.add_argument("--method", default="pgd", help="pgd | fgsm_rs")
+    g.add_argument("--method", default="pgd", help="pgd | fgsm_rs | trades")
+    g.add_argument(
+        "--trades-beta",
+        type=float,
+        default=6.0,
+        help="method=trades: weight of KL(f(x) || f(x')) beside CE(f(x), y) (0 = clean training)",
+    )
     g.add_argument(
         "--eps-warmup",
         type=float,
@@ -169,13 +188,7 @@ def attack_config(args: argparse.Namespace) -> AttackConfig:
     """The attack parameters, with the method's default step size when --step-size is 0."""
     if not hasattr(args, "eps"):
         return AttackConfig()
-    step = args.step_size
-    if step == 0:
-        step = (
-            1.25 * args.eps
-            if args.method == "fgsm_rs"
-            else 2.5 * args.eps / max(args.attack_steps, 1)
-        )
+    step = args.step_size or default_step_size(args.method, args.eps, args.attack_steps)
     return AttackConfig(
         eps=args.eps,
         steps=args.attack_steps,
@@ -183,6 +196,7 @@ def attack_config(args: argparse.Namespace) -> AttackConfig:
         random_start=args.random_start is not False,
         method=args.method,
         eps_warmup=args.eps_warmup,
+        trades_beta=args.trades_beta,
     )
 
 
@@ -206,6 +220,7 @@ def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
             args.resume_run_id,
             deterministic=args.deterministic is not False,
             precision=args.precision,
+            lr_schedule=args.lr_schedule,
         ),
         mix=mix,
         attack=attack,

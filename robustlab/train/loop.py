@@ -14,13 +14,13 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from robustlab.config import TrainConfig
+from robustlab.config import TrainConfig, lr_factor
 from robustlab.data.mnist import Split
 from robustlab.evaluation.stats import predict_logits
 from robustlab.train.checkpoint import LoopState, save_checkpoint
+from robustlab.train.methods import TrainingMethod
 from robustlab.train.mixture import Mixture
 
-PerturbFn = Callable[[keras.Model, tf.Tensor, tf.Tensor], tf.Tensor]
 Validator = Callable[[keras.Model], dict[str, float]]
 EpochHook = Callable[[dict[str, float], int], None]  # (metrics, global epoch)
 CheckpointHook = Callable[[Path], None]
@@ -52,14 +52,16 @@ class FitResult:
 
 
 def make_train_step(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, perturb: PerturbFn | None
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, method: TrainingMethod | None
 ):
-    """Compile one step: attack rows [0, n_adv) against the current model, then an Adam update.
+    """Compile one step: the training method attacks rows [0, n_adv) against the current model
+    (outside the tape), then one Adam update on the method's loss (`robustlab.train.methods`).
 
     The step runs in the model's own precision (a mixed_bfloat16 model computes its layers in
     bfloat16, the attack included); logits are cast to float32, so loss and accuracy are float32.
+    Without a method, every row trains clean (mean cross-entropy).
     """
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    method = method or TrainingMethod.clean()
 
     @tf.function(
         input_signature=[
@@ -69,12 +71,10 @@ def make_train_step(
         ]
     )
     def step(x, y, n_adv):
-        if perturb is not None:
-            x_adv = perturb(model, x[:n_adv], y[:n_adv])
-            x = tf.concat([x_adv, x[n_adv:]], axis=0)
+        x = method.inputs(model, x, y, n_adv)
         with tf.GradientTape() as tape:
             logits = tf.cast(model(x, training=True), tf.float32)
-            loss = loss_fn(y, logits)
+            loss, logits = method.loss(y, logits, n_adv)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), y), tf.float32))
@@ -105,7 +105,7 @@ def fit(
     epochs: int,
     *,
     validators: list[Validator],
-    perturb: PerturbFn | None = None,
+    method: TrainingMethod | None = None,
     monitor: Monitor = Monitor(),
     state: LoopState | None = None,
     best_weights: list[np.ndarray] | None = None,
@@ -131,7 +131,8 @@ def fit(
     rng = np.random.default_rng(cfg.seed)
     if state.rng_state:
         rng.bit_generator.state = state.rng_state
-    step = make_train_step(model, optimizer, perturb if mixture.n_adv else None)
+    step = make_train_step(model, optimizer, method if mixture.n_adv else None)
+    perturb = method.perturb if method is not None else None
     warm_steps = (
         eps_warmup * mixture.steps_per_epoch if (perturb is not None and mixture.n_adv) else 0.0
     )
@@ -142,6 +143,8 @@ def fit(
         if cfg.patience and state.wait >= cfg.patience:  # resumed from an early-stopped phase
             break
         t_epoch = time.perf_counter()
+        if cfg.lr_schedule != "constant":
+            optimizer.learning_rate = cfg.learning_rate * lr_factor(cfg.lr_schedule, epoch, epochs)
         if perturb is not None and hasattr(perturb, "seed"):  # random starts keyed by position
             perturb.seed.assign([cfg.seed, (state.global_epoch + 1) << 32])
         loss_sum = correct_sum = seen = 0.0

@@ -59,6 +59,7 @@ from robustlab.train.inv_pool import (
     load_inv_pools,
 )
 from robustlab.train.loop import EpochHook, Monitor, Validator, clean_validation, fit
+from robustlab.train.methods import make_method
 from robustlab.train.mixture import Mixture, Pool
 from robustlab.train.resume import check_resume
 
@@ -126,12 +127,6 @@ def _monitor(phase: Phase, has_inv_val: bool) -> Monitor:
     if phase.mix.inv > 0 and has_inv_val:
         return Monitor("val/inv_acc", "max")
     return Monitor("val/loss", "min")
-
-
-def _perturb_fn(cfg: RunConfig):
-    from robustlab.attacks.tf_attacks import make_perturb_fn
-
-    return make_perturb_fn(cfg.attack)
 
 
 def resume_checkpoint_folder(resume_run_id: str) -> Path:
@@ -395,7 +390,7 @@ def run_training(
             mlflow.set_tag("robustlab.resumed_after_epoch", str(resumed[0].global_epoch))
         global_epoch = resumed[0].global_epoch if resumed else -1
         mnist_pool = Pool(mnist.train.x, mnist.train.y, "mnist-train")
-        perturb = _perturb_fn(cfg) if regime.uses_ptb else None
+        method = make_method(cfg.attack) if regime.uses_ptb else None
         validators_common: list[Validator] = [clean_validation(mnist.val)]
         if regime.uses_ptb or all_curves:
             val_small = subsample(mnist.val, extras.val_attack_size, seed=0)
@@ -447,7 +442,7 @@ def run_training(
                     cfg.train,
                     phase.epochs,
                     validators=validators_common,
-                    perturb=perturb,
+                    method=method,
                     monitor=_monitor(phase, pools is not None),
                     state=state,
                     best_weights=best,
