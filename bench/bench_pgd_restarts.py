@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 from robustlab.attacks import pgd_attack  # noqa: E402
 from robustlab.data.mnist import load_mnist  # noqa: E402
 from robustlab.evaluation.stats import accuracy, predict_logits  # noqa: E402
-from robustlab.tracking import configure_tracking, excluded_sources_of, load_keras_model  # noqa: E402
+from robustlab.provenance import excluded_sources_of  # noqa: E402
+from robustlab.tracking import configure_tracking, load_keras_model  # noqa: E402
 
 
 def main() -> None:

@@ -206,7 +206,7 @@ class RunConfig:
         return out
 
 
-PGD_ENGINES = ("art", "robustlab")
+PGD_ENGINES = ("robustlab", "art")  # in-graph PGD with early exit, or ART's
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,11 @@ class EvalConfig:
     # `evaluate` passes "art" by default, the independent cross-check against ART's PGD
     pgd_engine: str = "robustlab"
     pgd_steps: int = 100  # steps of each restart of the restart stage: test/pgd{steps}x{R}_acc
+    # the subsets (AutoAttack, eps-curve) are drawn with this seed (None: `seed`); an experiment
+    # fixes it, so every regime, seed and fold is judged on the same images
+    subset_seed: int | None = None
+    # optional stages of the attack registry to run too (robustlab.attacks.registry)
+    extra_attacks: tuple[str, ...] = ()
     # False: every PGD runs all its steps and each eps-curve point attacks every clean-correct
     # image (the evaluation cost before issue 11, for bench/bench_eval.py); the flags are the
     # same, except that the curve is then not the worst case over the smaller eps
@@ -260,6 +265,8 @@ class EvalConfig:
             raise ConfigError(f"pgd_steps must be >= 1, got {self.pgd_steps}")
         if self.pgd_engine not in PGD_ENGINES:
             raise ConfigError(f"pgd_engine must be one of {PGD_ENGINES}, got {self.pgd_engine!r}")
+        if self.subset_seed is not None and not 0 <= self.subset_seed <= MAX_SEED:
+            raise ConfigError(f"subset_seed must lie in [0, 2**32 - 1], got {self.subset_seed}")
         return self
 
 

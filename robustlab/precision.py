@@ -94,7 +94,7 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
     import numpy as np
 
     precision = resolve_precision(precision)
-    outputs = {id(t._keras_history.operation) for t in model.outputs}
+    outputs = {id(layer) for layer in model.layers if any(layer.output is t for t in model.outputs)}
 
     def clone(layer):
         config = layer.get_config()

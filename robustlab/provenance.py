@@ -24,6 +24,7 @@ import numpy as np
 
 from robustlab.errors import RobustlabError
 
+EXCLUDED_ARTIFACT = "excluded_test_indices.json"  # a run's excluded MNIST test images
 METADATA_KEY = "robustlab"
 VERSION_EXCLUDED_TAG = "robustlab.excluded_test_indices"
 UNKNOWN_TAG = "robustlab.provenance"  # "unknown-allowed" on runs that used such a model
@@ -126,8 +127,6 @@ def _run_artifact_exclusions(run_id: str) -> np.ndarray | None:
     """Legacy: the `excluded_test_indices.json` the model's run recorded, if any."""
     import mlflow
 
-    from robustlab.tracking import EXCLUDED_ARTIFACT
-
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EXCLUDED_ARTIFACT)
     except Exception:  # noqa: BLE001 - no such artifact
@@ -213,3 +212,18 @@ def metadata_for_run(
         init_model=cfg.train.init_model,
         training_precision=training_precision,
     )
+
+
+def log_excluded_sources(indices) -> None:
+    """Record in the active run which MNIST test images its model must never be evaluated on."""
+    import mlflow
+
+    mlflow.log_dict(
+        {"mnist_split": "test", "indices": [int(i) for i in indices]}, EXCLUDED_ARTIFACT
+    )
+
+
+def excluded_sources_of(model_uri: str, allow_unknown: bool = False) -> np.ndarray:
+    """MNIST test indices excluded for the model at `model_uri`. Fails closed: raises
+    RobustlabError when they cannot be read, unless `allow_unknown`."""
+    return require_provenance(model_uri, allow_unknown, "--allow-unknown-provenance").excluded

@@ -261,23 +261,3 @@ def load_keras_model(model_uri: str):
             f"{model_uri}: expected input (28, 28, 1) and 10 outputs, got {shape} -> {model.output_shape[1:]}"
         )
     return model
-
-
-EXCLUDED_ARTIFACT = "excluded_test_indices.json"
-
-
-def log_excluded_sources(indices) -> None:
-    """Record in the active run which MNIST test images its model must never be evaluated on."""
-    mlflow.log_dict(
-        {"mnist_split": "test", "indices": [int(i) for i in indices]}, EXCLUDED_ARTIFACT
-    )
-
-
-def excluded_sources_of(model_uri: str, allow_unknown: bool = False):
-    """MNIST test indices excluded for the model at `model_uri` (see robustlab.provenance).
-
-    Fails closed: raises RobustlabError when they cannot be read, unless `allow_unknown`.
-    """
-    from robustlab.provenance import require_provenance
-
-    return require_provenance(model_uri, allow_unknown, "--allow-unknown-provenance").excluded

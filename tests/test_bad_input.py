@@ -142,6 +142,11 @@ EVALUATE_CASES = [
     ("evaluate-seed", ["evaluate", "--model-uri", NO_RUN, "--seed", "-1"], "seed must lie in"),
     ("evaluate-engine", ["evaluate", "--model-uri", NO_RUN, "--pgd-engine", "x"], "pgd_engine"),
     (
+        "evaluate-extra-attack",
+        ["evaluate", "--model-uri", NO_RUN, "--extra-attacks", "cw"],
+        "unknown extra attack(s) ['cw']",
+    ),
+    (
         "evaluate-data-dir",
         ["evaluate", "--model-uri", NO_RUN, "--data-dir", "/no/such/dir"],
         "no mnist.npz there",
@@ -246,7 +251,7 @@ CASES = (
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A shared SQLite store, a vanilla run without checkpoint, a label store, a busy port."""
-    from robustlab.invariance import labels as L
+    from robustlab.data import labels as L
 
     root = tmp_path_factory.mktemp("bad-input")
     folder = root / "tracking"

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from robustlab.data.pools import load_inv_pools
 from robustlab.errors import ConfigError
-from robustlab.experiment import run_experiment
-from robustlab.report import CLEAN, INV, PGD, verdicts
+from robustlab.experiment.report import CLEAN, INV, PGD, verdicts
+from robustlab.experiment.run import run_experiment
 from robustlab.tracking import ensure_experiment
-from robustlab.train.inv_pool import load_inv_pools
 from tests.conftest import DATA_DIR
 from tests.test_e2e_vanilla import mlflow_run
 

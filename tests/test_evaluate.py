@@ -381,7 +381,8 @@ def test_cli_evaluates_a_logged_model_minus_its_excluded_sources(model_and_test,
     import mlflow
 
     from robustlab.cli import main
-    from robustlab.tracking import log_excluded_sources, start_run
+    from robustlab.provenance import log_excluded_sources
+    from robustlab.tracking import start_run
 
     model, _ = model_and_test
     with start_run("train", system_metrics=False) as train_run:
@@ -417,7 +418,7 @@ def test_a_shared_test_set_holding_an_excluded_source_is_refused_before_the_run(
     from mlflow.tracking import MlflowClient
 
     from robustlab.errors import RobustlabError
-    from robustlab.experiment import BUDGETS, _config, regime_for, shared_test_indices
+    from robustlab.experiment.plan import BUDGETS, pair_configs, regime_for, shared_test_indices
     from robustlab.train.runner import Extras, run_training
 
     shared = shared_test_indices({"human", "target"}, 200, None)
@@ -425,7 +426,7 @@ def test_a_shared_test_set_holding_an_excluded_source_is_refused_before_the_run(
     assert shared == shared_test_indices({"human", "target"}, 200, None)  # fixed per experiment
     b = BUDGETS["smoke"]
     regime, source = regime_for("invariance", b)
-    cfg, ev = _config(b, 0, None, 0.3)
+    cfg, ev = pair_configs(b, 0, None, 0.3)
     for bad, fragment in (
         ((shared[0], 0), "would leak"),  # test[0] is a source of the thesis pool
         ((shared[0], shared[0]), "repeated"),

@@ -13,8 +13,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from robustlab.cli import main
-from robustlab.experiment_worker import REGIME_ATTR, SEED_ATTR
-from robustlab.tune.study import ATTR_CONFIG, ATTR_EXPERIMENT, ATTR_PARENT
+from robustlab.experiment.plan import REGIME_ATTR, SEED_ATTR
+from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_PARENT
+from robustlab.tune.objective import ATTR_CONFIG
 from tests.conftest import DATA_DIR
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from robustlab.data.invariance import load_invariance_set
+from robustlab.data.labels import store_from_arrays
+from robustlab.data.leakage import excluded_test_indices
+from robustlab.data.pools import load_eval_sets, load_inv_pools
 from robustlab.errors import ConfigError
-from robustlab.invariance.labels import store_from_arrays
-from robustlab.invariance.leakage import excluded_test_indices
-from robustlab.train.inv_pool import load_eval_sets, load_inv_pools
 from tests.conftest import DATA_DIR
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustlab.invariance import labels as L
+from robustlab.data import labels as L
+from robustlab.data import votes as V
 from robustlab.invariance.label_server import MAX_BODY, LabelServer
 
 DATA = Path(
@@ -104,7 +105,7 @@ def test_api_saves_each_vote_and_rejects_bad_ones(server, store_path):
     status, nxt = _post(server.url + "api/vote", {"id": "thesis-eps0.3-1", "vote": "X"})
     assert status == 200 and nxt["id"] == "thesis-eps0.3-2"
     on_disk = L.LabelStore.load(store_path)
-    assert on_disk.examples[1].votes == {"bob": 5, "alice": L.NOT_A_DIGIT}
+    assert on_disk.examples[1].votes == {"bob": 5, "alice": V.NOT_A_DIGIT}
     assert on_disk.examples[0].votes == {"alice": 7, "bob": 5}
 
 
@@ -297,5 +298,5 @@ def test_labelling_in_headless_chromium(browser, server, store_path):
     assert page.locator("#task").is_hidden()
 
     votes = [e.votes.get("alice") for e in L.LabelStore.load(store_path).examples]
-    assert votes == [7, 3, L.NOT_A_DIGIT, 8]
+    assert votes == [7, 3, V.NOT_A_DIGIT, 8]
     assert np.array_equal(L.LabelStore.load(store_path).vote_matrix()[0].shape, (4, 2))

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from robustlab import cli
+from robustlab.data import labels as L
+from robustlab.data import votes as V
 from robustlab.data.invariance import load_thesis_set, read_rater_votes
 from robustlab.errors import ConfigError, DataError
-from robustlab.invariance import labels as L
 
 DATA = Path(
     os.environ.get("ROBUSTLAB_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -57,7 +58,7 @@ def test_derived_fields_are_written(tmp_path, thesis):
 
 
 def test_published_majority_is_a_first_occurrence_mode(table):
-    mode = [L.spreadsheet_mode(v) for v in table["votes"]]
+    mode = [V.spreadsheet_mode(v) for v in table["votes"]]
     assert np.array_equal(mode, table["majority_label_as_published"])
 
 
@@ -129,7 +130,7 @@ def test_tramer_import_uses_published_labels(tmp_path):
     orig = np.array([e.original_label for e in store.examples])
     assert (y != orig).mean() == pytest.approx(0.21)  # README: 21% change their human label
     store.add_vote(store.examples[0].id, "alice", "X")
-    assert L.LabelStore.load(tmp_path / "t.json").examples[0].votes == {"alice": L.NOT_A_DIGIT}
+    assert L.LabelStore.load(tmp_path / "t.json").examples[0].votes == {"alice": V.NOT_A_DIGIT}
 
 
 @pytest.mark.parametrize("vote", [11, -1, "7.5", "seven", None, True])
@@ -140,7 +141,7 @@ def test_votes_outside_0_9_are_rejected(thesis, vote):
 
 
 def test_x_and_digits_are_votes():
-    assert L.check_vote("x") == L.NOT_A_DIGIT and L.check_vote(10) == 10 and L.check_vote("3") == 3
+    assert V.check_vote("x") == V.NOT_A_DIGIT and V.check_vote(10) == 10 and V.check_vote("3") == 3
 
 
 def test_corrupt_or_newer_store_is_a_clear_error(tmp_path, thesis):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from robustlab.data.invariance import load_invariance_set
+from robustlab.data.leakage import excluded_test_indices
 from robustlab.data.mnist import load_raw_mnist
 from robustlab.errors import DataError
-from robustlab.invariance.leakage import excluded_test_indices
 
 DATA = Path(
     os.environ.get("ROBUSTLAB_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"

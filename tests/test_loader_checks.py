@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from robustlab.data import labels as L
 from robustlab.data.invariance import load_invariance_set
 from robustlab.errors import DataError
-from robustlab.invariance import labels as L
 from tests.conftest import DATA_DIR
 
 

@@ -8,9 +8,10 @@ import pytest
 
 from robustlab.config import MixConfig, TrainConfig
 from robustlab.data.mnist import load_mnist
+from robustlab.evaluation.validation import clean_validation
 from robustlab.models import build_model
 from robustlab.train.checkpoint import load_checkpoint
-from robustlab.train.loop import Monitor, clean_validation, fit
+from robustlab.train.loop import Monitor, fit
 from robustlab.train.mixture import Mixture, Pool
 from tests.conftest import DATA_DIR
 

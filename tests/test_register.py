@@ -15,11 +15,11 @@ from mlflow.tracking import MlflowClient
 
 from robustlab.cli import main
 from robustlab.config import DataConfig, EvalConfig, RunConfig, TrainConfig
-from robustlab.invariance.selection import selection_sources, tramer_source_split
+from robustlab.data.pools import load_inv_pools
+from robustlab.data.selection import selection_sources, tramer_source_split
+from robustlab.evaluation.selection import Candidate, choose
 from robustlab.provenance import VERSION_EXCLUDED_TAG, decode_indices, read_provenance
 from robustlab.regimes import make_regime
-from robustlab.register.criterion import Candidate, choose
-from robustlab.train.inv_pool import load_inv_pools
 from robustlab.train.runner import Extras, run_training
 
 # optuna's default handler would bind to the stream of the first test that logs (capsys) and

@@ -8,8 +8,7 @@ import math
 import pytest
 
 from robustlab.errors import ConfigError
-from robustlab.regimes import make_regime
-from robustlab.report import (
+from robustlab.experiment.report import (
     CLEAN,
     INV,
     INV_BAL,
@@ -21,6 +20,7 @@ from robustlab.report import (
     write_comparison,
     write_report,
 )
+from robustlab.regimes import make_regime
 
 
 def test_summary_is_mean_std_and_t_interval():

@@ -15,7 +15,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from robustlab import services
-from robustlab.tune.study import ATTR_PARENT
+from robustlab.launch.launcher import ATTR_PARENT
 from tests.scale_support import (
     machine,
     needs_postgres,

@@ -19,7 +19,8 @@ import pytest
 from optuna.trial import TrialState
 
 from robustlab.cli import main
-from robustlab.tune.study import ATTR_CONFIG, ATTR_EXPERIMENT, ATTR_PARENT
+from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_PARENT
+from robustlab.tune.objective import ATTR_CONFIG
 from tests.conftest import DATA_DIR, free_port
 from tests.scale_support import (
     machine,
@@ -283,8 +284,8 @@ def test_a_retry_continues_only_from_an_intact_checkpoint(tracking, tmp_path):
     import keras
     import mlflow
 
+    from robustlab.launch.launcher import checkpointed_run
     from robustlab.train.checkpoint import LoopState, log_checkpoint, save_checkpoint
-    from robustlab.tune.objective import _checkpointed_run
 
     model = keras.Sequential(
         [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)]
@@ -298,7 +299,7 @@ def test_a_retry_continues_only_from_an_intact_checkpoint(tracking, tmp_path):
         mlflow.log_artifact(str(folder / "model.weights.h5"), "checkpoint/slot0")
     with mlflow.start_run() as none:
         pass
-    assert _checkpointed_run(whole.info.run_id) == whole.info.run_id
-    assert _checkpointed_run(partial.info.run_id) is None
-    assert _checkpointed_run(none.info.run_id) is None
-    assert _checkpointed_run(None) is None
+    assert checkpointed_run(whole.info.run_id)[0] == whole.info.run_id
+    assert checkpointed_run(partial.info.run_id)[0] is None
+    assert checkpointed_run(none.info.run_id)[0] is None
+    assert checkpointed_run(None)[0] is None

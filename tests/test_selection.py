@@ -6,15 +6,19 @@ import numpy as np
 import pytest
 
 from robustlab.data.invariance import load_invariance_set
-from robustlab.invariance.selection import (
-    balanced_inv_accuracy,
+from robustlab.data.pools import load_inv_pools
+from robustlab.data.selection import (
     selection_sets,
     selection_sources,
     split_record,
     test_half_sets,
     tramer_source_split,
 )
-from robustlab.train.inv_pool import inv_accuracy, load_inv_pools, selection_validation
+from robustlab.evaluation.validation import (
+    balanced_inv_accuracy,
+    inv_accuracy,
+    selection_validation,
+)
 from tests.conftest import DATA_DIR
 
 SHARED_WITH_THESIS = [159, 235, 247, 452]

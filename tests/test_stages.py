@@ -50,7 +50,8 @@ def test_early_exit_keeps_the_robust_flags_and_costs_fewer_steps(model_and_test)
 
 
 def test_chained_stages_give_exactly_the_worst_case_of_the_stages_alone(model_and_test):
-    from robustlab.evaluation.stages import Stage, run_stages, worst_case
+    from robustlab.attacks.registry import Stage
+    from robustlab.evaluation.stages import run_stages, worst_case
 
     model, test = model_and_test
     small = subsample(test, 200, seed=12)

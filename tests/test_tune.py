@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 
 from robustlab.cli import main
 from robustlab.config import TuneConfig
-from robustlab.invariance.selection import selection_sources, tramer_source_split
-from robustlab.train.inv_pool import load_inv_pools
+from robustlab.data.pools import load_inv_pools
+from robustlab.data.selection import selection_sources, tramer_source_split
 from robustlab.tune.space import simplex_point
 from robustlab.tune.study import run_tune
 from tests.conftest import DATA_DIR, REPO

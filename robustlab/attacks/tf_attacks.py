@@ -406,3 +406,8 @@ def pgd_attack(
         stats["iterations"] = stats.get("iterations", 0) + iterations
         stats["gradient_steps"] = stats.get("gradient_steps", 0) + rows
     return out
+
+
+def clear_attack_cache() -> None:
+    """Forget every cached attack graph (a worker between two trained models)."""
+    _ATTACKS.clear()

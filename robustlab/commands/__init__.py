@@ -1,6 +1,10 @@
 """Thin command-line entry points over the library (one module per command group)."""
 
 import argparse
+from typing import Any
+
+# what `ArgumentParser.add_subparsers()` returns (argparse names its class privately)
+SubParsers = Any
 
 
 def optional(text: str) -> str | None:

@@ -5,26 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from robustlab.commands import flag, optional
+from robustlab.commands import SubParsers, flag, optional
 from robustlab.errors import ConfigError
-
-BUDGETS = (
-    "smoke",
-    "default",
-    "full",
-)  # see robustlab.experiment.BUDGETS (imported lazily: TensorFlow)
-DEFAULT_REGIMES = (
-    "vanilla,perturbation,invariance,invariance_target,sequential_ptb_inv,sequential_inv_ptb,joint"
-)
+from robustlab.experiment.plan import BUDGETS, DEFAULT_REGIMES, check_budget, parse_regimes
 
 
-def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+def add_parser(sub: SubParsers) -> list[str]:
     p = sub.add_parser(
         "experiment", help="run regimes × seeds and write the thesis reproduction report"
     )
     p.add_argument("--budget", default="default", help=f"one of {list(BUDGETS)}")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--regimes", default=DEFAULT_REGIMES, help="comma-separated")
+    p.add_argument("--regimes", default=",".join(DEFAULT_REGIMES), help="comma-separated")
     p.add_argument("--data-dir", type=optional, default=None)
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument(
@@ -89,17 +81,10 @@ def check_args(args: argparse.Namespace) -> None:
     """Checks that need neither TensorFlow nor data, before anything is imported or run."""
     import math
 
-    if args.budget not in BUDGETS:
-        raise ConfigError(f"unknown budget {args.budget!r}; choose one of {list(BUDGETS)}")
+    check_budget(args.budget)
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-    known = DEFAULT_REGIMES.split(",")
-    names = [
-        t.strip().replace(":", "_").replace(" ", "_") for t in args.regimes.split(",") if t.strip()
-    ]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise ConfigError(f"unknown regime(s) {unknown or args.regimes!r}; choose from {known}")
+    parse_regimes(args.regimes)
     if not math.isfinite(args.eps) or not 0.0 < args.eps <= 1.0:
         raise ConfigError(f"--eps must lie in (0, 1], got {args.eps}")
     if args.workers < 1:
@@ -115,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
     check_args(args)
     resolve_mnist_path(args.data_dir)
     configure_tracking()
-    from robustlab.experiment import run_experiment
+    from robustlab.experiment.run import run_experiment
 
     run_id = run_experiment(
         args.budget,
@@ -144,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
 def run_worker(args: argparse.Namespace) -> None:
     import os
 
-    from robustlab.tune.study import STORAGE_ENV
+    from robustlab.launch.storage import STORAGE_ENV
 
     if args.max_trials < 0:
         raise ConfigError(f"--max-trials must be >= 0 (0: no limit), got {args.max_trials}")
@@ -153,6 +138,6 @@ def run_worker(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"experiment-worker needs --storage URL or ${STORAGE_ENV} (the study's RDB URL)"
         )
-    from robustlab.experiment_worker import run_worker as work
+    from robustlab.experiment.run import run_worker as work
 
     work(args.study_name, storage, args.data_dir, args.max_trials)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robustlab.commands import optional
+from robustlab.commands import SubParsers, optional
 from robustlab.data.mnist import load_raw_mnist
 from robustlab.errors import ConfigError
 from robustlab.invariance.generator import GENERATOR_VERSION, TrainingPool, check_eps, generate_linf
@@ -46,7 +46,7 @@ def parse_eps(values: list[str]) -> tuple[float, ...]:
     return check_eps(out)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+def add_parser(sub: SubParsers) -> list[str]:
     p = sub.add_parser(
         "generate",
         help="generate invariance-example candidates and log them to MLflow",

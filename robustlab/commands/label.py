@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from robustlab.commands import optional
+from robustlab.commands import SubParsers, optional
+from robustlab.data import labels as L
+from robustlab.data import votes as V
 from robustlab.errors import ConfigError, DataError
-from robustlab.invariance import labels as L
 
 
-def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+def add_parser(sub: SubParsers) -> list[str]:
     p = sub.add_parser(
         "label",
         help="labelling page, label-store creation and agreement statistics",
@@ -69,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     store_path = Path(args.store)
     if args.init_from or args.import_set:
-        policy = L.check_tie_policy(args.tie_policy)
+        policy = V.check_tie_policy(args.tie_policy)
         if store_path.exists() and not args.force:
             raise ConfigError(f"{store_path} already exists; pass --force to overwrite it")
         if args.init_from:
@@ -123,7 +124,7 @@ def print_stats(store: L.LabelStore, args: argparse.Namespace) -> None:
     )
     for r, v in a.per_rater.items():
         print(f"  {r}: agrees with the others' majority on {v:.1%} of its votes")
-    for pol in L.TIE_POLICIES:
+    for pol in V.TIE_POLICIES:
         y, status = store.labels(pol)  # type: ignore[arg-type]
         orig = np.array([e.original_label for e in store.examples])
         changed = int(((y >= 0) & (y != orig)).sum())
@@ -138,7 +139,7 @@ def print_stats(store: L.LabelStore, args: argparse.Namespace) -> None:
             invariance_root(args.data_dir) / "thesis" / "eps0.3" / "rater_votes.csv"
         )
         published = table["majority_label_as_published"]
-        for pol in L.TIE_POLICIES:
+        for pol in V.TIE_POLICIES:
             diffs = L.published_vs_policy(store, published, pol)  # type: ignore[arg-type]
             print(f"  published majority vs policy {pol}: {len(diffs)} differ")
             for d in diffs:

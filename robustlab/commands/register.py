@@ -19,14 +19,14 @@ import argparse
 
 import numpy as np
 
-from robustlab.commands import flag, optional
-from robustlab.config import EvalConfig
+from robustlab.commands import SubParsers, flag, optional
+from robustlab.commands.eval_args import add_eval_arguments, eval_config
 from robustlab.errors import ConfigError
 
 DEFAULT_CLEAN_FLOOR = 0.95  # experiment runs and single models (a study records its own floor)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+def add_parser(sub: SubParsers) -> list[str]:
     p = sub.add_parser(
         "register",
         help="register the best robust model (validation criterion) as <name>@champion",
@@ -52,34 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> list[str]:
         default=None,
         help=f"minimum sel/clean_acc (default: the study's; else {DEFAULT_CLEAN_FLOOR})",
     )
-    p.add_argument("--eps", type=float, default=0.3, help="L-inf budget for selection and test")
-    p.add_argument("--eval-size", type=int, default=0, help="test images (0 = all minus excluded)")
-    p.add_argument("--autoattack-size", type=int, default=1000, help="AutoAttack/Square subset")
-    p.add_argument("--pgd-restarts", type=int, default=5, help="restarts of PGD-100")
-    p.add_argument("--square-queries", type=int, default=5000)
-    p.add_argument(
-        "--curve-size", type=int, default=1000, help="images on the accuracy-vs-eps curve"
-    )
-    p.add_argument("--curve-points", type=int, default=9, help="eps values on the curve (0 to 0.4)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    add_eval_arguments(p)
     p.add_argument("--data-dir", type=optional, default=None)
     p.set_defaults(func=run)
     return ["register"]
-
-
-def _eval_config(args: argparse.Namespace) -> EvalConfig:
-    return EvalConfig(
-        eps=args.eps,
-        eval_size=args.eval_size,
-        autoattack_size=args.autoattack_size,
-        pgd_restarts=args.pgd_restarts,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        square_queries=args.square_queries,
-        curve_size=args.curve_size,
-        curve_points=args.curve_points,
-    ).validate()
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -92,25 +68,23 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("name is empty; pass a registered model name, e.g. robustlab-mnist")
     if args.clean_floor is not None and not 0.0 <= args.clean_floor <= 1.0:
         raise ConfigError(f"clean_floor must lie in [0, 1], got {args.clean_floor}")
-    if args.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {args.batch_size}")
 
 
 def selection_sources(data_dir: str | None) -> np.ndarray:
     """MNIST test images used for model selection (the selection set's sources): Tramèr's
     selection half and the thesis pool's sources. A registered model is never scored on them."""
-    from robustlab.invariance.selection import selection_sources as sources
-    from robustlab.train.inv_pool import load_inv_pools
+    from robustlab.data.pools import load_inv_pools
+    from robustlab.data.selection import selection_sources as sources
 
     return sources(data_dir, load_inv_pools(data_dir))
 
 
 def run(args: argparse.Namespace):
     _check_args(args)
-    cfg = _eval_config(args)
+    cfg = eval_config(args)
+    from robustlab.evaluation.selection import choose
     from robustlab.provenance import require_provenance
     from robustlab.register import candidates as cands
-    from robustlab.register.criterion import choose
     from robustlab.register.publish import check_champion, publish
     from robustlab.tracking import configure_tracking
 
@@ -131,11 +105,11 @@ def run(args: argparse.Namespace):
             source = args.model_uri
         for _, uri, _ in runs:  # fail closed before any expensive scoring
             require_provenance(uri, False, None)
-        found = cands.from_models(runs, args.data_dir, args.eps) if runs else []
+        found = cands.from_models(runs, args.data_dir, args.eps, floor) if runs else []
     best = choose(found, floor, source)
     from mlflow.tracking import MlflowClient
 
-    check_champion(MlflowClient(), args.name, best, args.force)
+    check_champion(MlflowClient(), args.name, best, args.force, floor)
     prov = require_provenance(best.model_uri, False, None)
     excluded = np.union1d(prov.excluded, selection_sources(args.data_dir)).astype(np.int64)
     return publish(

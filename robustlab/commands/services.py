@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from robustlab.commands import SubParsers
 
-def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+
+def add_parser(sub: SubParsers) -> list[str]:
     p = sub.add_parser(
         "services",
         help="start/stop a local PostgreSQL and an MLflow server on it (make services)",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from robustlab.commands import SubParsers
 from robustlab.tracking import DEFAULT_EXPERIMENT, configure_tracking, ensure_experiment
 
 
-def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+def add_parser(sub: SubParsers) -> list[str]:
     p = sub.add_parser(
         "tracking-init", help="create the tracking store and the experiment; print the URI"
     )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from robustlab.commands import optional
+from robustlab.commands import SubParsers, optional
 from robustlab.config import (
     AttackConfig,
     DataConfig,
@@ -16,9 +16,9 @@ from robustlab.config import (
     TrainConfig,
     default_step_size,
 )
+from robustlab.data.pools import LABEL_SOURCES, TRAIN_POOL_SETS
 from robustlab.errors import ConfigError
 from robustlab.regimes import ORDERS, check_eps_warmup, make_regime
-from robustlab.train.inv_pool import LABEL_SOURCES, TRAIN_POOL_SETS
 
 
 def _bool(text: str) -> bool | None:
@@ -148,7 +148,7 @@ THESIS_SETS = ("thesis_linf_eps0.3", "thesis_linf_eps0.4")
 END_OF_TRAINING_SQUARE_QUERIES = 1000
 
 
-def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+def add_parser(sub: SubParsers) -> list[str]:
     specs = {
         "vanilla": "clean training (no attack)",
         "perturbation": "Madry PGD / FGSM-RS adversarial training",

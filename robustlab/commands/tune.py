@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from robustlab.commands import flag, optional
+from robustlab.commands import SubParsers, flag, optional
 from robustlab.config import TUNE_BUDGETS, TUNE_OBJECTIVES, TUNE_PRUNERS, TUNE_SAMPLERS
 
 
@@ -14,7 +14,7 @@ def _timeout(text: str) -> float | None:
     return float(text) if text.strip() else None
 
 
-def add_parser(sub: argparse._SubParsersAction) -> list[str]:
+def add_parser(sub: SubParsers) -> list[str]:
     p = sub.add_parser(
         "tune", help="Optuna study over the joint regime's mixture (validation only)"
     )
@@ -136,7 +136,7 @@ def run_worker(args: argparse.Namespace) -> None:
         from robustlab.errors import ConfigError
 
         raise ConfigError(f"timeout must be > 0 seconds (empty = no limit), got {args.timeout}")
-    from robustlab.tune.study import STORAGE_ENV
+    from robustlab.launch.storage import STORAGE_ENV
 
     storage = args.storage or os.environ.get(STORAGE_ENV)
     if not storage:

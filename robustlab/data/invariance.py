@@ -16,10 +16,10 @@ import numpy as np
 
 from robustlab.data.mnist import DATA_DIR_ENV, load_raw_mnist
 from robustlab.data.validate import Scale, check_images, check_labels, to_unit
+from robustlab.data.votes import NO_LABEL, NOT_A_DIGIT, check_tie_policy, resolve
 from robustlab.errors import DataError
 
-UNKNOWN = -1  # label not available (e.g. no human label for a candidate)
-NOT_A_DIGIT = 10  # a rater's vote "this is not a digit" ("X" in rater_votes.csv)
+UNKNOWN = NO_LABEL  # label not available (e.g. no human label for a candidate)
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # images per MNIST file split (source_index range)
 
 
@@ -185,7 +185,7 @@ def load_thesis_set(
 
     `tie_policy` None keeps the published labels (a spreadsheet MODE: ties go to the first
     vote). "drop" / "original" / "flag" recompute the labels from the raters' votes
-    (:mod:`robustlab.invariance.labels`): ties are removed from the set, get the source's
+    (:mod:`robustlab.data.votes`): ties are removed from the set, get the source's
     label, or keep label -1. A "not a digit" majority always becomes -1.
     """
     folder = invariance_root(data_dir) / "thesis" / f"eps{eps:g}"
@@ -224,8 +224,6 @@ def load_thesis_set(
     )
     if tie_policy is None or votes is None:
         return s
-    from robustlab.invariance.labels import check_tie_policy, resolve
-
     policy = check_tie_policy(tie_policy)
     resolved = [resolve(v, o, policy) for v, o in zip(votes, original, strict=True)]
     labels = np.array([lab if 0 <= lab <= 9 else UNKNOWN for lab, _ in resolved], dtype=np.int64)

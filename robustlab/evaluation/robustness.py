@@ -21,34 +21,44 @@ Chains (each is the exact per-example worst case over its stages):
 The in-graph PGD (`pgd_engine="robustlab"`) exits early: an example is frozen at the first
 iterate the model misclassifies and a batch stops once all are broken. Cost therefore grows with
 the robust examples only: a non-robust model costs a few steps per image.
+
+Which stages run, their seeds, metrics and report lines come from the attack registry
+(`robustlab.attacks.registry`). The work is split in three: `compute` (the stages, one
+`Evaluation` with every per-example flag), `write_report` (evaluation.json / .md /
+per_example.csv and plots in a folder) and `log_evaluation` (to the active MLflow run);
+`evaluate_and_log` does all three.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from robustlab.attacks.checks import check_logits
+from robustlab.attacks.registry import (
+    STAGES,
+    StageSpec,
+    build_stages,
+    check_eval_config,
+    pgd_stage,
+    stage_entry,
+)
 from robustlab.config import EvalConfig
 from robustlab.data.mnist import Split
 from robustlab.data.validate import check_images, check_labels
 from robustlab.errors import DataError
 from robustlab.evaluation.indices import log_evaluated_indices
 from robustlab.evaluation.plots import image_grid, line_plot
-from robustlab.evaluation.stages import (
-    Stage,
-    StageResult,
-    attack_seed,
-    pgd_step,
-    run_stages,
-)
+from robustlab.evaluation.stages import StageResult, run_stages, worst_case
 from robustlab.evaluation.stats import Accuracy, accuracy, predict_logits
 
 EPS_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
@@ -96,77 +106,6 @@ def eps_grid_for(cfg: EvalConfig) -> tuple[float, ...]:
     return tuple(round(float(e), 4) for e in np.linspace(0.0, EPS_GRID[-1], cfg.curve_points))
 
 
-def restart_stage_name(steps: int, restarts: int) -> str:
-    return f"pgd{steps}x{restarts}"
-
-
-def build_stages(
-    cfg: EvalConfig,
-    eps_grid: Sequence[float],
-    *,
-    square_queries: int,
-    autoattack_steps: int = 100,
-) -> list[Stage]:
-    """The evaluation's stages, in order, from `cfg` (see the module docstring)."""
-    eps, engine = float(cfg.eps), cfg.pgd_engine
-    stages = [Stage("pgd40", "pgd", eps, steps=40, engine=engine, seed_stream="pgd40")]
-    if cfg.pgd_restarts > 0:
-        stages.append(
-            Stage(
-                restart_stage_name(cfg.pgd_steps, cfg.pgd_restarts),
-                "pgd",
-                eps,
-                steps=cfg.pgd_steps,
-                restarts=cfg.pgd_restarts,
-                engine=engine,
-                seed_stream="pgd100",
-            )
-        )
-    if cfg.autoattack_size > 0:
-        stages.append(
-            Stage(
-                "autoattack",
-                "autoattack",
-                eps,
-                steps=autoattack_steps,
-                subset="autoattack",
-                engine="art",
-                seed_stream="autoattack",
-                square_queries=square_queries,
-                after_all=cfg.early_exit,  # the old cost: AutoAttack on every clean-correct image
-            )
-        )
-    if cfg.autoattack_size > 0 and cfg.square_alone:
-        stages.append(
-            Stage(
-                "square",
-                "square",
-                eps,
-                steps=square_queries,
-                subset="autoattack",
-                engine="art",
-                seed_stream="square",
-                independent=True,
-                after_all=cfg.early_exit,
-            )
-        )
-    for i, e in enumerate(eps_grid):
-        stages.append(
-            Stage(
-                f"curve@{float(e):g}",
-                "pgd",
-                float(e),
-                steps=40,
-                subset="curve",
-                engine=engine,
-                seed_stream="curve",
-                seed_index=i,
-                independent=not cfg.early_exit,  # the old cost: every point attacks every image
-            )
-        )
-    return stages
-
-
 def pgd_restarts(
     model,
     classifier,
@@ -189,15 +128,7 @@ def pgd_restarts(
     restart; the last is the per-example worst case over `robust` and every restart.
     """
     stages = [
-        Stage(
-            f"restart{r}",
-            "pgd",
-            eps,
-            steps=steps,
-            engine=engine,
-            seed_stream="pgd100",
-            seed_index=r,
-        )
+        pgd_stage(f"restart{r}", eps, steps, engine, "pgd100", seed_index=r)
         for r in range(restarts)
     ]
     results = run_stages(
@@ -245,7 +176,142 @@ def gradient_masking_warnings(
     return out
 
 
-def _md_summary(metrics: dict[str, float], accs: dict[str, Accuracy], info: dict[str, Any]) -> str:
+@dataclass
+class Evaluation:
+    """What `compute` measured: every stage's per-example flags and the accuracies from them."""
+
+    cfg: EvalConfig
+    spec: StageSpec
+    test: Split
+    clean_pred: np.ndarray
+    results: list[StageResult]
+    subsets: dict[str, np.ndarray]
+    x_adv: np.ndarray  # the adversarial that broke each example in a chained "all" stage
+    seconds: dict[str, float]
+    accs: dict[str, Accuracy] = field(default_factory=dict)
+    curve_accs: list[Accuracy] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def clean_ok(self) -> np.ndarray:
+        return self.clean_pred == self.test.y
+
+    def metrics(self) -> dict[str, float]:
+        """Every accuracy with its 95% interval, `test/n_eval` and `test/eval_seconds`."""
+        out: dict[str, float] = {}
+        for name, acc in self.accs.items():
+            out.update(acc.as_metrics(name))
+        out["test/n_eval"] = float(len(self.test))
+        out["test/eval_seconds"] = self.seconds["total"]
+        return out
+
+    def per_example(self) -> list[dict[str, Any]]:
+        """One row per test image: its source index, label, clean prediction and, per stage with
+        a metric, 1 robust / 0 broken / empty when the stage did not attack it (another subset)."""
+        columns: dict[str, np.ndarray] = {}
+        for r in self.results:
+            metric = stage_entry(r.stage).metric(self.cfg)
+            if metric is None:
+                continue
+            flags = np.full(len(self.test), -1, dtype=np.int8)
+            flags[self.subsets[r.stage.subset]] = r.robust
+            columns[metric.removeprefix("test/").removesuffix("_acc")] = flags
+        rows = []
+        for i in range(len(self.test)):
+            row: dict[str, Any] = {
+                "source_index": int(self.test.source_index[i]),
+                "label": int(self.test.y[i]),
+                "clean_pred": int(self.clean_pred[i]),
+                "clean": int(self.clean_ok[i]),
+            }
+            row.update({k: ("" if v[i] < 0 else int(v[i])) for k, v in columns.items()})
+            rows.append(row)
+        return rows
+
+
+def compute(
+    model,
+    test: Split,
+    cfg: EvalConfig,
+    *,
+    eps_grid: Sequence[float] | None = None,
+    curve_size: int | None = None,
+    square_queries: int | None = None,
+    autoattack_steps: int = 100,
+) -> Evaluation:
+    """Run the registry's stages for `cfg` on `test` (already stripped of excluded sources and
+    subsampled by the caller) and turn their flags into accuracies and masking warnings."""
+    check_eval_config(cfg.validate())
+    check_eval_inputs(test)
+    check_logits(model, test.x)
+    spec = StageSpec(
+        eps_grid=eps_grid_for(cfg) if eps_grid is None else tuple(float(e) for e in eps_grid),
+        square_queries=cfg.square_queries if square_queries is None else square_queries,
+        autoattack_steps=autoattack_steps,
+    )
+    curve_size = cfg.curve_size if curve_size is None else curve_size
+    n, bs = len(test), int(cfg.batch_size)
+    subset_seed = cfg.seed if cfg.subset_seed is None else cfg.subset_seed
+    subsets = {
+        "all": np.arange(n),
+        "autoattack": _subset_indices(n, min(cfg.autoattack_size, n), subset_seed)
+        if cfg.autoattack_size > 0
+        else np.arange(0),
+        "curve": _subset_indices(n, curve_size, subset_seed),
+    }
+    t_start = time.perf_counter()
+    clean_pred = _predict(model, test.x, bs)
+    seconds: dict[str, float] = {"clean": time.perf_counter() - t_start}
+    _progress("clean", seconds["clean"])
+    x_adv = test.x.copy()
+    results = run_stages(
+        model,
+        test.x,
+        test.y,
+        clean_pred == test.y,
+        subsets,
+        build_stages(cfg, spec),
+        seed=cfg.seed,
+        batch_size=bs,
+        early_exit=cfg.early_exit,
+        adv_out=x_adv,
+        progress=lambda r: _progress(r.stage.name, r.seconds, r.peak_rss_mb),
+    )
+    for r in results:  # the curve's points add up to one part, as before
+        key = "curve" if r.stage.subset == "curve" else r.stage.name
+        seconds[key] = seconds.get(key, 0.0) + r.seconds
+    ev = Evaluation(cfg, spec, test, clean_pred, results, subsets, x_adv, seconds)
+    _accuracies(ev)
+    seconds["total"] = time.perf_counter() - t_start
+    return ev
+
+
+def _accuracies(ev: Evaluation) -> None:
+    """The metric of every stage entry that ran (registry order), the curve, masking warnings."""
+    ev.accs["test/clean_acc"] = accuracy(ev.clean_ok)
+    pgd_ok = worst_case(ev.results, "all", ev.clean_ok)  # the strongest PGD chain on "all"
+    sub = ev.subsets["autoattack"]
+    for r in ev.results:
+        entry = stage_entry(r.stage)
+        metric = entry.metric(ev.cfg)
+        if metric is None or (r.stage.subset == "autoattack" and len(sub) == 0):
+            continue
+        ev.accs[metric] = accuracy(r.robust)
+        if "test/pgd_subset_acc" in entry.extra_metrics:
+            ev.accs["test/pgd_subset_acc"] = accuracy(pgd_ok[sub])
+    ev.curve_accs = [accuracy(r.robust) for r in ev.results if r.stage.subset == "curve"]
+    aa, sq = ev.accs.get("test/autoattack_acc"), ev.accs.get("test/square_acc")
+    pgd_ref = ev.accs["test/pgd_subset_acc"].value if aa is not None else accuracy(pgd_ok).value
+    ev.warnings = gradient_masking_warnings(
+        pgd_ref,
+        None if aa is None else aa.value,
+        None if sq is None else sq.value,
+        list(ev.spec.eps_grid),
+        [a.value for a in ev.curve_accs],
+    )
+
+
+def _md_summary(ev: Evaluation, info: dict[str, Any]) -> str:
     lines = [
         f"# Robustness evaluation (L-inf, eps = {info['eps']:g})",
         "",
@@ -256,7 +322,7 @@ def _md_summary(metrics: dict[str, float], accs: dict[str, Accuracy], info: dict
         "| metric | accuracy | 95% interval | n |",
         "|---|---|---|---|",
     ]
-    for name, acc in accs.items():
+    for name, acc in ev.accs.items():
         lines.append(
             f"| `{name}` | {acc.value:.4f} | [{acc.ci_low:.4f}, {acc.ci_high:.4f}] | {acc.n} |"
         )
@@ -272,6 +338,117 @@ def _md_summary(metrics: dict[str, float], accs: dict[str, Accuracy], info: dict
     return "\n".join(lines) + "\n"
 
 
+def _info(ev: Evaluation) -> dict[str, Any]:
+    """evaluation.json's content."""
+    cfg, n_aa, n_curve = ev.cfg, len(ev.subsets["autoattack"]), len(ev.subsets["curve"])
+    attacks: dict[str, Any] = {}
+    for r in ev.results:
+        entry = stage_entry(r.stage)
+        if entry.name != "curve":
+            attacks[r.stage.name] = entry.describe(cfg, ev.spec, n_aa)
+    if "autoattack" not in attacks:  # the strong attack's settings, also when skipped
+        attacks["autoattack"] = STAGES["autoattack"].describe(cfg, ev.spec, n_aa)
+    return {
+        "eps": float(cfg.eps),
+        "pgd_engine": cfg.pgd_engine,
+        "early_exit": cfg.early_exit,
+        "norm": "inf",
+        "seed": cfg.seed,
+        "subset_seed": cfg.seed if cfg.subset_seed is None else cfg.subset_seed,
+        "n_eval": len(ev.test),
+        "n_autoattack": n_aa,
+        "n_curve": n_curve,
+        "pgd_restarts": int(cfg.pgd_restarts),
+        "pgd_steps": cfg.pgd_steps,
+        "extra_attacks": list(cfg.extra_attacks),
+        "attacks": attacks,
+        "metrics": ev.metrics(),
+        "accuracies": {
+            name: {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high, "n": a.n}
+            for name, a in ev.accs.items()
+        },
+        "curve": {
+            "attack": "PGD-40, one random start, step 2.5 eps / 40, each eps on the survivors "
+            "of the smaller ones"
+            if cfg.early_exit
+            else "PGD-40, one random start, step 2.5 eps / 40",
+            "eps": [float(e) for e in ev.spec.eps_grid],
+            "acc": [a.value for a in ev.curve_accs],
+            "ci_low": [a.ci_low for a in ev.curve_accs],
+            "ci_high": [a.ci_high for a in ev.curve_accs],
+            "n": n_curve,
+        },
+        "gradient_masking": bool(ev.warnings),
+        "warnings": ev.warnings,
+        "stages": [r.record() for r in ev.results],
+        "seconds": ev.seconds,
+        "excluded_sources_removed_by_caller": True,
+        "source_indices_sha": _indices_digest(ev.test.source_index),
+    }
+
+
+PER_EXAMPLE_ARTIFACT = "per_example.csv"
+
+
+def write_report(ev: Evaluation, out_dir: Path, model=None) -> list[Path]:
+    """Write evaluation.json, evaluation.md, per_example.csv, eps_curve.png and (with `model`)
+    adversarial_examples.png to `out_dir`; the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = _info(ev)
+    paths = [out_dir / "evaluation.json", out_dir / "evaluation.md", out_dir / PER_EXAMPLE_ARTIFACT]
+    paths[0].write_text(json.dumps(_finite(info), indent=2, default=_json_default, allow_nan=False))
+    paths[1].write_text(_md_summary(ev, info))
+    rows = ev.per_example()
+    with open(paths[2], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["source_index"])
+        writer.writeheader()
+        writer.writerows(rows)
+    eps_grid = [float(e) for e in ev.spec.eps_grid]
+    paths.append(
+        line_plot(
+            {"PGD-40": (eps_grid, [a.value for a in ev.curve_accs])},
+            out_dir / "eps_curve.png",
+            xlabel="L-inf eps",
+            ylabel="robust accuracy",
+            title=f"Accuracy vs eps (PGD-40, n={len(ev.subsets['curve'])})",
+            bands={
+                "PGD-40": ([a.ci_low for a in ev.curve_accs], [a.ci_high for a in ev.curve_accs])
+            },
+        )
+    )
+    cols = min(GRID_COLUMNS, len(ev.test))
+    if model is not None and cols > 0:
+        x, y, eps = ev.test.x, ev.test.y, float(ev.cfg.eps)
+        paths.append(
+            image_grid(
+                [("clean", x[:cols]), (f"adv eps={eps:g}", ev.x_adv[:cols])],
+                y[:cols],
+                [ev.clean_pred[:cols], _predict(model, ev.x_adv[:cols], ev.cfg.batch_size)],
+                out_dir / "adversarial_examples.png",
+                title=f"Clean vs worst PGD adversarial (label→prediction), eps={eps:g}",
+            )
+        )
+    return paths
+
+
+def log_evaluation(ev: Evaluation, paths: Sequence[Path]) -> None:
+    """Log the metrics, the accuracy-vs-eps points, the evaluated test indices, the artifacts
+    and (when suspected) the gradient-masking tag to the active MLflow run."""
+    import mlflow
+
+    mlflow.log_metrics(ev.metrics())
+    log_evaluated_indices(ev.test)
+    for e, a in zip(ev.spec.eps_grid, ev.curve_accs, strict=True):
+        if not math.isnan(a.value):
+            mlflow.log_metric("test/pgd_curve_acc", a.value, step=int(round(float(e) * 100)))
+    for path in paths:
+        if Path(path).is_file():
+            mlflow.log_artifact(str(path))
+    if ev.warnings:
+        mlflow.set_tag(MASKING_TAG, "; ".join(ev.warnings)[:5000])
+
+
 def evaluate_and_log(
     model,
     test: Split,
@@ -284,247 +461,37 @@ def evaluate_and_log(
     square_queries: int | None = None,
     autoattack_steps: int = 100,
 ) -> dict[str, float]:
-    """Evaluate `model` (logits) on `test` through the stages of `build_stages(cfg)` and log it.
+    """Evaluate `model` (logits) on `test` through the registry's stages and log it (`compute`,
+    `report`, `log`); the metrics.
 
     `test` is already stripped of excluded sources and subsampled by the caller. Metrics (each
     with `_ci_low`/`_ci_high`, 95% Wilson): `test/clean_acc`, `test/pgd40_acc` (PGD-40, one
     random start, step 2.5 eps / 40), `test/pgd{S}x{R}_acc` (S = `cfg.pgd_steps`, usually
     `pgd100x{R}`: worst case over PGD-40 and R restarts of PGD-S; not logged when R = 0),
     `test/autoattack_acc`, `test/square_acc` and `test/pgd_subset_acc` (the PGD worst case on
-    that same subset, for comparison) when `cfg.autoattack_size` > 0 (0 skips them),
-    `test/pgd_curve_acc` logged with step = eps in hundredths, `test/n_eval`,
-    `test/eval_seconds`. Artifacts in `out_dir` (and in the active MLflow run when `log`):
-    evaluation.json (with `stages`: every stage's cost), evaluation.md, eps_curve.png,
-    adversarial_examples.png. A gradient-masking suspicion sets the run tag
-    `robustlab.warning.gradient_masking`. Seeded by `cfg.seed`. `eps_grid`, `curve_size`,
-    `square_queries` and `autoattack_steps` (APGD iterations) exist to keep tests fast; leave
-    the defaults for reported numbers.
+    that same subset, for comparison) when `cfg.autoattack_size` > 0 (0 skips them), the
+    metric of every optional stage `cfg.extra_attacks` names, `test/pgd_curve_acc` logged with
+    step = eps in hundredths, `test/n_eval`, `test/eval_seconds`. Artifacts in `out_dir` (and
+    in the active MLflow run when `log`): evaluation.json (with `stages`: every stage's cost),
+    evaluation.md, per_example.csv, eps_curve.png, adversarial_examples.png. A gradient-masking
+    suspicion sets the run tag `robustlab.warning.gradient_masking`. Seeded by `cfg.seed`
+    (subsets by `cfg.subset_seed` when set). `eps_grid`, `curve_size`, `square_queries` and
+    `autoattack_steps` (APGD iterations) exist to keep tests fast; leave the defaults for
+    reported numbers.
     """
-    cfg.validate()
-    check_eval_inputs(test)
-    check_logits(model, test.x)
-    square_queries = cfg.square_queries if square_queries is None else square_queries
-    curve_size = cfg.curve_size if curve_size is None else curve_size
-    eps_grid = eps_grid_for(cfg) if eps_grid is None else tuple(float(e) for e in eps_grid)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    eps, bs, R = float(cfg.eps), int(cfg.batch_size), int(cfg.pgd_restarts)
-    x, y, n = test.x, test.y, len(test)
-    stages = build_stages(
-        cfg, eps_grid, square_queries=square_queries, autoattack_steps=autoattack_steps
-    )
-    subsets = {
-        "all": np.arange(n),
-        "autoattack": _subset_indices(n, min(cfg.autoattack_size, n), cfg.seed)
-        if cfg.autoattack_size > 0
-        else np.arange(0),
-        "curve": _subset_indices(n, curve_size, cfg.seed),
-    }
-    t_start = time.perf_counter()
-    clean_pred = _predict(model, x, bs)
-    clean_ok = clean_pred == y
-    seconds: dict[str, float] = {"clean": time.perf_counter() - t_start}
-    _progress("clean", seconds["clean"])
-
-    x_adv = x.copy()
-    results = run_stages(
+    ev = compute(
         model,
-        x,
-        y,
-        clean_ok,
-        subsets,
-        stages,
-        seed=cfg.seed,
-        batch_size=bs,
-        early_exit=cfg.early_exit,
-        adv_out=x_adv,
-        progress=lambda r: _progress(r.stage.name, r.seconds, r.peak_rss_mb),
-    )
-    by_name = {r.stage.name: r for r in results}
-    for r in results:  # the curve's points add up to one part, as before
-        key = "curve" if r.stage.subset == "curve" else r.stage.name
-        seconds[key] = seconds.get(key, 0.0) + r.seconds
-
-    pgd40_ok = by_name["pgd40"].robust
-    restart_name = restart_stage_name(cfg.pgd_steps, R)
-    pgd_ok = by_name[restart_name].robust if R > 0 else pgd40_ok
-    accs: dict[str, Accuracy] = {
-        "test/clean_acc": accuracy(clean_ok),
-        "test/pgd40_acc": accuracy(pgd40_ok),
-    }
-    if R > 0:  # R = 0: PGD-40 is the strongest PGD; AutoAttack stays the strong attack
-        accs[f"test/{restart_name}_acc"] = accuracy(pgd_ok)
-    aa_acc = sq_acc = None
-    sub_idx = subsets["autoattack"]
-    if "autoattack" in by_name and len(sub_idx) > 0:
-        accs["test/autoattack_acc"] = accuracy(by_name["autoattack"].robust)
-        accs["test/pgd_subset_acc"] = accuracy(pgd_ok[sub_idx])
-        aa_acc = accs["test/autoattack_acc"].value
-    if "square" in by_name and len(sub_idx) > 0:
-        accs["test/square_acc"] = accuracy(by_name["square"].robust)
-        sq_acc = accs["test/square_acc"].value
-    curve = [r for r in results if r.stage.subset == "curve"]
-    curve_accs = [accuracy(r.robust) for r in curve]
-    n_curve = len(subsets["curve"])
-
-    pgd_ref = accs["test/pgd_subset_acc"].value if aa_acc is not None else accuracy(pgd_ok).value
-    warnings = gradient_masking_warnings(
-        pgd_ref, aa_acc, sq_acc, list(eps_grid), [a.value for a in curve_accs]
-    )
-
-    metrics: dict[str, float] = {}
-    for name, acc in accs.items():
-        metrics.update(acc.as_metrics(name))
-    metrics["test/n_eval"] = float(n)
-    seconds["total"] = time.perf_counter() - t_start
-    metrics["test/eval_seconds"] = seconds["total"]
-
-    curve_path = line_plot(
-        {"PGD-40": ([float(e) for e in eps_grid], [a.value for a in curve_accs])},
-        out_dir / "eps_curve.png",
-        xlabel="L-inf eps",
-        ylabel="robust accuracy",
-        title=f"Accuracy vs eps (PGD-40, n={n_curve})",
-        bands={"PGD-40": ([a.ci_low for a in curve_accs], [a.ci_high for a in curve_accs])},
-    )
-    cols = min(GRID_COLUMNS, n)
-    grid_path = out_dir / "adversarial_examples.png"
-    if cols > 0:
-        image_grid(
-            [("clean", x[:cols]), (f"adv eps={eps:g}", x_adv[:cols])],
-            y[:cols],
-            [clean_pred[:cols], _predict(model, x_adv[:cols], bs)],
-            grid_path,
-            title=f"Clean vs worst PGD adversarial (label→prediction), eps={eps:g}",
-        )
-
-    info = _report(
-        cfg,
         test,
-        results,
-        accs,
-        metrics,
-        warnings,
-        seconds,
+        cfg,
         eps_grid=eps_grid,
-        curve_accs=curve_accs,
-        n_autoattack=len(sub_idx),
-        n_curve=n_curve,
+        curve_size=curve_size,
         square_queries=square_queries,
         autoattack_steps=autoattack_steps,
     )
-    json_path = out_dir / "evaluation.json"
-    json_path.write_text(
-        json.dumps(_finite(info), indent=2, default=_json_default, allow_nan=False)
-    )
-    md_path = out_dir / "evaluation.md"
-    md_path.write_text(_md_summary(metrics, accs, info))
-
+    paths = write_report(ev, out_dir, model)
     if log:
-        import mlflow
-
-        mlflow.log_metrics(metrics)
-        log_evaluated_indices(test)
-        for e, a in zip(eps_grid, curve_accs, strict=True):
-            if not math.isnan(a.value):
-                mlflow.log_metric("test/pgd_curve_acc", a.value, step=int(round(float(e) * 100)))
-        for path in (json_path, md_path, curve_path, grid_path):
-            if path.is_file():
-                mlflow.log_artifact(str(path))
-        if warnings:
-            mlflow.set_tag(MASKING_TAG, "; ".join(warnings)[:5000])
-    return metrics
-
-
-def _report(
-    cfg: EvalConfig,
-    test: Split,
-    results: list[StageResult],
-    accs: dict[str, Accuracy],
-    metrics: dict[str, float],
-    warnings: list[str],
-    seconds: dict[str, float],
-    *,
-    eps_grid: Sequence[float],
-    curve_accs: list[Accuracy],
-    n_autoattack: int,
-    n_curve: int,
-    square_queries: int,
-    autoattack_steps: int,
-) -> dict[str, Any]:
-    """evaluation.json's content."""
-    eps, R = float(cfg.eps), int(cfg.pgd_restarts)
-    pgd_library = (
-        "ART ProjectedGradientDescent"
-        if cfg.pgd_engine == "art"
-        else "robustlab.attacks.tf_attacks.pgd_attack (matches ART's PGD, tested; early exit)"
-    )
-    info: dict[str, Any] = {
-        "eps": eps,
-        "pgd_engine": cfg.pgd_engine,
-        "early_exit": cfg.early_exit,
-        "norm": "inf",
-        "seed": cfg.seed,
-        "n_eval": len(test),
-        "n_autoattack": n_autoattack,
-        "n_curve": n_curve,
-        "pgd_restarts": R,
-        "pgd_steps": cfg.pgd_steps,
-        "attacks": {
-            "pgd40": {
-                "library": pgd_library,
-                "steps": 40,
-                "step_size": pgd_step(eps, 40),
-                "random_starts": 1,
-            },
-            "autoattack": {
-                "library": "ART AutoAttack",
-                "attacks": ["APGD-CE", "APGD-DLR", "Square"],
-                "apgd_steps": autoattack_steps,
-                "square_queries": square_queries,
-                "size": n_autoattack,
-            },
-        },
-        "metrics": metrics,
-        "accuracies": {
-            name: {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high, "n": a.n}
-            for name, a in accs.items()
-        },
-        "curve": {
-            "attack": "PGD-40, one random start, step 2.5 eps / 40, each eps on the survivors "
-            "of the smaller ones"
-            if cfg.early_exit
-            else "PGD-40, one random start, step 2.5 eps / 40",
-            "eps": [float(e) for e in eps_grid],
-            "acc": [a.value for a in curve_accs],
-            "ci_low": [a.ci_low for a in curve_accs],
-            "ci_high": [a.ci_high for a in curve_accs],
-            "n": n_curve,
-        },
-        "gradient_masking": bool(warnings),
-        "warnings": warnings,
-        "stages": [r.record() for r in results],
-        "seconds": seconds,
-        "excluded_sources_removed_by_caller": True,
-        "source_indices_sha": _indices_digest(test.source_index),
-    }
-    if cfg.square_alone:
-        info["attacks"]["square"] = {
-            "library": "ART SquareAttack",
-            "queries": square_queries,
-            "size": n_autoattack,
-        }
-    if R > 0:
-        name = restart_stage_name(cfg.pgd_steps, R)
-        info["attacks"][name] = {
-            "library": pgd_library,
-            "steps": cfg.pgd_steps,
-            "step_size": pgd_step(eps, cfg.pgd_steps),
-            "restarts": R,
-            "start_seeds": [attack_seed(cfg.seed, "pgd100", r) for r in range(R)],
-            "note": "worst case with PGD-40; each restart attacks the survivors from a new start",
-        }
-    return info
+        log_evaluation(ev, paths)
+    return ev.metrics()
 
 
 def _indices_digest(indices: np.ndarray) -> str:

@@ -23,80 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from robustlab.attacks.art_factory import make_attack, make_classifier
+from robustlab.attacks.art_factory import make_classifier
+from robustlab.attacks.registry import Stage, make_attack, stage_seeds
 from robustlab.attacks.tf_attacks import pgd_attack
+from robustlab.config import pgd_step_size
 from robustlab.errors import ConfigError
 from robustlab.evaluation.stats import predict_logits
 
-ATTACKS = ("pgd", "autoattack", "square")
-SUBSETS = ("all", "autoattack", "curve")
-ENGINES = ("robustlab", "art")
-PGD_STEP_FACTOR = 2.5  # step size = 2.5 * eps / steps (Madry et al.)
 # robustlab's PGD computes in fixed chunks of rows whatever the batch, so one batch can hold
 # many examples: a batch's tail (few examples left, padded to a chunk) then costs once per 1,024
 # images, not once per 500. Memory grows with the batch (about 135 MB per 1,000 rows: 10,000
 # rows lifted a full-test-set evaluation to 2.9 GB peak RSS, 1,024 rows keep it near 1.3 GB)
 ROBUSTLAB_PGD_BATCH = 1024
-_SEED_STREAMS = {"pgd40": 1, "pgd100": 2, "curve": 3, "autoattack": 4, "square": 5}
-
-
-def attack_seed(seed: int, stage: str, index: int = 0) -> int:
-    """A reproducible seed of its own for each attack stage and restart (or eps-curve point).
-
-    Every restart draws its random start from its own seed, so R restarts are R independent
-    starts (not one start R times), and a restart does not depend on what ran before it.
-    """
-    words = [int(seed) % 2**32, _SEED_STREAMS[stage], int(index)]
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
-
-
-def pgd_step(eps: float, steps: int) -> float:
-    return PGD_STEP_FACTOR * eps / steps if eps > 0 else 0.01
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One attack of the evaluation.
-
-    `steps`: PGD steps, APGD iterations (autoattack) or Square queries (square). `restarts`:
-    independent random starts of PGD, each on the survivors of the previous one, restart r seeded
-    by `attack_seed(seed, seed_stream, seed_index + r)`. `engine`: PGD through robustlab's
-    in-graph `pgd_attack` or ART (AutoAttack and Square are always ART). `square_queries`:
-    Square's budget inside AutoAttack.
-    """
-
-    name: str
-    attack: str
-    eps: float
-    steps: int = 40
-    restarts: int = 1
-    subset: str = "all"
-    engine: str = "robustlab"
-    seed_stream: str = "pgd40"
-    seed_index: int = 0
-    square_queries: int = 0
-    independent: bool = False
-    after_all: bool = False
-
-    def validate(self) -> Stage:
-        if self.attack not in ATTACKS:
-            raise ConfigError(f"stage {self.name}: attack must be one of {ATTACKS}")
-        if self.subset not in SUBSETS:
-            raise ConfigError(f"stage {self.name}: subset must be one of {SUBSETS}")
-        if self.engine not in ENGINES or (self.attack != "pgd" and self.engine != "art"):
-            raise ConfigError(
-                f"stage {self.name}: engine must be one of {ENGINES} (ART if not PGD)"
-            )
-        if self.steps < 1 or self.restarts < 1:
-            raise ConfigError(f"stage {self.name}: steps and restarts must be >= 1")
-        if self.seed_stream not in _SEED_STREAMS:
-            raise ConfigError(f"stage {self.name}: unknown seed stream {self.seed_stream!r}")
-        return self
-
-    def seeds(self, seed: int) -> list[int]:
-        return [
-            attack_seed(seed, self.seed_stream, self.seed_index + r) for r in range(self.restarts)
-        ]
 
 
 @dataclass
@@ -155,7 +93,7 @@ def _attack(
             y,
             eps=stage.eps,
             steps=stage.steps,
-            step_size=pgd_step(stage.eps, stage.steps),
+            step_size=pgd_step_size(stage.eps, stage.steps),
             restarts=1,
             batch_size=max(batch_size, ROBUSTLAB_PGD_BATCH),
             seed=seed,
@@ -163,16 +101,10 @@ def _attack(
             stats=stats,
             starts=starts,
         )
-    params: dict[str, Any] = {"steps": stage.steps}
     if stage.attack == "pgd":  # ART's PGD runs every step on every example
-        params.update(step_size=pgd_step(stage.eps, stage.steps), restarts=1)
         stats["gradient_steps"] = stats.get("gradient_steps", 0) + len(x) * stage.steps
-    elif stage.attack == "square":
-        params["restarts"] = 1
-    else:
-        params["square_queries"] = stage.square_queries
     attack = make_attack(
-        stage.attack, classifier_fn(), eps=stage.eps, batch_size=batch_size, **params
+        stage.attack, classifier_fn(), eps=stage.eps, **stage.art_params(batch_size)
     )
     np.random.seed(seed)  # ART's random starts come from numpy's global generator
     return attack.generate(x, y).astype(np.float32)
@@ -219,7 +151,7 @@ def run_stages(
         if stage.after_all and "all" in subsets:
             start = start & alive_all[idx]
         robust = start.copy()
-        seeds = stage.seeds(seed)
+        seeds = stage_seeds(stage, seed)
         stats: dict[str, int] = {}
         t = time.perf_counter()
         n_attacked = int(robust.sum()) if stage.eps > 0 else 0

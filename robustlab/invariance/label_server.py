@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from robustlab.data.labels import LabelStore, check_rater
 from robustlab.errors import RobustlabError
-from robustlab.invariance.labels import LabelStore, check_rater
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>robustlab labelling</title>

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from robustlab.config import EvalConfig
 from robustlab.errors import ConfigError
+from robustlab.evaluation.selection import RULE, Candidate
 from robustlab.provenance import VERSION_EXCLUDED_TAG, encode_indices, model_info
-from robustlab.register.criterion import RULE, Candidate
 
 ALIAS = "champion"
 DEFAULT_NAME = "robustlab-mnist"
@@ -59,7 +59,9 @@ def existing_version(client: MlflowClient, name: str, run_id: str):
     return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def check_champion(client: MlflowClient, name: str, cand: Candidate, force: bool) -> None:
+def check_champion(
+    client: MlflowClient, name: str, cand: Candidate, force: bool, clean_floor: float
+) -> None:
     """Refuse (one line) to move `champion` to a model worse on the criterion, unless `force`."""
     champ = current_champion(client, name)
     if champ is None or force or champ.run_id == cand.run_id:
@@ -70,11 +72,12 @@ def check_champion(client: MlflowClient, name: str, cand: Candidate, force: bool
             f"{name}@{ALIAS} (version {champ.version}) records no selection criterion, so it "
             "cannot be compared; pass force=true to move the alias"
         )
-    if cand.key < key:
+    ours = cand.key(clean_floor)
+    if ours < key:
         raise ConfigError(
             f"{name}@{ALIAS} (version {champ.version}, criterion {key[0]:.4f}, clean {key[1]:.4f}) "
-            f"is better than run {cand.run_id} (criterion {cand.key[0]:.4f}, clean "
-            f"{cand.key[1]:.4f}); nothing registered; pass force=true to move the alias anyway"
+            f"is better than run {cand.run_id} (criterion {ours[0]:.4f}, clean "
+            f"{ours[1]:.4f}); nothing registered; pass force=true to move the alias anyway"
         )
 
 
@@ -85,7 +88,7 @@ def version_tags(
     tags.update({f"robustlab.{k}": v for k, v in cand.params.items()})
     tags.update(
         {
-            CRITERION_TAG: f"{cand.score:.6g}",
+            CRITERION_TAG: f"{cand.score(clean_floor):.6g}",
             "robustlab.criterion_rule": RULE,
             "robustlab.clean_floor": f"{clean_floor:g}",
             "robustlab.study": cand.study,
@@ -109,9 +112,11 @@ def test_evaluation(
     (`evaluate_and_log`), plus plain and balanced invariance accuracy on Tramèr's test half.
     """
     from robustlab.data.mnist import load_mnist, subsample
+    from robustlab.data.selection import test_half_sets
     from robustlab.evaluation.robustness import evaluate_and_log
-    from robustlab.invariance.selection import balanced_inv_accuracy, test_half_sets
-    from robustlab.tracking import log_excluded_sources, start_run
+    from robustlab.evaluation.validation import balanced_inv_accuracy
+    from robustlab.provenance import log_excluded_sources
+    from robustlab.tracking import start_run
 
     mnist = load_mnist(data_dir)
     test = subsample(mnist.test.without_sources(excluded), cfg.eval_size, seed=cfg.seed)
@@ -156,7 +161,7 @@ def publish(
     from robustlab.tracking import load_keras_model
 
     client = MlflowClient()
-    check_champion(client, name, cand, force)
+    check_champion(client, name, cand, force, clean_floor)
     found = existing_version(client, name, cand.run_id)
     if found is not None:
         client.set_registered_model_alias(name, ALIAS, found.version)
@@ -181,7 +186,7 @@ def publish(
     client.set_registered_model_alias(name, ALIAS, mv.version)
     print(
         f"register: {name} version {mv.version} <- run {cand.run_id} "
-        f"(criterion {cand.score:.4f}); {name}@{ALIAS} -> {mv.version}; test run {test_run_id}",
+        f"(criterion {cand.score(clean_floor):.4f}); {name}@{ALIAS} -> {mv.version}; test run {test_run_id}",
         file=sys.stderr,
     )
     return Outcome(mv.version, True, True, test_run_id)

@@ -15,13 +15,11 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from robustlab.config import TrainConfig, lr_factor
-from robustlab.data.mnist import Split
-from robustlab.evaluation.stats import predict_logits
+from robustlab.evaluation.validation import Validator
 from robustlab.train.checkpoint import LoopState, save_checkpoint
 from robustlab.train.methods import TrainingMethod
 from robustlab.train.mixture import Mixture
 
-Validator = Callable[[keras.Model], dict[str, float]]
 EpochHook = Callable[[dict[str, float], int], None]  # (metrics, global epoch)
 CheckpointHook = Callable[[Path], None]
 # seconds between plain progress lines when stderr is not a terminal ($ROBUSTLAB_PROGRESS_EVERY_S)
@@ -83,20 +81,6 @@ def make_train_step(
     return step
 
 
-def clean_validation(val: Split, batch_size: int = 1000) -> Validator:
-    """val/loss and val/clean_acc on the clean validation split."""
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def validate(model: keras.Model) -> dict[str, float]:
-        logits = predict_logits(model, val.x, batch_size)
-        return {
-            "val/loss": float(loss_fn(val.y, logits)),
-            "val/clean_acc": float(np.mean(np.argmax(logits, axis=1) == val.y)),
-        }
-
-    return validate
-
-
 def fit(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
@@ -119,8 +103,9 @@ def fit(
 
     After each epoch: validators run on the model being trained, in its training precision
     (val/* curves and early stopping of a mixed_bfloat16 run are bf16 figures), `on_epoch` gets
-    the metrics, a checkpoint is written to `checkpoint_dir` and handed to `on_checkpoint`. On return the model holds the best weights.
-    With `eps_warmup` > 0 epochs, the attack's `eps_scale` ramps linearly from 0 to 1 per batch.
+    the metrics, a checkpoint is written to `checkpoint_dir` and handed to `on_checkpoint`. On
+    return the model holds the best weights. With `eps_warmup` > 0 epochs, the attack's
+    `eps_scale` ramps linearly from 0 to 1 per batch.
 
     Reproducible given `cfg.seed`: the batch order comes from a NumPy RNG whose state is saved in
     each checkpoint, and the attack's random starts are keyed by (seed, global epoch, batch), so a
@@ -132,13 +117,9 @@ def fit(
     if state.rng_state:
         rng.bit_generator.state = state.rng_state
     step = make_train_step(model, optimizer, method if mixture.n_adv else None)
-    perturb = method.perturb if method is not None else None
-    warm_steps = (
-        eps_warmup * mixture.steps_per_epoch if (perturb is not None and mixture.n_adv) else 0.0
-    )
+    perturb = method.perturb if (method is not None and mixture.n_adv) else None
     result = FitResult(epochs_run=0, best_epoch=state.best_epoch, stopped_early=False)
     t0 = time.perf_counter()
-    tty = sys.stderr.isatty()
     for epoch in range(state.epoch + 1, epochs):
         if cfg.patience and state.wait >= cfg.patience:  # resumed from an early-stopped phase
             break
@@ -147,64 +128,17 @@ def fit(
             optimizer.learning_rate = cfg.learning_rate * lr_factor(cfg.lr_schedule, epoch, epochs)
         if perturb is not None and hasattr(perturb, "seed"):  # random starts keyed by position
             perturb.seed.assign([cfg.seed, (state.global_epoch + 1) << 32])
-        loss_sum = correct_sum = seen = 0.0
-        bar = tqdm(
-            mixture.epoch(rng),
-            total=mixture.steps_per_epoch,
-            desc=f"{phase} epoch {epoch + 1}/{epochs}",
-            file=sys.stderr,
-            leave=False,
-            mininterval=2.0,
-            disable=not tty,
-        )
-        last_line = time.perf_counter()
-        for b, batch in enumerate(bar):
-            if warm_steps:
-                scale = min(1.0, (epoch * mixture.steps_per_epoch + b + 1) / warm_steps)
-                perturb.eps_scale.assign(scale)
-            loss, correct = step(
-                tf.constant(batch.x), tf.constant(batch.y), tf.constant(batch.n_adv, tf.int32)
-            )
-            n = len(batch.y)
-            loss_sum += float(loss) * n
-            correct_sum += float(correct)
-            seen += n
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.4f}", acc=f"{correct_sum / seen:.4f}", refresh=False
-            )
-            if (
-                not tty and time.perf_counter() - last_line > PROGRESS_EVERY_S
-            ):  # logs: a plain line a minute
-                last_line = time.perf_counter()
-                print(
-                    f"[{phase}] epoch {epoch + 1}/{epochs}  batch {b + 1}/{mixture.steps_per_epoch}  "
-                    f"loss={loss_sum / seen:.4f} acc={correct_sum / seen:.4f}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        bar.close()
-        metrics = {"train/loss": loss_sum / max(seen, 1), "train/acc": correct_sum / max(seen, 1)}
+        where = f"{phase}] epoch {epoch + 1}/{epochs}"
+        metrics = _train_epoch(step, mixture, rng, perturb, eps_warmup, epoch, where)
         for validate in validators:
             metrics.update(validate(model))
         metrics["time/epoch_seconds"] = time.perf_counter() - t_epoch
-        state.epoch, state.global_epoch = epoch, state.global_epoch + 1
-        value = metrics.get(monitor.metric)
-        if value is None:  # nothing to monitor (no validators): keep the last weights
-            state.best_epoch = epoch
-        elif monitor.better(value, state.best_value):
-            state.best_value, state.best_epoch, state.wait = value, epoch, 0
-            best_weights = [np.array(w) for w in model.get_weights()]
-        else:
-            state.wait += 1
-        if cfg.patience and state.wait >= cfg.patience:
-            state.done, result.stopped_early = True, True
+        best_weights = _end_epoch(state, result, cfg, monitor, model, best_weights, metrics, epoch)
         if epoch == epochs - 1:
             state.done = True
         state.rng_state = rng.bit_generator.state
-        result.history.append(metrics)
-        result.epochs_run += 1
         print(
-            f"[{phase}] epoch {epoch + 1}/{epochs}  "
+            f"[{where}  "
             + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "time/epoch_seconds")
             + f"  ({metrics['time/epoch_seconds']:.0f}s)",
             file=sys.stderr,
@@ -227,3 +161,80 @@ def fit(
     result.phase_epochs = state.epoch + 1
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _train_epoch(
+    step,
+    mixture: Mixture,
+    rng: np.random.Generator,
+    perturb,
+    eps_warmup: float,
+    epoch: int,
+    where: str,
+) -> dict[str, float]:
+    """One pass over the mixture's batches; the epoch's mean training loss and accuracy. With
+    `eps_warmup` > 0 epochs, the attack's `eps_scale` ramps linearly from 0 to 1 per batch."""
+    warm_steps = eps_warmup * mixture.steps_per_epoch if perturb is not None else 0.0
+    tty = sys.stderr.isatty()
+    loss_sum = correct_sum = seen = 0.0
+    bar = tqdm(
+        mixture.epoch(rng),
+        total=mixture.steps_per_epoch,
+        desc=where.replace("] ", " "),
+        file=sys.stderr,
+        leave=False,
+        mininterval=2.0,
+        disable=not tty,
+    )
+    last_line = time.perf_counter()
+    for b, batch in enumerate(bar):
+        if warm_steps:
+            scale = min(1.0, (epoch * mixture.steps_per_epoch + b + 1) / warm_steps)
+            perturb.eps_scale.assign(scale)
+        loss, correct = step(
+            tf.constant(batch.x), tf.constant(batch.y), tf.constant(batch.n_adv, tf.int32)
+        )
+        n = len(batch.y)
+        loss_sum += float(loss) * n
+        correct_sum += float(correct)
+        seen += n
+        bar.set_postfix(
+            loss=f"{loss_sum / seen:.4f}", acc=f"{correct_sum / seen:.4f}", refresh=False
+        )
+        if not tty and time.perf_counter() - last_line > PROGRESS_EVERY_S:  # logs: one a minute
+            last_line = time.perf_counter()
+            print(
+                f"[{where}  batch {b + 1}/{mixture.steps_per_epoch}  "
+                f"loss={loss_sum / seen:.4f} acc={correct_sum / seen:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    bar.close()
+    return {"train/loss": loss_sum / max(seen, 1), "train/acc": correct_sum / max(seen, 1)}
+
+
+def _end_epoch(
+    state: LoopState,
+    result: FitResult,
+    cfg: TrainConfig,
+    monitor: Monitor,
+    model: keras.Model,
+    best_weights: list[np.ndarray] | None,
+    metrics: dict[str, float],
+    epoch: int,
+) -> list[np.ndarray] | None:
+    """Advance the loop state after an epoch: best epoch and weights, early-stopping patience."""
+    state.epoch, state.global_epoch = epoch, state.global_epoch + 1
+    value = metrics.get(monitor.metric)
+    if value is None:  # nothing to monitor (no validators): keep the last weights
+        state.best_epoch = epoch
+    elif monitor.better(value, state.best_value):
+        state.best_value, state.best_epoch, state.wait = value, epoch, 0
+        best_weights = [np.array(w) for w in model.get_weights()]
+    else:
+        state.wait += 1
+    if cfg.patience and state.wait >= cfg.patience:
+        state.done, result.stopped_early = True, True
+    result.history.append(metrics)
+    result.epochs_run += 1
+    return best_weights

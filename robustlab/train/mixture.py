@@ -13,24 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from robustlab.config import MixConfig
-from robustlab.data.validate import check_images, check_labels
+from robustlab.data.pools import Pool
 from robustlab.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Pool:
-    """Labelled images in memory: float32 (N, 28, 28, 1) in [0, 1] and int64 labels."""
-
-    x: np.ndarray
-    y: np.ndarray
-    name: str
-
-    def __post_init__(self) -> None:
-        check_images(self.x, scale="unit", what=f"pool {self.name}")
-        check_labels(self.y, n=self.x.shape[0], what=f"pool {self.name} labels")
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,23 @@ import mlflow
 import numpy as np
 
 from robustlab.config import EvalConfig, RunConfig
+from robustlab.data.invariance import InvarianceSet
+from robustlab.data.leakage import excluded_test_indices
 from robustlab.data.mnist import Mnist, load_mnist, subsample
+from robustlab.data.pools import TRAIN_POOL_SETS, InvPools, Pool, load_eval_sets, load_inv_pools
 from robustlab.errors import DataError, RobustlabError, TrackingError
 from robustlab.evaluation.indices import log_evaluated_indices, take_test_indices
 from robustlab.evaluation.plots import image_grid
 from robustlab.evaluation.stats import accuracy, predict_logits
-from robustlab.invariance.leakage import excluded_test_indices
+from robustlab.evaluation.validation import (
+    VAL_ATTACK_SIZE,
+    Validator,
+    clean_validation,
+    inv_accuracy,
+    inv_validation,
+    log_inv_predictions,
+    pgd_validation,
+)
 from robustlab.models import build_model
 from robustlab.precision import (
     AUTO,
@@ -34,13 +45,18 @@ from robustlab.precision import (
     resolve_precision,
     with_precision,
 )
-from robustlab.provenance import UNKNOWN_TAG, metadata_for_run, require_provenance
+from robustlab.provenance import (
+    UNKNOWN_TAG,
+    Provenance,
+    log_excluded_sources,
+    metadata_for_run,
+    require_provenance,
+)
 from robustlab.regimes import Phase, Regime
 from robustlab.seeding import seed_everything
 from robustlab.tracking import (
     load_keras_model,
     local_checkpoint_dir,
-    log_excluded_sources,
     start_run,
 )
 from robustlab.train.checkpoint import (
@@ -50,23 +66,14 @@ from robustlab.train.checkpoint import (
     log_checkpoint,
     newest_intact,
 )
-from robustlab.train.inv_pool import (
-    TRAIN_POOL_SETS,
-    InvPools,
-    inv_accuracy,
-    inv_validation,
-    load_eval_sets,
-    load_inv_pools,
-)
-from robustlab.train.loop import EpochHook, Monitor, Validator, clean_validation, fit
+from robustlab.train.loop import EpochHook, Monitor, fit
 from robustlab.train.methods import make_method
-from robustlab.train.mixture import Mixture, Pool
+from robustlab.train.mixture import Mixture
 from robustlab.train.resume import check_resume
 
 EVALUATED_ARTIFACT = (
     "evaluated_test_indices.json"  # the MNIST test images the final evaluation used
 )
-VAL_ATTACK_SIZE = 500  # validation images attacked per epoch (PGD-10) for the val/pgd_acc curve
 
 
 @dataclass(frozen=True)
@@ -96,29 +103,12 @@ class Extras:
     # MNIST test indices to evaluate on instead of a subset of eval_size (the experiment passes
     # one set shared by all its runs); refused when it holds one of the model's excluded sources
     test_indices: tuple[int, ...] | None = None
-
-
-def _pgd_validation(val_x: np.ndarray, val_y: np.ndarray, cfg: RunConfig) -> Validator:
-    from robustlab.attacks.tf_attacks import pgd_attack
-
-    eps = cfg.attack.eps
-
-    def validate(model: keras.Model) -> dict[str, float]:
-        x_adv = pgd_attack(
-            model,
-            val_x,
-            val_y,
-            eps=eps,
-            steps=10,
-            step_size=eps / 4,
-            random_start=True,
-            batch_size=VAL_ATTACK_SIZE,
-            seed=0,
-        )
-        pred = np.argmax(predict_logits(model, x_adv), axis=1)
-        return {"val/pgd_acc": float(np.mean(pred == val_y))}
-
-    return validate
+    # the invariance training/validation pools to use instead of loading `inv_pool` (the
+    # experiment's cross-validation folds)
+    pools: InvPools | None = None
+    # invariance examples whose predictions are logged per example (`inv_predictions.csv`):
+    # the held-out fold of a cross-validated experiment
+    predict_sets: tuple[InvarianceSet, ...] = ()
 
 
 def _monitor(phase: Phase, has_inv_val: bool) -> Monitor:
@@ -303,29 +293,46 @@ def _final_clean_eval(
     return test
 
 
-def run_training(
-    regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras = Extras()
-) -> str:
-    """Train `regime` under `cfg` in one MLflow run (nested runs per phase); return the run id."""
+@dataclass
+class Prepared:
+    """Everything `run_training` knows and has checked before its MLflow run exists."""
+
+    regime: Regime
+    cfg: RunConfig
+    eval_cfg: EvalConfig
+    extras: Extras
+    mnist: Mnist
+    pools: InvPools | None
+    init_model: keras.Model | None
+    init_prov: Provenance | None
+    excluded: np.ndarray  # MNIST test sources the model is never evaluated on
+    eval_sets: dict[str, InvarianceSet]
+    precision: str
+    params: dict[str, object]
+    tags: dict[str, str]
+    ckpt_folder: Path | None  # the checkpoint a resumed run continues from
+    same_run: bool  # the resumed run is reopened (CLI) rather than a new run (mlflow run, nested)
+
+
+def prepare(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras) -> Prepared:
+    """Load and check data, pools, the initial model's provenance, the exclusions, the resume
+    checkpoint and the run's params and tags; one-line errors before any run exists."""
     cfg.validate()
     eval_cfg.validate()
     mnist = load_mnist(cfg.data.data_dir, train_size=cfg.data.train_size)
     all_curves = bool(extras.all_curves)
-    pools = (
-        load_inv_pools(cfg.data.data_dir, extras.inv_label_source, extras.inv_pool)
-        if (regime.uses_inv or all_curves)
-        else None
-    )
-    init_excluded = np.empty(0, dtype=np.int64)
+    pools = extras.pools
+    if pools is None and (regime.uses_inv or all_curves):
+        pools = load_inv_pools(cfg.data.data_dir, extras.inv_label_source, extras.inv_pool)
     init_model = init_prov = None
+    excluded = np.asarray(extras.excluded, dtype=np.int64)
     if cfg.train.init_model:
         init_model = load_keras_model(cfg.train.init_model)
         init_prov = require_provenance(
             cfg.train.init_model, extras.allow_unknown_provenance, "--allow-unknown-provenance"
         )
-        init_excluded = init_prov.excluded
-    excluded = np.union1d(init_excluded, excluded_test_indices(pools.used_sets if pools else []))
-    excluded = np.union1d(excluded, np.asarray(extras.excluded, dtype=np.int64))
+        excluded = np.union1d(excluded, init_prov.excluded)
+    excluded = np.union1d(excluded, excluded_test_indices(pools.used_sets if pools else []))
     if extras.test_indices is not None:  # fail closed before the run exists
         take_test_indices(mnist.test, extras.test_indices, excluded)
     try:
@@ -336,14 +343,13 @@ def run_training(
             f"note: invariance evaluation sets unavailable ({exc}); skipping test/inv_acc",
             file=sys.stderr,
         )
-
     precision = training_precision(cfg)
     params = {
         "regime": regime.name,
         **cfg.flat_params(),
         "precision": precision,  # resolved: float32 or mixed_bfloat16
         "inv_label_source": extras.inv_label_source,
-        "inv_pool": ",".join(extras.inv_pool) if (regime.uses_inv or all_curves) else "",
+        "inv_pool": (pools.name if extras.pools else ",".join(extras.inv_pool)) if pools else "",
         "phases": ",".join(f"{p.name}:{p.epochs}" for p in regime.phases),
     }
     tags = {
@@ -364,130 +370,173 @@ def run_training(
         and not extras.parent_run_id
         and not os.environ.get("MLFLOW_RUN_ID")
     )
+    return Prepared(
+        regime,
+        cfg,
+        eval_cfg,
+        extras,
+        mnist,
+        pools,
+        init_model,
+        init_prov,
+        excluded,
+        eval_sets,
+        precision,
+        params,
+        tags,
+        ckpt_folder,
+        same_run,
+    )
+
+
+def run_training(
+    regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras = Extras()
+) -> str:
+    """Train `regime` under `cfg` in one MLflow run (nested runs per phase); return the run id.
+
+    Three steps: `prepare` (every check, before the run exists), `train_phases` (the phases
+    through the one loop, checkpointed per epoch) and `judge_and_log` (a float32 copy of the
+    trained weights is evaluated and logged as the run's model)."""
+    p = prepare(regime, cfg, eval_cfg, extras)
+    resume_id = cfg.train.resume_run_id
     run_ctx = start_run(
         extras.run_name or regime.name,
-        params=params,
-        tags=tags,
+        params=p.params,
+        tags=p.tags,
         nested=extras.nested,
         system_metrics=not (extras.nested or extras.parent_run_id),
         parent_run_id=extras.parent_run_id,
         experiment_id=extras.experiment_id,
-        run_id=resume_id if same_run else None,
+        run_id=resume_id if p.same_run else None,
     )
     with _lost_server_guard() as guard, run_ctx as run, tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        parent_id = guard.run_id = run.info.run_id
-        if not same_run:  # a reopened run logged its datasets and excluded sources already
-            _log_datasets(mnist, pools)
-            log_excluded_sources(excluded)
+        run_id = guard.run_id = run.info.run_id
+        if not p.same_run:  # a reopened run logged its datasets and excluded sources already
+            _log_datasets(p.mnist, p.pools)
+            log_excluded_sources(p.excluded)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        model = _training_model(cfg, init_model, precision)
-        print(f"training precision: {precision}", file=sys.stderr)
-        resumed: tuple | None = _restore(ckpt_folder, model) if ckpt_folder else None
-        if resumed and not same_run:
+        model = _training_model(cfg, p.init_model, p.precision)
+        print(f"training precision: {p.precision}", file=sys.stderr)
+        resumed: tuple | None = _restore(p.ckpt_folder, model) if p.ckpt_folder else None
+        if resumed and not p.same_run:
             mlflow.set_tag("robustlab.resumed_from", resume_id)
         if resumed:
             mlflow.set_tag("robustlab.resumed_after_epoch", str(resumed[0].global_epoch))
-        global_epoch = resumed[0].global_epoch if resumed else -1
-        mnist_pool = Pool(mnist.train.x, mnist.train.y, "mnist-train")
-        method = make_method(cfg.attack) if regime.uses_ptb else None
-        validators_common: list[Validator] = [clean_validation(mnist.val)]
-        if regime.uses_ptb or all_curves:
-            val_small = subsample(mnist.val, extras.val_attack_size, seed=0)
-            validators_common.append(_pgd_validation(val_small.x, val_small.y, cfg))
-        if pools is not None:
-            validators_common.append(inv_validation(pools))
-        validators_common.extend(extras.validators)
-        for i, phase in enumerate(regime.phases):
-            state = optimizer = best = None
-            if resumed and resumed[0].phase_index > i:
-                continue
-            if resumed and resumed[0].phase_index == i:
-                state, optimizer, best = resumed
-            state = state or LoopState(phase_index=i, global_epoch=global_epoch)
-            optimizer = optimizer or keras.optimizers.Adam(cfg.train.learning_rate)
-            mixture = Mixture(
-                mnist_pool, phase.mix, cfg.train.batch_size, pools.train_pool() if pools else None
+        train_phases(p, model, resumed, run_id)
+        judge_and_log(p, model, run_id, Path(tmp))
+    shutil.rmtree(local_checkpoint_dir(run_id), ignore_errors=True)  # the run has the model
+    if resume_id:
+        shutil.rmtree(local_checkpoint_dir(resume_id), ignore_errors=True)
+    return run_id
+
+
+def _validators(p: Prepared) -> list[Validator]:
+    """Every epoch's validators: clean, PGD-10 (regimes that attack, or all curves), the
+    invariance validation pool, and the caller's."""
+    mnist, extras = p.mnist, p.extras
+    out: list[Validator] = [clean_validation(mnist.val)]
+    if p.regime.uses_ptb or extras.all_curves:
+        val_small = subsample(mnist.val, extras.val_attack_size, seed=0)
+        out.append(pgd_validation(val_small.x, val_small.y, p.cfg.attack.eps))
+    if p.pools is not None:
+        out.append(inv_validation(p.pools))
+    return out + list(extras.validators)
+
+
+def _phase_run(regime: Regime, phase: Phase):
+    """A nested run per phase for multi-phase regimes, else nothing."""
+    if not regime.nested:
+        return nullcontext()
+    params = {
+        "phase": phase.name,
+        "epochs": phase.epochs,
+        **{f"mix_{k}": v for k, v in vars(phase.mix).items()},
+    }
+    return start_run(phase.name, nested=True, system_metrics=False, params=params)
+
+
+def train_phases(p: Prepared, model: keras.Model, resumed: tuple | None, run_id: str) -> None:
+    """The regime's phases through the one loop (`fit`), from `resumed` when given."""
+    cfg, regime, extras = p.cfg, p.regime, p.extras
+    global_epoch = resumed[0].global_epoch if resumed else -1
+    mnist_pool = Pool(p.mnist.train.x, p.mnist.train.y, "mnist-train")
+    method = make_method(cfg.attack) if regime.uses_ptb else None
+    validators = _validators(p)
+    for i, phase in enumerate(regime.phases):
+        state = optimizer = best = None
+        if resumed and resumed[0].phase_index > i:
+            continue
+        if resumed and resumed[0].phase_index == i:
+            state, optimizer, best = resumed
+        state = state or LoopState(phase_index=i, global_epoch=global_epoch)
+        optimizer = optimizer or keras.optimizers.Adam(cfg.train.learning_rate)
+        inv_pool = p.pools.train_pool() if p.pools else None
+        mixture = Mixture(mnist_pool, phase.mix, cfg.train.batch_size, inv_pool)
+        with _phase_run(regime, phase) as phase_run:
+
+            def on_epoch(metrics: dict[str, float], step: int, _phase_run=phase_run) -> None:
+                mlflow.log_metrics(metrics, step=step, run_id=run_id)
+                if _phase_run is not None:
+                    mlflow.log_metrics(metrics, step=step, run_id=_phase_run.info.run_id)
+                if extras.on_epoch is not None:
+                    extras.on_epoch(metrics, step)
+
+            result = fit(
+                model,
+                optimizer,
+                mixture,
+                cfg.train,
+                phase.epochs,
+                validators=validators,
+                method=method,
+                monitor=_monitor(phase, p.pools is not None),
+                state=state,
+                best_weights=best,
+                checkpoint_dir=local_checkpoint_dir(run_id),
+                on_epoch=on_epoch,
+                on_checkpoint=lambda folder: log_checkpoint(folder, run_id),
+                phase=phase.name,
+                eps_warmup=cfg.attack.eps_warmup,
             )
-            ctx = (
-                start_run(
-                    phase.name,
-                    nested=True,
-                    system_metrics=False,
-                    params={
-                        "phase": phase.name,
-                        "epochs": phase.epochs,
-                        **{f"mix_{k}": v for k, v in vars(phase.mix).items()},
-                    },
-                )
-                if regime.nested
-                else nullcontext()
-            )
-            with ctx as phase_run:
+            global_epoch = state.global_epoch
+            summary = {
+                f"{phase.name}/epochs_run": result.phase_epochs,
+                f"{phase.name}/best_epoch": result.best_epoch,
+                f"{phase.name}/train_seconds": result.seconds,
+            }
+            mlflow.log_metrics(summary, run_id=run_id)
 
-                def on_epoch(metrics: dict[str, float], step: int, _phase_run=phase_run) -> None:
-                    mlflow.log_metrics(metrics, step=step, run_id=parent_id)
-                    if _phase_run is not None:
-                        mlflow.log_metrics(metrics, step=step, run_id=_phase_run.info.run_id)
-                    if extras.on_epoch is not None:
-                        extras.on_epoch(metrics, step)
 
-                def on_checkpoint(folder: Path) -> None:
-                    log_checkpoint(folder, parent_id)
+def judge_and_log(p: Prepared, model: keras.Model, run_id: str, out: Path) -> None:
+    """fp32 judging: whatever the training precision, everything here (selection metrics,
+    evaluation, invariance predictions, the logged model) sees only a float32 copy of the
+    trained weights."""
+    extras = p.extras
+    judged = float32_copy(model)
+    if extras.on_trained is not None:
+        mlflow.log_metrics(extras.on_trained(judged))
+    test = _final_clean_eval(judged, p.mnist, p.excluded, p.cfg, out, extras.test_indices)
+    for s in p.eval_sets.values():
+        mlflow.log_metrics(inv_accuracy(judged, s, "test"))
+    if extras.predict_sets:
+        log_inv_predictions(judged, extras.predict_sets, out)
+    if extras.robust_eval:
+        from robustlab.evaluation.robustness import evaluate_and_log
 
-                result = fit(
-                    model,
-                    optimizer,
-                    mixture,
-                    cfg.train,
-                    phase.epochs,
-                    validators=validators_common,
-                    method=method,
-                    monitor=_monitor(phase, pools is not None),
-                    state=state,
-                    best_weights=best,
-                    checkpoint_dir=local_checkpoint_dir(parent_id),
-                    on_epoch=on_epoch,
-                    on_checkpoint=on_checkpoint,
-                    phase=phase.name,
-                    eps_warmup=cfg.attack.eps_warmup,
-                )
-                global_epoch = state.global_epoch
-                summary = {
-                    f"{phase.name}/epochs_run": result.phase_epochs,
-                    f"{phase.name}/best_epoch": result.best_epoch,
-                    f"{phase.name}/train_seconds": result.seconds,
-                }
-                mlflow.log_metrics(summary, run_id=parent_id)
-        # fp32 judging: whatever the training precision, everything below (selection metrics,
-        # evaluation, the logged model) sees only a float32 copy of the trained weights
-        judged = float32_copy(model)
-        if extras.on_trained is not None:
-            mlflow.log_metrics(extras.on_trained(judged))
-        test = _final_clean_eval(judged, mnist, excluded, cfg, out, extras.test_indices)
-        for s in eval_sets.values():
-            mlflow.log_metrics(inv_accuracy(judged, s, "test"))
-        if extras.robust_eval:
-            from robustlab.evaluation.robustness import evaluate_and_log
-
-            evaluate_and_log(judged, test, eval_cfg, out_dir=out / "eval")
-        _log_model(
-            judged,
-            test.x[:4],
-            metadata_for_run(
-                regime,
-                cfg,
-                run_id=parent_id,
-                data_digest=mnist.digest,
-                excluded=excluded,
-                init_known=init_prov is None or init_prov.known,
-                training_precision=precision,
-            ),
-        )
-    shutil.rmtree(local_checkpoint_dir(parent_id), ignore_errors=True)  # the run has the model
-    if cfg.train.resume_run_id:
-        shutil.rmtree(local_checkpoint_dir(cfg.train.resume_run_id), ignore_errors=True)
-    return parent_id
+        evaluate_and_log(judged, test, p.eval_cfg, out_dir=out / "eval")
+    _log_model(
+        judged,
+        test.x[:4],
+        metadata_for_run(
+            p.regime,
+            p.cfg,
+            run_id=run_id,
+            data_digest=p.mnist.digest,
+            excluded=p.excluded,
+            init_known=p.init_prov is None or p.init_prov.known,
+            training_precision=p.precision,
+        ),
+    )
 
 
 def _log_model(model: keras.Model, example: np.ndarray, metadata: dict | None = None) -> None:

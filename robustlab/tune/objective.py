@@ -1,110 +1,168 @@
-"""One trial: train the joint regime through `run_training` and score it on validation data only.
+"""The tune plan: one trial trains the joint regime through `run_training` and is scored on
+validation data only (`robustlab.evaluation.selection`).
 
-Objectives (all on validation data; the MNIST test set is never used for selection):
-- `sel/clean_acc`: clean accuracy on the 5,000-image validation split;
-- `sel/pgd_acc`: PGD-10 accuracy (training eps) on a fixed, seeded validation subset;
-- `sel/inv_bal_acc`: balanced invariance accuracy on the selection set
-  (robustlab.invariance.selection), beside the plain `sel/inv_acc`.
-`pareto` returns the three; `scalar` returns `score` below. Both set the constraint
+`pareto` returns (sel/clean_acc, sel/pgd_acc, sel/inv_bal_acc); `scalar` returns the selection
+rule's score (`sel/score`, the same rule `register` chooses by). Both set the constraint
 `clean_floor - sel/clean_acc <= 0`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import keras
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
 from robustlab.config import (
     AttackConfig,
     DataConfig,
     EvalConfig,
+    MixConfig,
     RunConfig,
     TrainConfig,
     TuneConfig,
+    pgd_step_size,
 )
-from robustlab.data.mnist import load_mnist, subsample
-from robustlab.invariance.selection import (
-    balanced_inv_accuracy,
-    selection_sets,
-    selection_sources,
-)
+from robustlab.errors import ConfigError
+from robustlab.evaluation.selection import SCORE_METRIC, SelectionData, selection_score
+from robustlab.evaluation.validation import selection_validation
+from robustlab.launch.launcher import RUN_ATTR, Retry
+from robustlab.launch.storage import Heartbeat, redact_url
 from robustlab.regimes import make_regime
-from robustlab.train.inv_pool import load_inv_pools, selection_validation
-from robustlab.train.loop import clean_validation
-from robustlab.train.runner import Extras, _pgd_validation, run_training
 from robustlab.tune.space import BUDGETS, suggest
 
 PARETO_METRICS = ("sel/clean_acc", "sel/pgd_acc", "sel/inv_bal_acc")
-SCORE_METRIC = "sel/score"
 CONSTRAINT = "clean_floor"
 PRUNED_TAG = "robustlab.pruned"
+ATTR_CONFIG = "robustlab_config"
+DIRECTIONS = {"pareto": ["maximize"] * 3, "scalar": ["maximize"]}
+METRIC_NAMES = {"pareto": list(PARETO_METRICS), "scalar": [SCORE_METRIC]}
+# a resumed study must keep these (its trials must stay comparable)
+FIXED_KEYS = ("objective", "budget", "clean_floor", "eps", "seed", "tune_lr", "tune_warmup")
 
 
-def score(clean: float, pgd: float, inv_bal: float, clean_floor: float) -> float:
-    """The scalar objective: mean of PGD and balanced invariance accuracy, minus the clean
-    accuracy's shortfall below the floor (each point below it costs one point)."""
-    return (pgd + inv_bal) / 2 - max(0.0, clean_floor - clean)
+def stored_config(cfg: TuneConfig) -> dict:
+    """The configuration as the study stores it: the storage URL redacted (never a password)."""
+    out = asdict(cfg)
+    out["storage"] = redact_url(cfg.storage) if cfg.storage else None
+    return out
 
 
-def _checkpointed_run(run_id: str | None) -> str | None:
-    """`run_id` when that (lost) trial run left an intact checkpoint to continue from (a worker
-    killed while uploading leaves a partial one: start afresh then), else None."""
-    import tempfile
-
-    from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT, newest_intact
-
-    if not run_id:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp
-            )
-            newest_intact(Path(folder))
-        except Exception:  # noqa: BLE001 - no run, no checkpoint or a partial one: start afresh
-            return None
-    return run_id
-
-
-@dataclass(frozen=True)
-class StudyContext:
-    """What every worker reads from the study's user attributes."""
+@dataclass
+class TunePlan:
+    """The tune study as a launcher plan; `parent_run_id`/`experiment_id` come from the study."""
 
     cfg: TuneConfig
-    study_name: str
-    parent_run_id: str
-    experiment_id: str
+    parent_run_id: str = ""
+    experiment_id: str = ""
+    kind: str = field(default="tune", init=False)
 
+    @property
+    def study_name(self) -> str:
+        return self.cfg.name
 
-class Objective:
-    """Callable for `study.optimize`; loads the data once per worker process."""
+    @property
+    def directions(self) -> list[str]:
+        return DIRECTIONS[self.cfg.objective]
 
-    def __init__(self, ctx: StudyContext):
-        self.ctx = ctx
-        cfg = ctx.cfg
-        self.budget = BUDGETS[cfg.budget]
-        mnist = load_mnist(cfg.data_dir, train_size=self.budget.train_size)
-        pools = load_inv_pools(cfg.data_dir)
-        self.sel_sets = selection_sets(cfg.data_dir, pools)
-        self.sel_sources = tuple(int(i) for i in selection_sources(cfg.data_dir, pools))
-        self.clean_val = clean_validation(mnist.val)
-        val_small = subsample(mnist.val, self.budget.val_attack_size, seed=0)
-        self.pgd_val = _pgd_validation(val_small.x, val_small.y, self._run_config(1e-3, 1.0, None))
+    @property
+    def metric_names(self) -> list[str]:
+        return METRIC_NAMES[self.cfg.objective]
 
-    def _run_config(self, lr: float, warmup: float, mix, resume: str | None = None) -> RunConfig:
-        cfg, b = self.ctx.cfg, self.budget
+    @property
+    def heartbeat(self) -> Heartbeat:
+        c = self.cfg
+        return Heartbeat(c.heartbeat_interval, c.grace_period, c.max_retry)
+
+    def study_attrs(self) -> dict:
+        return {
+            "objective": self.cfg.objective,
+            "clean_floor": self.cfg.clean_floor,
+            ATTR_CONFIG: json.dumps(stored_config(self.cfg)),
+        }
+
+    def incompatibility(self, study: optuna.Study) -> str | None:
+        wanted = [optuna.study.StudyDirection.MAXIMIZE] * len(self.directions)
+        if list(study.directions) != wanted:
+            return (
+                f"study {self.study_name!r} exists with {len(study.directions)} objective(s), "
+                f"not objective={self.cfg.objective} ({len(wanted)}); choose another study_name"
+            )
+        old = json.loads(study.user_attrs.get(ATTR_CONFIG, "{}"))
+        mine = asdict(self.cfg)
+        changed = [k for k in FIXED_KEYS if k in old and old[k] != mine[k]]
+        if changed:
+            was = ", ".join(f"{k}={old[k]}" for k in changed)
+            return (
+                f"study {self.study_name!r} exists with {was}; resume it with the same values "
+                "or choose another study_name"
+            )
+        return None
+
+    @classmethod
+    def from_study(cls, study: optuna.Study, storage_url: str) -> TunePlan:
+        """A worker's plan, read from the study's attributes (ConfigError when they are not a
+        tune study's or do not match its directions)."""
+        from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_PARENT
+
+        attrs = study.user_attrs
+        if ATTR_PARENT not in attrs or ATTR_CONFIG not in attrs:
+            raise ConfigError(f"study {study.study_name!r} was not created by robustlab tune")
+        stored = json.loads(attrs[ATTR_CONFIG])
+        cfg = TuneConfig(**{**stored, "storage": storage_url})
+        plan = cls(cfg, attrs[ATTR_PARENT], attrs[ATTR_EXPERIMENT])
+        wanted = [optuna.study.StudyDirection.MAXIMIZE] * len(plan.directions)
+        if list(study.directions) != wanted:
+            raise ConfigError(
+                f"study {study.study_name!r} has {len(study.directions)} objective direction(s) "
+                f"{[d.name.lower() for d in study.directions]}, but its configuration asks for "
+                f"objective={cfg.objective} ({len(wanted)} x maximize); it was not made by this "
+                "robustlab version: start a new study with robustlab tune"
+            )
+        return plan
+
+    # ---- the worker side ---------------------------------------------------------------
+
+    def next_trial(self, study: optuna.Study) -> optuna.Trial:
+        return study.ask()  # a retried (WAITING) trial first, else the sampler's next point
+
+    def done(self, study: optuna.Study) -> bool:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return len(complete) >= self.cfg.n_trials
+
+    def demand(self, study: optuna.Study) -> int:
+        """Trials still to start (for the number of local workers to keep)."""
+        trials = study.get_trials(deepcopy=False)
+        started = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials)
+        return self.cfg.n_trials - started
+
+    @cached_property
+    def budget(self):
+        return BUDGETS[self.cfg.budget]
+
+    @cached_property
+    def selection(self) -> SelectionData:
+        """Validation data, loaded once per worker process."""
+        return SelectionData(
+            self.cfg.data_dir,
+            self.cfg.eps,
+            val_attack_size=self.budget.val_attack_size,
+            train_size=self.budget.train_size,  # the runner's cached MNIST: one copy in memory
+        )
+
+    def run_config(self, lr: float, warmup: float, mix: MixConfig, resume: str | None) -> RunConfig:
+        cfg, b = self.cfg, self.budget
         attack = AttackConfig(
             eps=cfg.eps,
             steps=b.attack_steps,
-            step_size=2.5 * cfg.eps / b.attack_steps,
+            step_size=pgd_step_size(cfg.eps, b.attack_steps),
             eps_warmup=warmup,
         )
         train = TrainConfig(
@@ -116,89 +174,50 @@ class Objective:
             resume_run_id=resume,
             precision=cfg.precision,
         )
-        data = DataConfig(cfg.data_dir, b.train_size, b.eval_size)
-        return RunConfig(data, train, mix, attack) if mix else RunConfig(data, train, attack=attack)
+        return RunConfig(DataConfig(cfg.data_dir, b.train_size, b.eval_size), train, mix, attack)
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float, float]:
-        cfg, b = self.ctx.cfg, self.budget
+    def run_trial(self, trial: optuna.Trial, retry: Retry | None) -> float | tuple[float, ...]:
+        """Train the joint regime on the trial's mixture as a child run; its objective value(s)."""
+        from robustlab.train.runner import Extras, run_training
+
+        cfg, b = self.cfg, self.budget
         keras.backend.clear_session()
         mix, lr, warmup = suggest(trial, cfg)
-        # Optuna 5 has no Trial.system_attrs: ask about the stored (frozen) trial
-        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(
-            trial.study.get_trials(deepcopy=False)[trial.number]
-        )
-        # a retried trial inherits the lost trial's user attributes, its run id included
-        resume = (
-            _checkpointed_run(trial.user_attrs.get("mlflow_run_id"))
-            if retry_of is not None
-            else None
-        )
-        run_cfg = self._run_config(lr, warmup, mix, resume)
+        run_cfg = self.run_config(lr, warmup, mix, retry.resume_run_id if retry else None)
         ev = EvalConfig(
             eps=cfg.eps, eval_size=b.eval_size, autoattack_size=0, pgd_restarts=0, seed=cfg.seed
         )
         regime = make_regime("joint", epochs=b.epochs, mix=mix)
-        run_ids: list[str] = []
         final: dict[str, float] = {}
-        scalar = cfg.objective == "scalar"
-
-        def on_epoch(metrics: dict[str, float], step: int) -> None:
-            if not run_ids:
-                run_ids.append(mlflow.active_run().info.run_id)
-                trial.set_user_attr("mlflow_run_id", run_ids[0])
-            if not scalar:
-                return
-            value = score(
-                metrics["val/clean_acc"],
-                metrics["val/pgd_acc"],
-                metrics["val/sel_inv_bal_acc"],
-                cfg.clean_floor,
-            )
-            mlflow.log_metric("val/score", value, step=step)
-            trial.report(value, step)
-            if trial.should_prune():
-                mlflow.set_tag(PRUNED_TAG, "true")
-                raise optuna.TrialPruned(f"trial {trial.number} pruned at epoch {step + 1}")
-
-        def on_trained(model: keras.Model) -> dict[str, float]:
-            m = {
-                "sel/clean_acc": self.clean_val(model)["val/clean_acc"],
-                "sel/pgd_acc": self.pgd_val(model)["val/pgd_acc"],
-                **balanced_inv_accuracy(model, self.sel_sets, "sel"),
-            }
-            m[SCORE_METRIC] = score(
-                m["sel/clean_acc"], m["sel/pgd_acc"], m["sel/inv_bal_acc"], cfg.clean_floor
-            )
-            final.update(m)
-            return m
-
+        hooks = _TrialHooks(self, trial, final)
         tags = {
             "robustlab.kind": "tune-trial",
-            "robustlab.study": self.ctx.study_name,
+            "robustlab.study": self.study_name,
             "robustlab.trial": str(trial.number),
         }
-        if retry_of is not None:
-            tags["robustlab.tune.retry_of"] = str(retry_of)
+        if retry is not None:
+            tags["robustlab.tune.retry_of"] = str(retry.of)
+            tags["robustlab.retry_note"] = retry.note
         extras = Extras(
             all_curves=True,
             robust_eval=False,
-            run_name=f"{self.ctx.study_name}-trial{trial.number}",
-            parent_run_id=self.ctx.parent_run_id,
-            experiment_id=self.ctx.experiment_id,
+            run_name=f"{self.study_name}-trial{trial.number}",
+            parent_run_id=self.parent_run_id,
+            experiment_id=self.experiment_id,
             tags=tags,
-            validators=(selection_validation(list(self.sel_sets.values())),),
-            on_epoch=on_epoch,
-            excluded=self.sel_sources,
-            on_trained=on_trained,
+            validators=(selection_validation(list(self.selection.sets.values())),),
+            on_epoch=hooks.on_epoch,
+            excluded=self.selection.sources,
+            on_trained=hooks.on_trained,
             val_attack_size=b.val_attack_size,
         )
         try:
             run_id = run_training(regime, run_cfg, ev, extras)
         except optuna.TrialPruned:
-            if run_ids:  # the runner ended it FAILED; a pruned run is KILLED, tagged pruned
-                MlflowClient().set_terminated(run_ids[0], "KILLED")
+            if hooks.run_id:  # the runner ended it FAILED; a pruned run is KILLED, tagged pruned
+                MlflowClient().set_terminated(hooks.run_id, "KILLED")
             raise
-        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr(RUN_ATTR, run_id)
         for key, value in final.items():
             if math.isfinite(value):
                 trial.set_user_attr(key, value)
@@ -209,6 +228,40 @@ class Objective:
             file=sys.stderr,
             flush=True,
         )
-        if scalar:
+        if cfg.objective == "scalar":
             return final[SCORE_METRIC]
         return tuple(final[k] for k in PARETO_METRICS)
+
+
+@dataclass
+class _TrialHooks:
+    """The runner's per-epoch and end-of-training hooks for one trial."""
+
+    plan: TunePlan
+    trial: optuna.Trial
+    final: dict[str, float]
+    run_id: str | None = None
+
+    def on_epoch(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id is None:  # the run id on the trial as soon as the run exists
+            self.run_id = mlflow.active_run().info.run_id
+            self.trial.set_user_attr(RUN_ATTR, self.run_id)
+        cfg = self.plan.cfg
+        if cfg.objective != "scalar":
+            return
+        value = selection_score(
+            metrics["val/clean_acc"],
+            metrics["val/pgd_acc"],
+            metrics["val/sel_inv_bal_acc"],
+            cfg.clean_floor,
+        )
+        mlflow.log_metric("val/score", value, step=step)
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            mlflow.set_tag(PRUNED_TAG, "true")
+            raise optuna.TrialPruned(f"trial {self.trial.number} pruned at epoch {step + 1}")
+
+    def on_trained(self, model: keras.Model) -> dict[str, float]:
+        m = self.plan.selection.metrics(model, self.plan.cfg.clean_floor)
+        self.final.update(m)
+        return m

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import mlflow
 import optuna
-from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from robustlab.config import TuneConfig
-from robustlab.tune.objective import CONSTRAINT, PARETO_METRICS, SCORE_METRIC
+from robustlab.evaluation.selection import SCORE_METRIC
+from robustlab.launch.launcher import RUN_ATTR, end_lost_runs
+from robustlab.tune.objective import CONSTRAINT, PARETO_METRICS
 
 ATTR_COLUMNS = (
     "mix_clean",
@@ -24,7 +25,7 @@ ATTR_COLUMNS = (
     *PARETO_METRICS,
     "sel/inv_acc",
     SCORE_METRIC,
-    "mlflow_run_id",
+    RUN_ATTR,
 )
 
 
@@ -117,24 +118,10 @@ def _plots(study: optuna.Study, cfg: TuneConfig, out: Path) -> list[Path]:
     return [out / n for n, make in jobs.items() if _plot(make, out / n)]
 
 
-def _end_lost_runs(trials: list[FrozenTrial]) -> None:
-    """Trial runs of FAILED trials (e.g. a killed worker) must not stay RUNNING."""
-    client = MlflowClient()
-    for t in trials:
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if (
-            t.state == TrialState.FAIL
-            and run_id
-            and client.get_run(run_id).info.status == "RUNNING"
-        ):
-            client.set_tag(run_id, "robustlab.tune.worker_lost", "true")
-            client.set_terminated(run_id, "FAILED")
-
-
 def summarize(study: optuna.Study, cfg: TuneConfig) -> None:
     """Log trials.csv, front.csv/front.md, plots and counts to the active (parent) run."""
     trials = study.get_trials(deepcopy=False)
-    _end_lost_runs(trials)
+    end_lost_runs(study, set(), "robustlab.tune.worker_lost")
     params = sorted({p for t in trials for p in t.params})
     rows = [_row(t, params) for t in trials]
     if cfg.objective == "pareto":

@@ -1,120 +1,41 @@
-"""The study: storage, one parent MLflow run, N worker processes, the summary on the parent.
+"""`tune` on the launcher: the study, its parent run, workers, the summary on the parent.
 
-`run_tune` validates everything, creates (or resumes) the study and its parent run once, then
-runs the workers: in this process when `workers=1`, else as `robustlab tune-worker`
-subprocesses (each its own TensorFlow). Workers read the configuration and the MLflow parent
-run / experiment ids from the study's user attributes, so a worker on another machine joins
-with `robustlab tune-worker --study-name … --storage …`.
+`run_tune` validates everything, then either leads the study (creates or resumes it and its
+parent run, runs the workers: in this process when `workers=1`, else as `robustlab tune-worker`
+subprocesses, each its own TensorFlow) or, when another `robustlab tune` on the same study is
+alive, joins it as one more worker. Workers read the configuration and the MLflow parent run /
+experiment ids from the study's attributes, so a worker on another machine joins with
+`robustlab tune-worker --study-name …` (the storage URL from $ROBUSTLAB_OPTUNA_STORAGE).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import secrets
 import subprocess
 import sys
 import time
-import warnings
-from dataclasses import asdict
 
 import mlflow
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.study import MaxTrialsCallback
-from optuna.trial import TrialState
 
 from robustlab.config import TuneConfig
 from robustlab.errors import ConfigError
-from robustlab.tracking import start_run, tracking_dir
-
-STORAGE_ENV = "ROBUSTLAB_OPTUNA_STORAGE"
-DIRECTIONS = {"pareto": ["maximize"] * 3, "scalar": ["maximize"]}
-METRIC_NAMES = {
-    "pareto": ["sel/clean_acc", "sel/pgd_acc", "sel/inv_bal_acc"],
-    "scalar": ["sel/score"],
-}
-ATTR_PARENT = "mlflow_parent_run_id"
-ATTR_EXPERIMENT = "mlflow_experiment_id"
-ATTR_CONFIG = "robustlab_config"
-# a resumed study must keep these (its trials must stay comparable)
-FIXED_KEYS = ("objective", "budget", "clean_floor", "eps", "seed", "tune_lr", "tune_warmup")
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def storage_url(cfg: TuneConfig) -> str:
-    """`storage`, else $ROBUSTLAB_OPTUNA_STORAGE, else SQLite `tracking/optuna.db`."""
-    if cfg.storage:
-        return cfg.storage
-    if os.environ.get(STORAGE_ENV):
-        return os.environ[STORAGE_ENV]
-    folder = tracking_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'optuna.db'}"
-
-
-class _TolerantRDBStorage(RDBStorage):
-    """An RDBStorage whose heartbeat survives a database restart: Optuna's heartbeat thread dies
-    on the first failed write, which would get a live trial retried; skip one beat instead."""
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            super().record_heartbeat(trial_id)
-        except Exception as exc:  # noqa: BLE001 - SQLAlchemy OperationalError and friends
-            print(f"note: heartbeat skipped ({type(exc).__name__})", file=sys.stderr, flush=True)
-
-
-def open_storage(url: str, cfg: TuneConfig | None = None) -> RDBStorage:
-    """An RDB storage (heartbeats when `cfg` is given); ConfigError when it cannot be opened.
-
-    Connections are checked before use (`pool_pre_ping`), so a restarted PostgreSQL is
-    reconnected to rather than failing the worker."""
-    if url.startswith("sqlite"):
-        engine_kwargs: dict | None = {"connect_args": {"timeout": 30}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-        if url.startswith("postgresql"):
-            engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    heartbeat = {}
-    if cfg is not None:
-        heartbeat = {
-            "heartbeat_interval": cfg.heartbeat_interval,
-            "grace_period": cfg.grace_period,
-            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
-                max_retry=cfg.max_retry
-            ),
-        }
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _TolerantRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy/Optuna raise many types for a bad URL
-        raise ConfigError(_storage_problem(url, exc)) from None
-
-
-def _storage_problem(url: str, exc: Exception) -> str:
-    """One line for a storage that cannot be opened, without the password."""
-    text = " ".join(str(exc).split())
-    shown = _redact(url)
-    if url.startswith("postgresql"):
-        if "password authentication failed" in text or "no password supplied" in text:
-            why = "PostgreSQL refused the user or password"
-            fix = "check the user and $ROBUSTLAB_PG_PASSWORD (tracking/services.env holds the URL)"
-        elif "does not exist" in text:
-            why = text.split("FATAL:")[-1].strip()[:120]
-            fix = "check the database name in the URL"
-        else:
-            why = "cannot connect to PostgreSQL"
-            fix = "check host and port, and that it runs (robustlab services status)"
-        return f"cannot open the study storage {shown} ({why}); {fix}"
-    msg = text[:160] if text else type(exc).__name__
-    if url in msg:
-        msg = msg.replace(url, shown)
-    return (
-        f"cannot open the study storage {shown!r} ({msg}); pass an RDB URL such as "
-        "sqlite:////abs/path/optuna.db or postgresql+psycopg://user@host/db"
-    )
+from robustlab.launch.launcher import (
+    announce,
+    check_existing,
+    drive,
+    elect,
+    parent_run,
+    wait_for_leader,
+    wait_for_running,
+    work,
+    worker_command,
+    worker_env,
+)
+from robustlab.launch.storage import load_existing, open_storage, redact_url, storage_url
+from robustlab.tracking import configure_tracking
+from robustlab.tune.objective import TunePlan, stored_config
 
 
 def make_sampler(cfg: TuneConfig, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -153,190 +74,133 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
     )
 
 
-def existing_study(storage: RDBStorage, cfg: TuneConfig) -> optuna.Study | None:
-    """The study named `cfg.name` when it exists; ConfigError when it cannot be resumed as `cfg`."""
-    names = {s.study_name for s in storage.get_all_studies()}
-    if cfg.name not in names:
-        return None
-    study = optuna.load_study(study_name=cfg.name, storage=storage)
-    wanted = [optuna.study.StudyDirection.MAXIMIZE] * len(DIRECTIONS[cfg.objective])
-    old = json.loads(study.user_attrs.get(ATTR_CONFIG, "{}"))
-    if list(study.directions) != wanted:
-        raise ConfigError(
-            f"study {cfg.name!r} exists with {len(study.directions)} objective(s), not "
-            f"objective={cfg.objective} ({len(wanted)}); choose another study_name"
-        )
-    changed = [k for k in FIXED_KEYS if k in old and old[k] != asdict(cfg)[k]]
-    if changed:
-        was = ", ".join(f"{k}={old[k]}" for k in changed)
-        raise ConfigError(
-            f"study {cfg.name!r} exists with {was}; resume it with the same values "
-            "or choose another study_name"
-        )
-    return study
-
-
 def run_tune(cfg: TuneConfig, create_only: bool = False) -> str:
-    """Create or resume the study, run its workers, summarize it on the parent run; its run id.
+    """Lead (or join) the study, run its workers, summarize it on the parent run; its run id.
 
     `create_only`: create (or check) the study and its parent run, run no trial and no summary;
     workers on any machine then join with `robustlab tune-worker`, and running `tune` again
     with the same arguments summarizes (and finishes the study if trials are missing)."""
     cfg.validate()
     make_sampler(cfg)  # refuses gp without torch
-    url = storage_url(cfg)
+    url = storage_url(cfg.storage)
     storage = open_storage(url)
-    old = existing_study(storage, cfg)
-    from robustlab.invariance.selection import split_record
+    plan = TunePlan(cfg)
+    old = check_existing(storage, plan)
+    from robustlab.data.selection import split_record
 
     split = split_record(cfg.data_dir)  # checks the data before any run exists
-    params = {f"tune_{k}": v for k, v in asdict(cfg).items() if k not in ("storage",)}
+    configure_tracking()  # a tracking store that cannot be used: refused before any study
+    study, token = elect(storage, plan)
+    if token is None:
+        return _join(study, storage, cfg, url)
+    params = {f"tune_{k}": v for k, v in stored_config(cfg).items() if k != "storage"}
     params["tune_study_name"] = cfg.name
     tags = {"robustlab.kind": "tune", "robustlab.study": cfg.name}
     if old is not None:
         tags["robustlab.resumed_study"] = "true"
     if create_only:
         tags["robustlab.tune.create_only"] = "true"
-    with start_run(f"tune-{cfg.name}", params=params, tags=tags) as parent:
-        parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
-        study = optuna.create_study(
-            study_name=cfg.name,
-            storage=storage,
-            directions=DIRECTIONS[cfg.objective],
-            load_if_exists=True,
-        )
-        study.set_metric_names(METRIC_NAMES[cfg.objective])
-        for key, value in {
-            ATTR_PARENT: parent_id,
-            ATTR_EXPERIMENT: experiment_id,
-            "objective": cfg.objective,
-            "clean_floor": cfg.clean_floor,
-            ATTR_CONFIG: json.dumps(asdict(cfg)),
-        }.items():
-            study.set_user_attr(key, value)
-        if old is not None:
-            _adopt_trial_runs(study, parent_id)
+    with parent_run(
+        plan,
+        storage,
+        url,
+        study=study,
+        token=token,
+        run_name=f"tune-{cfg.name}",
+        params=params,
+        tags=tags,
+    ) as (parent, study):
         mlflow.log_dict(split, "selection_split.json")
-        mlflow.set_tag("robustlab.optuna_storage", _redact(url))
+        announce(study, parent)
         if create_only:
-            return parent_id
+            return parent.info.run_id
         t0 = time.perf_counter()
         if cfg.workers == 1 and not cfg.threads and not cfg.pin_cpus:
             run_worker(cfg.name, url, 0, cfg.timeout)
         else:
-            _spawn_workers(cfg, url)
+            _spawn_workers(study, plan, url)
+        wait_for_running(study, plan.heartbeat)  # trials of joined workers finish first
         mlflow.log_metric("tune/wall_seconds", time.perf_counter() - t0)
         from robustlab.tune.plots import summarize
 
         summarize(optuna.load_study(study_name=cfg.name, storage=storage), cfg)
-        return parent_id
+        return parent.info.run_id
 
 
-def _redact(url: str) -> str:
-    """The URL without a password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':', 1)[0]}@{host}"
-    return url
+def _join(study: optuna.Study, storage, cfg: TuneConfig, url: str) -> str:
+    """Another `robustlab tune` leads this study: work as one of its workers, then exit."""
+    parent = wait_for_leader(study, storage)
+    print(
+        f"tune: study {cfg.name} is led by another robustlab tune (parent run {parent}); "
+        "joining it as a worker",
+        file=sys.stderr,
+        flush=True,
+    )
+    done = run_worker(cfg.name, url, 1 + secrets.randbelow(999_999), cfg.timeout)
+    print(
+        f"tune: this worker ran {done} trial(s) of study {cfg.name}; the leading process "
+        f"summarizes it on parent run {parent}",
+        file=sys.stderr,
+    )
+    return parent
 
 
-def _adopt_trial_runs(study: optuna.Study, parent_id: str) -> None:
-    """A resumed study: move its earlier trial runs under the new parent run."""
-    client = mlflow.tracking.MlflowClient()
-    for t in study.get_trials(deepcopy=False):
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id:
-            client.set_tag(run_id, "mlflow.parentRunId", parent_id)
-
-
-def _spawn_workers(cfg: TuneConfig, url: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+def _spawn_workers(study: optuna.Study, plan: TunePlan, url: str) -> None:
+    cfg = plan.cfg
+    extra = {}
     if cfg.threads:
         for key in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
-            env[key] = str(cfg.threads)
+            extra[key] = str(cfg.threads)
+    env = worker_env(url, extra)
     ncpu = os.cpu_count() or 1
-    procs = []
-    for i in range(cfg.workers):
-        cmd = [sys.executable, "-m", "robustlab.cli", "tune-worker"]
-        cmd += ["--study-name", cfg.name, "--storage", url, "--worker-index", str(i)]
-        if cfg.timeout is not None:
-            cmd += ["--timeout", str(cfg.timeout)]
+    args = ["--timeout", str(cfg.timeout)] if cfg.timeout is not None else []
+
+    def spawn(i: int) -> subprocess.Popen:
+        cmd = worker_command("tune-worker", cfg.name, "--worker-index", str(i), *args)
         if cfg.pin_cpus:
             cmd = ["taskset", "-c", str(i % ncpu), *cmd]
-        procs.append(subprocess.Popen(cmd, env=env))
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait()
-        raise
-    bad = [i for i, c in enumerate(codes) if c != 0]
-    if bad:
-        print(
-            f"note: tune workers {bad} exited with codes {[codes[i] for i in bad]}; "
-            "their trials are retried by the next worker (heartbeat) or marked FAIL",
-            file=sys.stderr,
-        )
+        return subprocess.Popen(cmd, env=env)
+
+    deadline = time.monotonic() + cfg.timeout if cfg.timeout is not None else None
+    drive(
+        study,
+        plan,
+        spawn,
+        workers=cfg.workers,
+        demand=plan.demand,
+        max_failures=2 * cfg.n_trials,
+        deadline=deadline,
+    )
 
 
-def load_context(study_name: str, url: str):
-    """The StudyContext a worker needs, from the study's user attributes."""
+def load_plan(study_name: str, url: str) -> TunePlan:
+    """The TunePlan a worker runs, from the study's attributes; ConfigError for an unknown or a
+    non-tune study."""
     storage = open_storage(url)
-    names = {s.study_name for s in storage.get_all_studies()}
-    if study_name not in names:
+    study = load_existing(storage, study_name)
+    if study is None:
         raise ConfigError(
-            f"no study {study_name!r} in {_redact(url)}; start it with robustlab tune"
+            f"no study {study_name!r} in {redact_url(url)}; start it with robustlab tune"
         )
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    attrs = study.user_attrs
-    if ATTR_PARENT not in attrs or ATTR_CONFIG not in attrs:
-        raise ConfigError(f"study {study_name!r} was not created by robustlab tune")
-    cfg = TuneConfig(**json.loads(attrs[ATTR_CONFIG]))
-    wanted = [optuna.study.StudyDirection.MAXIMIZE] * len(DIRECTIONS[cfg.objective])
-    if list(study.directions) != wanted:
-        raise ConfigError(
-            f"study {study_name!r} has {len(study.directions)} objective direction(s) "
-            f"{[d.name.lower() for d in study.directions]}, but its configuration asks for "
-            f"objective={cfg.objective} ({len(wanted)} x maximize); it was not made by this "
-            "robustlab version: start a new study with robustlab tune"
-        )
-    from robustlab.tune.objective import StudyContext  # imports TensorFlow: after the checks
-
-    return StudyContext(cfg, study_name, attrs[ATTR_PARENT], attrs[ATTR_EXPERIMENT])
+    return TunePlan.from_study(study, url)
 
 
-def run_worker(study_name: str, url: str, worker: int = 0, timeout: float | None = None) -> None:
-    """Optimize the study until it holds n_trials COMPLETE trials or `timeout` seconds (this
-    worker's own limit) have passed."""
-    ctx = load_context(study_name, url)
-    cfg = ctx.cfg
+def run_worker(study_name: str, url: str, worker: int = 0, timeout: float | None = None) -> int:
+    """Run trials until the study holds n_trials COMPLETE trials or `timeout` seconds (this
+    worker's own limit) have passed; the number of trials this worker ran."""
+    plan = load_plan(study_name, url)
+    cfg = plan.cfg
     os.environ.pop("MLFLOW_RUN_ID", None)  # it would override the trial runs' parent_run_id
+    configure_tracking()
     if cfg.threads:
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
         tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
-    from robustlab.tune.objective import Objective
-
     study = optuna.load_study(
         study_name=study_name,
-        storage=open_storage(url, cfg),
+        storage=open_storage(url, plan.heartbeat),
         sampler=make_sampler(cfg, worker),
         pruner=make_pruner(cfg),
     )
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done >= cfg.n_trials:
-        return
-    objective = Objective(ctx)
-    study.optimize(
-        objective,
-        n_trials=None,
-        timeout=timeout,
-        callbacks=[MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE,))],
-        catch=(),
-        gc_after_trial=True,
-    )
+    return work(study, plan, timeout=timeout)

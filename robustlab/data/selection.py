@@ -17,14 +17,12 @@ images (``selection_sources``), so its clean/PGD test evaluation never uses them
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from robustlab.data.invariance import InvarianceSet, load_invariance_set
+from robustlab.data.pools import EVAL_SETS, TRAIN_POOL_SETS, InvPools
 from robustlab.errors import DataError
-from robustlab.evaluation.stats import accuracy, predict_logits
-from robustlab.train.inv_pool import EVAL_SETS, TRAIN_POOL_SETS, InvPools
 
 SELECTION_SPLIT_SEED = 2020  # fixed: the split never depends on a run's seed
 SELECTION_HALF = 50  # of Tramèr's 100 source images
@@ -126,35 +124,3 @@ def test_half_sets(
 
 
 test_half_sets.__test__ = False  # not a pytest test, despite its name
-
-
-def balanced_inv_accuracy(
-    model, sets: Mapping[str, InvarianceSet] | Iterable[InvarianceSet], prefix: str
-) -> dict[str, float]:
-    """Agreement with human labels pooled over `sets`: plain, changed, kept, balanced, counts.
-
-    Keys: `<prefix>/inv_acc`, `<prefix>/inv_acc_changed`, `<prefix>/inv_acc_kept`,
-    `<prefix>/inv_bal_acc` (mean of changed and kept; NaN when either group is empty),
-    `<prefix>/n_inv_changed`, `<prefix>/n_inv_kept`. Examples without a human label are skipped.
-    """
-    items = list(sets.values()) if isinstance(sets, Mapping) else list(sets)
-    items = [s for s in items if len(s)]
-    if not items:
-        raise DataError("balanced_inv_accuracy: no invariance examples to evaluate")
-    images = np.concatenate([s.images for s in items])
-    human = np.concatenate([s.human_label for s in items])
-    changed = np.concatenate([s.label_changed for s in items])
-    known = human >= 0
-    pred = np.argmax(predict_logits(model, images[known]), axis=1)
-    correct, changed = pred == human[known], changed[known]
-    plain = accuracy(correct).value
-    acc_changed = accuracy(correct[changed]).value
-    acc_kept = accuracy(correct[~changed]).value
-    return {
-        f"{prefix}/inv_acc": plain,
-        f"{prefix}/inv_acc_changed": acc_changed,
-        f"{prefix}/inv_acc_kept": acc_kept,
-        f"{prefix}/inv_bal_acc": (acc_changed + acc_kept) / 2,
-        f"{prefix}/n_inv_changed": float(changed.sum()),
-        f"{prefix}/n_inv_kept": float((~changed).sum()),
-    }

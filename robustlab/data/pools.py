@@ -1,4 +1,5 @@
-"""The invariance data protocol: the training/validation pool and the evaluation sets.
+"""Labelled pools: MNIST/invariance images in memory, the invariance training/validation pool and
+the evaluation sets.
 
 Training and validation use the thesis eps 0.3 human-labelled set, split by source image;
 evaluation uses Tramèr's sets. Which label a training example carries is explicit
@@ -8,15 +9,14 @@ evaluation uses Tramèr's sets. Which label a training example carries is explic
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from robustlab.data.invariance import InvarianceSet, load_invariance_set
+from robustlab.data.labels import LabelStore
+from robustlab.data.validate import check_images, check_labels
 from robustlab.errors import ConfigError
-from robustlab.evaluation.stats import accuracy, predict_logits
-from robustlab.train.mixture import Pool
 
 LABEL_SOURCES = ("human", "target", "original")
 TRAIN_POOL_SETS = ("thesis_linf_eps0.3",)
@@ -24,6 +24,22 @@ EVAL_SETS = ("tramer_linf_eps0.3", "tramer_linf_eps0.4", "tramer_l0")
 POOL_SPLIT_SEED = 7
 VAL_FRACTION = 0.2
 TIE_POLICY = "drop"  # training/validation: human labels from the raters' votes; ties are dropped
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Labelled images in memory: float32 (N, 28, 28, 1) in [0, 1] and int64 labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    name: str
+
+    def __post_init__(self) -> None:
+        check_images(self.x, scale="unit", what=f"pool {self.name}")
+        check_labels(self.y, n=self.x.shape[0], what=f"pool {self.name} labels")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
 
 
 @dataclass(frozen=True)
@@ -73,8 +89,6 @@ def load_pool_set(spec: str, data_dir: str | os.PathLike | None) -> InvarianceSe
     without a human label (ties, "not a digit") are kept here and dropped by `load_inv_pools`.
     """
     if spec.endswith(".json"):
-        from robustlab.invariance.labels import LabelStore
-
         return LabelStore.load(spec).to_invariance_set(TIE_POLICY)
     s = load_invariance_set(spec, data_dir)
     return load_invariance_set(spec, data_dir, tie_policy=TIE_POLICY) if s.votes is not None else s
@@ -128,62 +142,3 @@ def load_eval_sets(
         )
         out[name] = s.take(np.flatnonzero(keep))
     return out
-
-
-def inv_accuracy(model, s: InvarianceSet, prefix: str) -> dict[str, float]:
-    """Agreement with human labels overall, on label-changed and on label-kept examples (95% CIs),
-    and balanced (`inv_bal_acc`: the mean of changed and kept) when both groups are present."""
-    pred = np.argmax(predict_logits(model, s.images), axis=1)
-    correct = pred == s.human_label
-    changed = s.label_changed
-    metrics: dict[str, float] = {}
-    suffix = f"/{s.name}" if prefix == "test" else ""
-    for name, mask in (
-        ("inv_acc", np.ones_like(changed)),
-        ("inv_acc_changed", changed),
-        ("inv_acc_kept", ~changed),
-    ):
-        if mask.any():
-            metrics.update(accuracy(correct[mask]).as_metrics(f"{prefix}/{name}{suffix}"))
-    if (
-        changed.any() and (~changed).any()
-    ):  # balanced: a model that never changes its answer gets 0.5
-        metrics[f"{prefix}/inv_bal_acc{suffix}"] = (
-            metrics[f"{prefix}/inv_acc_changed{suffix}"] + metrics[f"{prefix}/inv_acc_kept{suffix}"]
-        ) / 2
-    return metrics
-
-
-def inv_validation(pools: InvPools):
-    """Validator: val/inv_acc (agreement with human labels) on the validation pool."""
-    images = np.concatenate([s.images for s in pools.val])
-    human = np.concatenate([s.human_label for s in pools.val])
-    known = human >= 0  # a pool trained on target labels may include examples without one
-
-    def validate(model) -> dict[str, float]:
-        if not known.any():
-            return {}
-        pred = np.argmax(predict_logits(model, images[known]), axis=1)
-        return {"val/inv_acc": float(np.mean(pred == human[known]))}
-
-    return validate
-
-
-def selection_validation(
-    sets: list[InvarianceSet], prefix: str = "val/sel"
-) -> Callable[[object], dict[str, float]]:
-    """Validator: plain and balanced invariance accuracy on a selection set (see
-    robustlab.invariance.selection): `<prefix>_inv_acc`, `<prefix>_inv_bal_acc`."""
-    sets = [s.take(np.flatnonzero(s.human_label >= 0)) for s in sets]
-    images = np.concatenate([s.images for s in sets])
-    human = np.concatenate([s.human_label for s in sets])
-    changed = np.concatenate([s.label_changed for s in sets])
-    if not changed.any() or changed.all():
-        raise ConfigError("the selection set needs both label-changed and label-kept examples")
-
-    def validate(model) -> dict[str, float]:
-        correct = np.argmax(predict_logits(model, images), axis=1) == human
-        bal = (correct[changed].mean() + correct[~changed].mean()) / 2
-        return {f"{prefix}_inv_acc": float(correct.mean()), f"{prefix}_inv_bal_acc": float(bal)}
-
-    return validate

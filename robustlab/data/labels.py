@@ -29,74 +29,33 @@ import base64
 import json
 import os
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
+from robustlab.data.invariance import (
+    InvarianceSet,
+    invariance_root,
+    load_thesis_set,
+    load_tramer_set,
+    read_rater_votes,
+)
+from robustlab.data.votes import (
+    NO_LABEL,
+    NOT_A_DIGIT,
+    TiePolicy,
+    check_tie_policy,
+    check_vote,
+    resolve,
+)
 from robustlab.errors import ConfigError, DataError
 
 FORMAT = "robustlab-label-store"
 FORMAT_VERSION = 1
-NOT_A_DIGIT = 10  # the vote "this is not a digit"
-NO_LABEL = -1
 IMAGE_ENCODING = "float32-le-base64 28x28 [0,1]"
-TiePolicy = Literal["drop", "original", "flag"]
-TIE_POLICIES: tuple[str, ...] = get_args(TiePolicy)
-
-
-def check_vote(vote: Any, what: str = "vote") -> int:
-    """A vote as int 0..10; "X"/"x" means not a digit. Anything else raises DataError."""
-    if isinstance(vote, str) and vote.strip().upper() == "X":
-        return NOT_A_DIGIT
-    if isinstance(vote, bool) or not isinstance(vote, (int, np.integer, str)):
-        raise DataError(
-            f"{what}={vote!r} is not a vote; use a digit 0..9 or 10/'X' for not a digit"
-        )
-    try:
-        v = int(vote)
-    except ValueError:
-        raise DataError(
-            f"{what}={vote!r} is not a vote; use a digit 0..9 or 10/'X' for not a digit"
-        ) from None
-    if not 0 <= v <= NOT_A_DIGIT:
-        raise DataError(f"{what}={v} is outside 0..9; use a digit 0..9 or 10/'X' for not a digit")
-    return v
-
-
-def check_tie_policy(policy: str) -> TiePolicy:
-    if policy not in TIE_POLICIES:
-        raise ConfigError(f"unknown tie policy {policy!r}; choose one of {', '.join(TIE_POLICIES)}")
-    return policy  # type: ignore[return-value]
-
-
-def resolve(
-    votes: Iterable[int], original: int, policy: TiePolicy, published: int = NO_LABEL
-) -> tuple[int, str]:
-    """(human label, status) from the votes under `policy`; see the module docstring."""
-    vs = [int(v) for v in votes if int(v) >= 0]
-    if not vs:
-        return (published, "published") if published >= 0 else (NO_LABEL, "unlabelled")
-    counts = np.bincount(vs, minlength=NOT_A_DIGIT + 1)
-    top = np.flatnonzero(counts == counts.max())
-    if top.size == 1:
-        return int(top[0]), "labelled"
-    if policy == "original":
-        return int(original), "tie-original"
-    return NO_LABEL, "dropped" if policy == "drop" else "flagged"
-
-
-def spreadsheet_mode(votes: Iterable[int]) -> int:
-    """Most frequent vote, ties broken by first occurrence (a spreadsheet MODE)."""
-    vs = [int(v) for v in votes if int(v) >= 0]
-    if not vs:
-        return NO_LABEL
-    counts = {v: vs.count(v) for v in vs}
-    best = max(counts.values())
-    return next(v for v in vs if counts[v] == best)
 
 
 def encode_image(img: np.ndarray) -> str:
@@ -290,8 +249,6 @@ class LabelStore:
         Human labels follow `policy` (default: the store's); ties that the policy leaves open
         and "not a digit" majorities become -1 (unknown).
         """
-        from robustlab.data.invariance import InvarianceSet
-
         if not self.examples:
             raise DataError(f"{self.path}: the label store is empty")
         splits = {e.source_split for e in self.examples}
@@ -457,8 +414,6 @@ def import_thesis(
     tie_policy: TiePolicy = "flag",
 ) -> LabelStore:
     """The thesis eps 0.3 set with every rater's vote from rater_votes.csv."""
-    from robustlab.data.invariance import load_thesis_set, read_rater_votes
-
     s = load_thesis_set(0.3, data_dir)
     table = read_rater_votes(_thesis_folder(data_dir) / "rater_votes.csv")
     store = store_from_set(path, s, prefix="thesis-eps0.3-", tie_policy=tie_policy)
@@ -474,8 +429,6 @@ def import_tramer(
     tie_policy: TiePolicy = "flag",
 ) -> LabelStore:
     """A Tramèr et al. set: published human labels, no per-rater votes."""
-    from robustlab.data.invariance import load_tramer_set
-
     s = load_tramer_set(name, data_dir)
     return store_from_set(
         path, s, prefix=f"{name}-", published_label=s.human_label, tie_policy=tie_policy
@@ -508,8 +461,6 @@ def store_from_set(
 
 
 def _thesis_folder(data_dir: str | os.PathLike | None) -> Path:
-    from robustlab.data.invariance import invariance_root
-
     return invariance_root(data_dir) / "thesis" / "eps0.3"
 
 

@@ -1,0 +1,1 @@
+"""The thesis experiment: regimes × seeds (× folds) as child runs on the launcher, and its report."""

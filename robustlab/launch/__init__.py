@@ -1,0 +1,1 @@
+"""The launcher: child runs on an Optuna study (storage, parent run, workers, retries, adoption)."""

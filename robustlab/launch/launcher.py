@@ -1,0 +1,448 @@
+"""The one launcher for child runs on an Optuna study; `tune` and `experiment` are plans fed to it.
+
+A plan (`Plan`) says what its study is (kind, directions, the attributes every worker reads),
+which trial a worker takes next and how a trial trains one child MLflow run. The launcher does
+the rest, the same way for every plan:
+
+- `elect`: check an existing study of that name runs the same plan (else one line), then decide
+  whether this process *leads* (creates the parent run and summarizes) or *joins* a leader that
+  is alive (its beat on the study is fresh): any number of identical commands started at once
+  end with one leader and the others working as its workers;
+- `parent_run`: the leader's parent MLflow run, the study's attributes (kind, parent run,
+  experiment, the plan), adoption of an earlier parent's finished runs, and the leader's beat;
+- `work`: the one worker loop (heartbeat, retry of a dead worker's trial with its parameters,
+  resume of the lost run from an intact checkpoint, PRUNED/FAIL/COMPLETE);
+- `drive`: keeps N `robustlab <plan>-worker` processes busy (connection URLs only in their
+  environment, never on a command line) until the plan is done;
+- readers: `complete_runs`, `finished_children`, `end_lost_runs`, `checkpointed_run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlflow
+import optuna
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from robustlab.errors import ConfigError, RobustlabError
+from robustlab.launch import optuna_compat
+from robustlab.launch.storage import STORAGE_ENV, Heartbeat, load_existing, redact_url
+from robustlab.tracking import start_run
+
+ATTR_KIND = "robustlab_kind"  # "tune" | "experiment"
+ATTR_PARENT = "mlflow_parent_run_id"
+ATTR_EXPERIMENT = "mlflow_experiment_id"
+ATTR_LEADER = "robustlab_leader"  # JSON {"token", "beat"}: the leading process's heartbeat
+RUN_ATTR = "mlflow_run_id"  # a trial's child run
+SETTLE_S = 2.0  # a leadership claim stands if it is still there after this many seconds
+JOIN_WAIT_S = 120.0  # how long a joiner waits for the leader's parent run
+
+
+class Plan(Protocol):
+    """What the launcher needs from `tune` or `experiment`."""
+
+    kind: str
+    study_name: str
+    directions: Sequence[str]
+    metric_names: Sequence[str]
+    heartbeat: Heartbeat
+
+    def study_attrs(self) -> dict[str, Any]:
+        """The attributes every worker reads (JSON-able values)."""
+
+    def incompatibility(self, study: optuna.Study) -> str | None:
+        """Why an existing study of this name cannot be continued by this plan (None: it can)."""
+
+    def next_trial(self, study: optuna.Study) -> optuna.Trial | None:
+        """The trial a worker runs next (None: nothing left for it)."""
+
+    def done(self, study: optuna.Study) -> bool:
+        """Whether the study needs no further trial."""
+
+    def run_trial(self, trial: optuna.Trial, retry: Retry | None) -> float | Sequence[float] | None:
+        """Train the trial's child run; its objective value(s), or None to end it FAIL unrun."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A trial that re-runs the parameters of a trial whose worker died."""
+
+    of: int  # the lost trial's number
+    resume_run_id: str | None  # the lost run, when it left an intact checkpoint to continue
+    note: str  # one line: continuing, or starting afresh and why
+
+
+# ---- election and the parent run ---------------------------------------------------------
+
+
+def check_existing(storage: RDBStorage, plan: Plan) -> optuna.Study | None:
+    """The study `plan.study_name` when it exists and runs this plan; ConfigError otherwise."""
+    study = load_existing(storage, plan.study_name)
+    if study is None:
+        return None
+    kind = study.user_attrs.get(ATTR_KIND)
+    if kind is not None and kind != plan.kind:
+        raise ConfigError(
+            f"study {plan.study_name!r} exists and is not a {plan.kind} study (it is a {kind} "
+            "study); choose another study name"
+        )
+    why = plan.incompatibility(study)
+    if why:
+        raise ConfigError(why)
+    return study
+
+
+def _leader(study: optuna.Study) -> dict[str, Any]:
+    try:
+        return json.loads(study.user_attrs.get(ATTR_LEADER, "{}"))
+    except (TypeError, ValueError):
+        return {}
+
+
+def _fresh(record: dict[str, Any], heartbeat: Heartbeat) -> bool:
+    beat = record.get("beat")
+    return isinstance(beat, int | float) and time.time() - beat < heartbeat.grace_period
+
+
+def _create_or_load(storage: RDBStorage, plan: Plan) -> optuna.Study:
+    for attempt in range(5):
+        try:
+            return optuna.create_study(
+                study_name=plan.study_name,
+                storage=storage,
+                directions=list(plan.directions),
+                load_if_exists=True,
+            )
+        except Exception:  # noqa: BLE001 - a concurrent creator won the race (IntegrityError)
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def elect(storage: RDBStorage, plan: Plan) -> tuple[optuna.Study, str | None]:
+    """(study, token): a token when this process leads, None when a live leader exists.
+
+    The study is created if missing. A leader is alive while its beat on the study is younger
+    than the grace period; otherwise this process claims leadership, waits SETTLE_S and leads
+    if its claim still stands (the last of several simultaneous claims wins)."""
+    study = _create_or_load(storage, plan)
+    if _fresh(_leader(study), plan.heartbeat):
+        return study, None
+    token = uuid.uuid4().hex
+    with contextlib.suppress(Exception):  # a concurrent claim may win the write
+        study.set_user_attr(ATTR_LEADER, json.dumps({"token": token, "beat": time.time()}))
+    time.sleep(SETTLE_S)
+    study = optuna.load_study(study_name=plan.study_name, storage=storage)
+    return study, (token if _leader(study).get("token") == token else None)
+
+
+def wait_for_leader(study: optuna.Study, storage: RDBStorage, timeout: float = JOIN_WAIT_S) -> str:
+    """The parent run of the live leader, once it is RUNNING (a joiner waits for the leader to
+    finish setting the study up); RobustlabError after `timeout` seconds."""
+    client = MlflowClient()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        attrs = optuna.load_study(study_name=study.study_name, storage=storage).user_attrs
+        parent = attrs.get(ATTR_PARENT)
+        if parent:
+            with contextlib.suppress(MlflowException):
+                if client.get_run(parent).info.status == "RUNNING":
+                    return parent
+        time.sleep(1.0)
+    raise RobustlabError(
+        f"study {study.study_name!r} has a live leader but no running parent run after "
+        f"{timeout:.0f} s; retry, or start a worker with robustlab <plan>-worker"
+    )
+
+
+class _LeaderBeat:
+    """Refreshes the leader's beat on the study from a daemon thread."""
+
+    def __init__(self, study: optuna.Study, token: str, heartbeat: Heartbeat) -> None:
+        self.study, self.token, self.every = study, token, max(1, heartbeat.interval // 2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def beat(self) -> None:
+        with contextlib.suppress(Exception):  # a database hiccup skips one beat
+            self.study.set_user_attr(
+                ATTR_LEADER, json.dumps({"token": self.token, "beat": time.time()})
+            )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.beat()
+
+    def __enter__(self) -> _LeaderBeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):  # the study is no longer led: a new command leads
+            self.study.set_user_attr(ATTR_LEADER, json.dumps({"token": self.token, "beat": 0}))
+
+
+@contextlib.contextmanager
+def parent_run(
+    plan: Plan,
+    storage: RDBStorage,
+    url: str,
+    *,
+    study: optuna.Study | None = None,
+    token: str | None = None,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+) -> Iterator[tuple[Run, optuna.Study]]:
+    """The leader's (parent run, study): the study's kind and plan attributes written, the
+    earlier parent's COMPLETE runs adopted and the leader's beat kept fresh; the run ends FAILED
+    if the body raises. The body calls `announce` once the study is ready for workers.
+
+    `study` is the elected study (`elect`); None creates a fresh one named
+    `<kind>-<parent run id>` once the run exists (a plan with an empty `study_name`)."""
+    with start_run(run_name, params=params, tags=tags) as parent:
+        if study is None:
+            plan.study_name = plan.study_name or f"{plan.kind}-{parent.info.run_id}"
+            study, token = _create_or_load(storage, plan), uuid.uuid4().hex
+        with _LeaderBeat(study, token, plan.heartbeat):
+            study.set_metric_names(list(plan.metric_names))
+            for key, value in {ATTR_KIND: plan.kind, **plan.study_attrs()}.items():
+                study.set_user_attr(key, value)
+            adopt_runs(study, parent.info.run_id)
+            mlflow.set_tags(
+                {"robustlab.study": plan.study_name, "robustlab.optuna_storage": redact_url(url)}
+            )
+            yield parent, study
+
+
+def announce(study: optuna.Study, parent: Run) -> None:
+    """Publish the parent run on the study: joiners and workers nest their runs under it."""
+    study.set_user_attr(ATTR_EXPERIMENT, parent.info.experiment_id)
+    study.set_user_attr(ATTR_PARENT, parent.info.run_id)
+
+
+def adopt_runs(study: optuna.Study, parent_id: str) -> None:
+    """Move the runs of the study's COMPLETE trials under `parent_id` (a resumed study)."""
+    client = MlflowClient()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if run_id:
+            with contextlib.suppress(MlflowException):
+                client.set_tag(run_id, "mlflow.parentRunId", parent_id)
+
+
+# ---- the worker loop -----------------------------------------------------------------------
+
+
+def checkpointed_run(run_id: str | None) -> tuple[str | None, str]:
+    """(`run_id`, note) when that lost run left an intact checkpoint to continue from, else
+    (None, why it starts afresh): no run, no checkpoint, or a partial/corrupt one."""
+    from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT, newest_intact
+
+    if not run_id:
+        return None, "starting afresh: the lost trial had no run yet"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp
+            )
+            newest_intact(Path(folder))
+        except Exception as exc:  # noqa: BLE001 - no run, no checkpoint or a broken one
+            why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            return None, f"starting afresh: no intact checkpoint in run {run_id} ({why})"
+    return run_id, f"continuing run {run_id} from its checkpoint"
+
+
+def retry_of(study: optuna.Study, trial: optuna.Trial) -> Retry | None:
+    """The Retry for `trial` when it re-runs a lost trial (RetryHeartbeatStaleTrialCallback)."""
+    frozen = study.get_trials(deepcopy=False)[trial.number]
+    lost = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    if lost is None:
+        return None
+    run_id, note = checkpointed_run(frozen.user_attrs.get(RUN_ATTR))
+    print(f"trial {trial.number} retries trial {lost}: {note}", file=sys.stderr, flush=True)
+    return Retry(lost, run_id, note)
+
+
+def work(
+    study: optuna.Study,
+    plan: Plan,
+    *,
+    max_trials: int = 0,
+    timeout: float | None = None,
+    after_trial: Callable[[], None] | None = None,
+) -> int:
+    """Run the plan's trials until it is done, none is left for this worker, `max_trials` were
+    run or `timeout` seconds passed; the number run. A trial that raises ends FAIL and the error
+    propagates; `optuna.TrialPruned` ends it PRUNED."""
+    started, done = time.monotonic(), 0
+    while not (max_trials and done >= max_trials):
+        if timeout is not None and time.monotonic() - started >= timeout:
+            break
+        fail_stale_trials(study)  # a dead worker's trial comes back WAITING (same params)
+        if plan.done(study):
+            break
+        trial = plan.next_trial(study)
+        if trial is None:
+            break
+        with optuna_compat.heartbeat(study, trial):
+            try:
+                values = plan.run_trial(trial, retry_of(study, trial))
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                values = ()
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+        if values is None:
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        if values != ():
+            study.tell(trial, values)
+        done += 1
+        gc.collect()
+        if after_trial is not None:
+            after_trial()
+    return done
+
+
+# ---- driving worker processes -------------------------------------------------------------
+
+
+def worker_env(url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A worker's environment: the study URL and the tracking URI here (never on its command
+    line, where `ps` shows it to every user), without the MLflow run of an `mlflow run` parent."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env[STORAGE_ENV] = url
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    env.update(extra or {})
+    return env
+
+
+def worker_command(command: str, study_name: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "robustlab.cli", command, "--study-name", study_name, *args]
+
+
+def drive(
+    study: optuna.Study,
+    plan: Plan,
+    spawn: Callable[[int], subprocess.Popen],
+    *,
+    workers: int,
+    demand: Callable[[optuna.Study], int],
+    max_failures: int,
+    deadline: float | None = None,
+) -> None:
+    """Keep up to `workers` worker processes (`spawn(i)`) busy until the plan is done and no
+    trial runs; `demand(study)` is how many more workers the study can use now.
+
+    Trials RUNNING elsewhere (workers on other machines) are waited for; a dead worker's trial
+    comes back WAITING once its heartbeat is stale (`fail_stale_trials`)."""
+    procs: list[subprocess.Popen] = []
+    failures, spawned = 0, 0
+    try:
+        while True:
+            for p in [p for p in procs if p.poll() is not None]:
+                procs.remove(p)
+                failures += p.returncode != 0
+            fail_stale_trials(study)
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if plan.done(study) and not procs and not running:
+                return
+            if failures > max_failures:
+                raise RobustlabError(
+                    f"{plan.kind} workers failed {failures} times (see their output above); fix "
+                    f"the cause and run the same command again (study {plan.study_name})"
+                )
+            late = deadline is not None and time.monotonic() >= deadline
+            want = 0 if late else min(demand(study), workers - len(procs))
+            for _ in range(max(0, want)):
+                procs.append(spawn(spawned))
+                spawned += 1
+            if not procs and not running and (late or demand(study) <= 0):
+                if late or plan.done(study):
+                    return
+                raise RobustlabError(
+                    f"{plan.kind} study {plan.study_name}: trials failed and nothing is left to "
+                    "run (see the worker output above); run the same command again to retry them"
+                )
+            time.sleep(1.0 if procs else min(5.0, plan.heartbeat.interval))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def wait_for_running(study: optuna.Study, heartbeat: Heartbeat) -> None:
+    """Block while trials of this study run elsewhere (stale ones are failed and requeued)."""
+    while True:
+        fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return
+        time.sleep(min(5.0, heartbeat.interval))
+
+
+# ---- readers ----------------------------------------------------------------------------------
+
+
+def complete_runs(study: optuna.Study, key: Callable[[FrozenTrial], Any]) -> dict[Any, str]:
+    """key(trial) -> the run of its first COMPLETE trial (trials whose key is None are skipped)."""
+    runs: dict[Any, str] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        k = key(t)
+        if k is not None and RUN_ATTR in t.user_attrs:
+            runs.setdefault(k, t.user_attrs[RUN_ATTR])
+    return runs
+
+
+def finished_children(parent_id: str, what: str = "run") -> tuple[Run, list[Run]]:
+    """(parent run, its FINISHED child runs); ConfigError (one line) for an unknown parent."""
+    client = MlflowClient()
+    try:
+        parent = client.get_run(parent_id)
+    except MlflowException:
+        raise ConfigError(
+            f"{what}={parent_id}: no such run in this tracking store ({client.tracking_uri}); "
+            "pass the run id of an experiment's parent run"
+        ) from None
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
+    )
+    return parent, children
+
+
+def end_lost_runs(study: optuna.Study, keep: set[str], tag: str) -> None:
+    """Runs of FAILED trials (a worker that died, an error) still RUNNING: end them FAILED."""
+    client = MlflowClient()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if not run_id or run_id in keep:
+            continue
+        with contextlib.suppress(MlflowException):
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, tag, "true")
+                client.set_terminated(run_id, "FAILED")

@@ -1,0 +1,59 @@
+"""The Optuna private APIs robustlab wraps (robustlab.launch.optuna_compat) still exist and work.
+
+An Optuna upgrade that removes or changes one fails here, by name, instead of in a worker."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.distributions import IntDistribution
+from optuna.trial import TrialState
+
+from robustlab.launch import optuna_compat as oc
+
+
+def test_optuna_is_the_minor_version_robustlab_wraps():
+    assert optuna.__version__.startswith("5.0."), (
+        f"Optuna {optuna.__version__}: robustlab/launch/optuna_compat.py wraps private APIs of "
+        "5.0.x; check each wrapper against the new version, then update this pin"
+    )
+
+
+def test_every_wrapped_private_api_works_on_a_real_study(tmp_path):
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=1, grace_period=2
+    )
+    study = optuna.create_study(study_name="s", storage=storage)
+    assert oc.storage_of(study).get_study_id_from_name("s") == storage.get_study_id_from_name(
+        "s"
+    ), "Study._storage"
+    assert oc.pop_waiting_trial(study) is None, "Study._pop_waiting_trial_id (nothing waits)"
+    study.enqueue_trial({"seed": 3})
+    trial = oc.pop_waiting_trial(study)
+    assert trial is not None, "Study._pop_waiting_trial_id"
+    frozen = storage.get_trial(oc.trial_id(trial))
+    assert frozen.state == TrialState.RUNNING and frozen.number == trial.number, "Trial._trial_id"
+    value = oc.record_enqueued_param(trial, "seed", IntDistribution(0, 5))
+    assert value == 3 and storage.get_trial(oc.trial_id(trial)).params == {"seed": 3}, (
+        "Trial._suggest"
+    )
+    study.tell(trial, 1.0)
+    assert study.trials[0].state == TrialState.COMPLETE
+
+
+def test_heartbeat_keeps_a_popped_trial_alive(tmp_path):
+    """optuna.storages._heartbeat.get_heartbeat_thread: without it the trial would go stale."""
+    import time
+
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=1, grace_period=2
+    )
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({})
+    trial = oc.pop_waiting_trial(study)
+    with oc.heartbeat(study, trial):
+        time.sleep(3)  # longer than the grace period: alive only if the heartbeat beats
+        optuna.storages.fail_stale_trials(study)
+        assert study.trials[0].state == TrialState.RUNNING
+    time.sleep(3)  # no heartbeat now: the trial goes stale
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.FAIL
