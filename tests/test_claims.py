@@ -44,7 +44,9 @@ def _tables(inv_rates: dict, pgd_rates: dict, n_changed=300, n_kept=600, n_test=
     for r, regime in enumerate(REGIMES):
         ch, kp = inv_rates[regime]
         for s in SEEDS:
-            right = np.concatenate([_pattern(n_changed, ch, 100 * r + s), _pattern(n_kept, kp, 7 * r + s)])
+            right = np.concatenate(
+                [_pattern(n_changed, ch, 100 * r + s), _pattern(n_kept, kp, 7 * r + s)]
+            )
             for i in range(n_changed + n_kept):
                 inv_rows.append(
                     {
@@ -60,7 +62,13 @@ def _tables(inv_rates: dict, pgd_rates: dict, n_changed=300, n_kept=600, n_test=
             robust = _pattern(n_test, pgd_rates[regime], 31 * r + s)
             for i in range(n_test):
                 test_rows.append(
-                    {"source_index": i, "regime": regime, "seed": s, "clean": 1, "pgd40": int(robust[i])}
+                    {
+                        "source_index": i,
+                        "regime": regime,
+                        "seed": s,
+                        "clean": 1,
+                        "pgd40": int(robust[i]),
+                    }
                 )
     return inv_rows, test_rows
 

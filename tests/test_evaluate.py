@@ -418,7 +418,8 @@ def test_a_shared_test_set_holding_an_excluded_source_is_refused_before_the_run(
     from mlflow.tracking import MlflowClient
 
     from robustlab.errors import RobustlabError
-    from robustlab.experiment.plan import BUDGETS, pair_configs, regime_for, shared_test_indices
+    from robustlab.experiment.budgets import BUDGETS, regime_for
+    from robustlab.experiment.plan import pair_configs, shared_test_indices
     from robustlab.train.runner import Extras, run_training
 
     shared = shared_test_indices({"human", "target"}, 200, None)

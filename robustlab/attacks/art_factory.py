@@ -12,7 +12,6 @@ import types
 from contextlib import contextmanager
 from typing import Any
 
-import keras
 import numpy as np
 
 from robustlab.attacks.checks import check_logits
@@ -51,11 +50,12 @@ def _sequential_autoattack_class():
     return SequentialAutoAttack
 
 
-def make_classifier(model: keras.Model):
+def make_classifier(model):
     """ART `TensorFlowV2Classifier` on the model's logits, clip values (0, 1), MNIST shape.
 
     A model that outputs probabilities is refused (ConfigError), see `checks.check_logits`.
     """
+    import keras
     from art.estimators.classification import TensorFlowV2Classifier
 
     check_logits(model)

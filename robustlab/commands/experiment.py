@@ -7,7 +7,7 @@ import sys
 
 from robustlab.commands import SubParsers, flag, optional
 from robustlab.errors import ConfigError
-from robustlab.experiment.plan import BUDGETS, DEFAULT_REGIMES, check_budget, parse_regimes
+from robustlab.experiment.budgets import BUDGETS, DEFAULT_REGIMES, check_budget, parse_regimes
 
 
 def add_parser(sub: SubParsers) -> list[str]:

@@ -21,19 +21,16 @@ from optuna.trial import TrialState
 
 from robustlab.errors import ConfigError
 from robustlab.evaluation.indices import EVALUATED_ARTIFACT
+from robustlab.experiment.budgets import DEFAULT_REGIMES, check_budget, parse_regimes, regime_for
 from robustlab.experiment.plan import (
-    DEFAULT_REGIMES,
     REGIME_ATTR,
     SEED_ATTR,
     TEST_SUBSET_SEED,
     ExperimentPlan,
-    check_budget,
     indices_digest,
     pair_configs,
     pair_distributions,
     pair_of,
-    parse_regimes,
-    regime_for,
     release,
     shared_test_indices,
 )

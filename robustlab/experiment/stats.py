@@ -70,7 +70,9 @@ def boot_effects(groups: list[Outcomes], n_boot: int = N_BOOT, seed: int = BOOT_
     rng = np.random.default_rng(seed)
     all_clusters = np.unique(np.concatenate([g.cluster for g in groups]))
     n_seeds = groups[0].n_seeds
-    w = rng.multinomial(len(all_clusters), np.full(len(all_clusters), 1 / len(all_clusters)), n_boot)
+    w = rng.multinomial(
+        len(all_clusters), np.full(len(all_clusters), 1 / len(all_clusters)), n_boot
+    )
     v = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), n_boot)
     out = np.empty((n_boot, len(groups)))
     for j, g in enumerate(groups):
