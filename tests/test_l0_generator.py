@@ -182,6 +182,16 @@ def test_search_is_deterministic_from_the_seed(mnist, small_pool):
     assert np.array_equal(a.transforms[0], l0.NEUTRAL)
 
 
+def test_sources_are_searched_in_blocks_with_the_same_result(mnist, small_pool, monkeypatch):
+    src, y = mnist["x_test"][:5], mnist["y_test"][:5]
+    cfg = l0.L0Config(n_transforms=4)
+    whole = l0.search_neighbours(src, y, small_pool, cfg, exclude=np.array([-1, 7, -1, -1, 9]))
+    monkeypatch.setattr(l0, "_BLOCK", 2)
+    blocks = l0.search_neighbours(src, y, small_pool, cfg, exclude=np.array([-1, 7, -1, -1, 9]))
+    for k in ("distance", "train_index", "transform_index"):
+        assert np.array_equal(getattr(whole, k), getattr(blocks, k))
+
+
 # ---- stage B -------------------------------------------------------------------------------
 def blobs() -> tuple[np.ndarray, np.ndarray]:
     source = np.zeros((28, 28), dtype=np.float32)
@@ -383,6 +393,28 @@ def test_generate_l0_command_then_label_store(tmp_path):
         f"candidate {e.rank} of {e.n_candidates} for MNIST test image {e.source_index}, "
         f"{e.changed_pixels} pixels changed, moved towards class {e.target_label}"
     )
+
+
+@pytest.mark.slow
+def test_generate_l0_entry_point_through_mlflow_run(tracking, tmp_path):
+    """The MLproject entry point `generate_l0` (docs/invariance.md)."""
+    from robustlab.tracking import ensure_experiment
+    from tests.test_e2e_vanilla import mlflow_run
+
+    exp = ensure_experiment("robustlab")
+    out = mlflow_run(
+        "generate_l0", tmp_path, "split=test", "start=3", "count=1", "transforms=10",
+        "max_candidates=2", f"data_dir={DATA}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    [run] = MlflowClient().search_runs([exp])
+    assert run.info.status == "FINISHED"
+    assert {k: run.data.params[k] for k in ("norm", "transforms", "max_candidates", "seed")} == {
+        "norm": "l0",
+        "transforms": "10",
+        "max_candidates": "2",
+        "seed": "0",
+    }
 
 
 def test_store_without_candidate_fields_still_loads(tmp_path):

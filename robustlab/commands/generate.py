@@ -158,7 +158,10 @@ def check_cheap_args(args: argparse.Namespace) -> tuple[float, ...] | tuple[l0.L
     if args.norm not in NORMS:
         raise ConfigError(f"unknown norm {args.norm!r}; choose linf or l0")
     if args.norm == "l0" and eps_values(args):
-        raise ConfigError("eps is not used by norm=l0 (it is an L-inf budget); drop --eps")
+        raise ConfigError(
+            "eps is not used by norm=l0 (it is an L-inf budget); drop --eps "
+            "(under mlflow run, use the entry point generate_l0)"
+        )
     if args.norm == "linf":
         for name, (flag, _, _) in L0_OPTIONS.items():
             if getattr(args, name) is not None:

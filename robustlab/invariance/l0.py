@@ -19,13 +19,15 @@ Checked against ``l0/invariant_l0_attack.py`` of ftramer/Excessive-Invariance:
   no darkening) has pixel sum > 0.85 × its own; computed here as one dot product per image,
   since the round trip is linear;
 * the darkening exponent d maps a bilinear value v to (1 − (1 − v)^d)^(1/d) before the 0.5
-  threshold (so it moves the threshold on v). Their range −0.25…4 gives NaN for d < 0 on
-  partly covered pixels; here d is drawn from 0.25…4;
+  threshold (so it moves the threshold on v). Their range −0.25…4 includes d < 0, where the
+  formula gives inf or NaN (such draws never win); here d is drawn from 0.25…4;
 * their "rotation" matrix is [[cos, sin], [sin, cos]] (not a rotation) and their transforms
   pivot at the top-left pixel; here it is a true rotation about the image centre (13.5, 13.5),
   so ``shift`` is the displacement of the centre and a pure shift moves ink by that many pixels;
 * their search takes, per transform, the L2-nearest image and then compares binarised L0
   distances; here every (transform, image) pair is compared by binarised L0 directly;
+* their script keeps the best of 4 runs of at least 10,000 transforms each (the exact number
+  is not published); here one run of ``n_transforms`` (default 2,000);
 * transform 0 is the neutral transform (clipped into the ranges): the plain nearest neighbour.
 
 Cost: each transform is a gather plus bitwise logic on the bit-packed training set (64 images
@@ -404,6 +406,42 @@ def search_neighbours(
     if transforms is None:
         transforms = sample_transforms(config.n_transforms, config.ranges, config.seed)
     transforms = np.asarray(transforms, dtype=np.float64).reshape(-1, len(PARAMS))
+    own = np.full(len(sources), -1) if exclude is None else np.asarray(exclude)
+    if own.shape != (len(sources),):
+        raise DataError(f"exclude has shape {own.shape}; pass one index (or -1) per source")
+    parts = [
+        _search(
+            sources[b : b + _BLOCK],
+            labels[b : b + _BLOCK],
+            pool,
+            config,
+            own[b : b + _BLOCK],
+            transforms,
+        )
+        for b in range(0, len(sources), _BLOCK)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return NeighbourSearch(
+        *(
+            np.concatenate([getattr(r, k) for r in parts])
+            for k in ("distance", "train_index", "transform_index")
+        ),
+        transforms,
+    )
+
+
+_BLOCK = 256  # sources searched together: bounds the (sources x images) distance matrix
+
+
+def _search(
+    sources: np.ndarray,
+    labels: np.ndarray,
+    pool: BinaryPool,
+    config: L0Config,
+    exclude: np.ndarray,
+    transforms: np.ndarray,
+) -> NeighbourSearch:
     q_bits = binarise(sources.reshape(-1, N_PIXELS)).astype(np.float32)
     # |a XOR q| = Σ_p a_p (1 − 2 q_p) + |q|: one product per transform, exact in float32
     signed = 1 - 2 * q_bits
@@ -411,7 +449,7 @@ def search_neighbours(
     static = np.full((len(sources), lanes), _BIG, dtype=np.float32)  # padding lanes: never
     static[:, : len(pool)] = np.where(pool.labels[None, :] == labels[:, None], _BIG, 0)
     static += q_bits.sum(axis=1)[:, None]
-    for q, i in enumerate(np.full(len(sources), -1) if exclude is None else exclude):
+    for q, i in enumerate(exclude):
         if i >= 0:
             static[q, i] = _BIG
     best = np.full(len(sources), _BIG, dtype=np.float32)
@@ -593,6 +631,8 @@ def generate_l0(
     if source_split not in ("train", "test"):
         raise ConfigError(f"unknown split {source_split!r}; choose train or test")
     idx = np.arange(len(sources)) if source_index is None else np.asarray(source_index)
+    if idx.shape != (len(sources),):
+        raise DataError(f"source_index has shape {idx.shape}; pass one index per source")
     own = idx if source_split == "train" else np.full(len(sources), -1)
     search = search_neighbours(sources, labels, pool, config, own, transforms)
     out: list[list[L0Candidate]] = []
