@@ -12,6 +12,10 @@ and for the published examples alike. Prints, per share of sources:
   class (a stricter proxy for "looks like the other digit");
 * `rank 1`: our first-ranked candidate changes no more pixels than the published one;
 
+the k-NN proxy on both sides (sources with a candidate whose k nearest training images are
+mostly of the target class; published examples whose k nearest are mostly of a class other than
+the source's, next to the share humans labelled as another digit);
+
 then the median changed pixels of our rank-1 candidate and of the published examples, stage A's
 median distance (every differing pixel), the wall time (total and per source, pool building
 excluded) and the load average before and after.
@@ -62,6 +66,12 @@ def main() -> None:
         for cs, m in zip(cands, lim, strict=True)
     ]
     first = [bool(cs) and cs[0].changed_pixels <= m for cs, m in zip(cands, lim, strict=True)]
+    majority = [any(c.knn_target_share > 0.5 for c in cs) for cs in cands]
+    # the published examples judged by the same k-NN proxy
+    pub_images = published.images[..., 0]
+    shares = np.stack([l0.knn_target_share(pub_images, c, pool, config.knn_k) for c in range(10)])
+    pub_other = (shares.max(axis=0) > 0.5) & (shares.argmax(axis=0) != published.original_label)
+    human_other = published.human_label != published.original_label
     rank1 = [cs[0].changed_pixels for cs in cands if cs]
     print(
         f"{args.n} Tramèr L0 sources (MNIST test), pool MNIST train, {args.transforms} transforms,"
@@ -76,6 +86,11 @@ def main() -> None:
     print(
         f"stage A median distance {np.median(res.search.distance):g}; candidates per source: "
         f"median {np.median([len(c) for c in cands]):g}, none for {sum(not c for c in cands)}"
+    )
+    print(
+        f"k-NN proxy ({config.knn_k} nearest training images, majority): sources with a "
+        f"candidate of the target class {share(majority)}; published examples of another class "
+        f"than the source's {share(list(pub_other))} (humans: {share(list(human_other))})"
     )
     print(f"wall time {wall:.0f} s, {wall / args.n:.1f} s per source")
     print(

@@ -262,10 +262,12 @@ def test_knn_share_ties_exclusion_and_ranking(mnist):
         replace(base, changed_pixels=12, clusters=(0,), knn_target_share=0.2),
         replace(base, changed_pixels=20, clusters=(1,), knn_target_share=0.6),
         replace(base, changed_pixels=8, clusters=(2,), knn_target_share=0.5),
+        replace(base, changed_pixels=5, clusters=(3,), knn_target_share=0.2),
     ]
     ranked = l0.rank_candidates(cands)
-    assert [c.changed_pixels for c in ranked] == [20, 30, 8, 12]
-    assert [c.rank for c in ranked] == [1, 2, 3, 4]
+    # majority of the target class: fewest pixels first; then highest share, fewest pixels
+    assert [c.changed_pixels for c in ranked] == [20, 30, 8, 5, 12]
+    assert [c.rank for c in ranked] == [1, 2, 3, 4, 5]
 
 
 def test_generate_is_deterministic_from_the_seed(mnist, small_pool):

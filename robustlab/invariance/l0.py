@@ -576,23 +576,21 @@ def knn_target_share(
 
 
 def rank_candidates(candidates: list[L0Candidate]) -> list[L0Candidate]:
-    """Order one source's candidates and number them 1..n (the rank score is k-NN based).
+    """Order one source's candidates and number them 1..n (the score is k-NN based).
 
     First the candidates whose k nearest training images are mostly (> 1/2) of the target
-    class, fewest changed pixels first; then the rest, fewest changed pixels first (ties:
-    higher share, fewer clusters, earlier subset). It only orders what a human looks at.
+    class, fewest changed pixels first: the smallest change that looks like the target. Then
+    the rest, highest share of the target class first (the closest to looking like it), then
+    fewest changed pixels. Remaining ties: fewer clusters, earlier subset. The order only
+    decides what a human looks at first.
     """
-    order = sorted(
-        candidates,
-        key=lambda c: (
-            not c.knn_target_share > 0.5,
-            c.changed_pixels,
-            -c.knn_target_share,
-            len(c.clusters),
-            c.clusters,
-        ),
-    )
-    return [replace(c, rank=r + 1) for r, c in enumerate(order)]
+
+    def key(c: L0Candidate) -> tuple:
+        majority = c.knn_target_share > 0.5
+        first = c.changed_pixels if majority else -c.knn_target_share
+        return (not majority, first, c.changed_pixels, len(c.clusters), c.clusters)
+
+    return [replace(c, rank=r + 1) for r, c in enumerate(sorted(candidates, key=key))]
 
 
 def warp_neighbour(pool: BinaryPool, index: int, params: np.ndarray) -> np.ndarray:
