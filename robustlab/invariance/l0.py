@@ -31,7 +31,7 @@ Checked against ``l0/invariant_l0_attack.py`` of ftramer/Excessive-Invariance:
 * transform 0 is the neutral transform (clipped into the ranges): the plain nearest neighbour.
 
 Cost: each transform is a gather plus bitwise logic on the bit-packed training set (64 images
-per machine word) and one matrix product with the sources: 30–55 ms per transform for 2
+per machine word) and one matrix product with the sources: 25–55 ms per transform for 2
 sources, 120–190 ms for 100, on one loaded core (docs/invariance.md). The search is shared by
 every source of one call.
 """
