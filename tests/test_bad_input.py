@@ -169,6 +169,22 @@ GENERATE_CASES = [
     ("generate-eps-text", ["generate", "--eps", "abc"], "eps 'abc' is not a number"),
     ("generate-norm", ["generate", "--norm", "l2"], "unknown norm 'l2'"),
     ("generate-split", ["generate", "--split", "val"], "unknown split 'val'"),
+    (
+        "generate-l0-eps",
+        ["generate", "--norm", "l0", "--eps", "0.3"],
+        "eps is not used by norm=l0 (it is an L-inf budget); drop --eps",
+    ),
+    (
+        "generate-l0-transforms-zero",
+        ["generate", "--norm", "l0", "--transforms", "0"],
+        "--transforms 0 must be at least 1",
+    ),
+    (
+        "generate-l0-option-with-linf",
+        ["generate", "--max-candidates", "3"],
+        "--max-candidates is used only by norm=l0",
+    ),
+    ("generate-l0-seed-text", ["generate", "--norm", "l0", "--seed", "x"], "expected an integer"),
 ]
 
 LABEL_CASES = [

@@ -1,9 +1,14 @@
-"""`robustlab generate`: L∞ invariance candidates from an MNIST index range, logged to MLflow.
+"""`robustlab generate`: invariance candidates from an MNIST index range, logged to MLflow.
 
 Logs artifact ``candidates.npz`` (arrays ``images`` float32 (N, 28, 28) in [0, 1],
 ``source_split``, ``source_index``, ``original_label``, ``target_label``, ``eps``,
 ``neighbour_index`` — the training image moved towards — plus scalars ``norm`` and
-``generator_version``; one row per source image and ε) and ``candidates_grid.png``.
+``generator_version``) and ``candidates_grid.png``. ``--norm linf`` (Tramèr's L∞ algorithm)
+writes one row per source image and ε. ``--norm l0`` (transform search, then difference
+clusters) writes up to ``--max-candidates`` ranked rows per source, with ``eps`` 0 and the
+extra arrays ``changed_pixels``, ``rank``, ``n_candidates``, ``cluster_subset`` (bit mask),
+``n_clusters``, ``knn_target_share``, ``l0_distance`` and ``transform`` (N, 8); which
+candidate is a real invariance example is for a human to decide (``robustlab label``).
 
 The search pool is always the MNIST training set. With ``--split train`` each source is itself
 a training image; it is removed from its own search pool. (Only classes other than the
@@ -23,11 +28,29 @@ from pathlib import Path
 import numpy as np
 
 from robustlab.commands import SubParsers, optional
-from robustlab.data.mnist import load_raw_mnist
-from robustlab.errors import ConfigError
+from robustlab.data.mnist import RawMnist, load_raw_mnist
+from robustlab.errors import ConfigError, DataError
+from robustlab.invariance import l0
 from robustlab.invariance.generator import GENERATOR_VERSION, TrainingPool, check_eps, generate_linf
 
 NORMS = ("linf", "l0")
+DEFAULT_EPS = ("0.3",)
+#: norm=l0 options: (CLI flag, default, least value)
+L0_OPTIONS = {
+    "transforms": ("--transforms", 2000, 1),
+    "seed": ("--seed", 0, 0),
+    "max_candidates": ("--max-candidates", 8, 1),
+}
+
+
+def optional_int(text: str) -> int | None:
+    """argparse type: an integer; an empty string (MLflow's empty parameter) means not given."""
+    if not text.strip():
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def parse_eps(values: list[str]) -> tuple[float, ...]:
@@ -61,10 +84,26 @@ def add_parser(sub: SubParsers) -> list[str]:
     p.add_argument(
         "--eps",
         nargs="+",
-        default=["0.3"],
-        help="L-inf budget(s) in (0, 1); space- or comma-separated",
+        type=optional,
+        default=None,
+        help="norm=linf: budget(s) in (0, 1), space- or comma-separated (default 0.3)",
     )
-    p.add_argument("--norm", default="linf", help="linf (l0 is not implemented yet)")
+    p.add_argument("--norm", default="linf", help="linf (default) or l0")
+    p.add_argument(
+        "--transforms",
+        type=optional_int,
+        default=None,
+        help="norm=l0: random transforms searched, the cost grows linearly (default 2000)",
+    )
+    p.add_argument(
+        "--seed", type=optional_int, default=None, help="norm=l0: seed of the transforms (0)"
+    )
+    p.add_argument(
+        "--max-candidates",
+        type=optional_int,
+        default=None,
+        help="norm=l0: candidates written per source, best-ranked first (default 8)",
+    )
     p.add_argument(
         "--data-dir",
         type=optional,
@@ -91,12 +130,42 @@ def check_out(out: str) -> None:
         raise ConfigError(f"--out {out}: cannot write into {folder}; pass a writable path")
 
 
-def check_cheap_args(args: argparse.Namespace) -> tuple[float, ...]:
-    """Everything that needs no data: checked before MNIST is loaded or a run exists."""
+def eps_values(args: argparse.Namespace) -> list[str]:
+    """The --eps values given (MLflow passes an empty string for 'not given')."""
+    return [v for v in (args.eps or []) if v]
+
+
+def l0_config(args: argparse.Namespace) -> tuple[l0.L0Config, int]:
+    """The L0 generator's configuration and --max-candidates, validated."""
+    values = {}
+    for name, (flag, default, least) in L0_OPTIONS.items():
+        v = getattr(args, name)
+        v = default if v is None else v
+        if v < least:
+            raise ConfigError(f"{flag} {v} must be at least {least}")
+        values[name] = v
+    if values["seed"] > 2**32 - 1:
+        raise ConfigError(f"--seed {values['seed']} must lie in [0, 2**32 - 1]")
+    config = l0.L0Config(n_transforms=values["transforms"], seed=values["seed"])
+    return config, values["max_candidates"]
+
+
+def check_cheap_args(args: argparse.Namespace) -> tuple[float, ...] | tuple[l0.L0Config, int]:
+    """Everything that needs no data: checked before MNIST is loaded or a run exists.
+
+    Returns the ε values (linf) or the L0 configuration and --max-candidates (l0).
+    """
     if args.norm not in NORMS:
-        raise ConfigError(f"unknown norm {args.norm!r}; choose linf")
-    if args.norm == "l0":
-        raise ConfigError("the L0 generator is not implemented yet; use --norm linf")
+        raise ConfigError(f"unknown norm {args.norm!r}; choose linf or l0")
+    if args.norm == "l0" and eps_values(args):
+        raise ConfigError(
+            "eps is not used by norm=l0 (it is an L-inf budget); drop --eps "
+            "(under mlflow run, use the entry point generate_l0)"
+        )
+    if args.norm == "linf":
+        for name, (flag, _, _) in L0_OPTIONS.items():
+            if getattr(args, name) is not None:
+                raise ConfigError(f"{flag} is used only by norm=l0; drop it or pass --norm l0")
     if args.split not in ("train", "test"):
         raise ConfigError(f"unknown split {args.split!r}; choose train or test")
     if args.count < 1:
@@ -105,34 +174,35 @@ def check_cheap_args(args: argparse.Namespace) -> tuple[float, ...]:
         raise ConfigError(f"--start {args.start} must be >= 0 (the first source index)")
     if args.out:
         check_out(args.out)
-    return parse_eps(args.eps)
-
-
-def check_args(args: argparse.Namespace, n_split: int) -> tuple[float, ...]:
-    if args.norm not in NORMS:
-        raise ConfigError(f"unknown norm {args.norm!r}; choose linf")
     if args.norm == "l0":
-        raise ConfigError("the L0 generator is not implemented yet; use --norm linf")
-    if args.split not in ("train", "test"):
-        raise ConfigError(f"unknown split {args.split!r}; choose train or test")
-    if args.count < 1:
-        raise ConfigError(f"--count {args.count} must be at least 1")
-    if args.start < 0 or args.start + args.count > n_split:
+        return l0_config(args)
+    return parse_eps(eps_values(args) or list(DEFAULT_EPS))
+
+
+def check_args(
+    args: argparse.Namespace, n_split: int
+) -> tuple[float, ...] | tuple[l0.L0Config, int]:
+    settings = check_cheap_args(args)
+    if args.start + args.count > n_split:
         raise ConfigError(
             f"index range {args.start}..{args.start + args.count - 1} is outside the {args.split} "
             f"split (0..{n_split - 1}); lower --start or --count"
         )
-    return parse_eps(args.eps)
+    return settings
 
 
 def make_candidates(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Generate; returns the npz arrays and summary metrics."""
     if args.norm not in NORMS:  # before loading data
-        raise ConfigError(f"unknown norm {args.norm!r}; choose linf")
+        raise ConfigError(f"unknown norm {args.norm!r}; choose linf or l0")
     raw = load_raw_mnist(args.data_dir)
     x_src, y_src = (raw.x_train, raw.y_train) if args.split == "train" else (raw.x_test, raw.y_test)
-    eps = check_args(args, len(y_src))
+    settings = check_args(args, len(y_src))
     idx = np.arange(args.start, args.start + args.count, dtype=np.int64)
+    if args.norm == "l0":
+        config, max_candidates = settings
+        return l0_candidates(args, raw, x_src[idx], y_src[idx], idx, config, max_candidates)
+    eps = settings
     exclude = idx if args.split == "train" else None
     pool = TrainingPool(raw.x_train, raw.y_train)
     t0 = time.perf_counter()
@@ -166,6 +236,62 @@ def make_candidates(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], di
     return arrays, metrics
 
 
+def l0_candidates(
+    args: argparse.Namespace,
+    raw: RawMnist,
+    x: np.ndarray,
+    y: np.ndarray,
+    idx: np.ndarray,
+    config: l0.L0Config,
+    max_candidates: int,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """L0 candidates (the best-ranked `max_candidates` per source) as npz arrays and metrics."""
+    pool = l0.BinaryPool(to_float(raw.x_train), raw.y_train)
+    t0 = time.perf_counter()
+    res = l0.generate_l0(to_float(x), y, pool, config, source_split=args.split, source_index=idx)
+    seconds = (time.perf_counter() - t0) / len(idx)
+    rows = [c for per_source in res.candidates for c in per_source[:max_candidates]]
+    if not rows:
+        raise DataError(
+            "no L0 candidates: every difference from the nearest neighbour was DBSCAN noise; "
+            "try more --transforms or other sources"
+        )
+    n_of = {c.source_index: min(max_candidates, len(p)) for p in res.candidates for c in p}
+    arrays = {
+        "images": np.stack([c.image for c in rows]).astype(np.float32),
+        "source_split": np.array([c.source_split for c in rows]),
+        "source_index": np.array([c.source_index for c in rows], dtype=np.int64),
+        "original_label": np.array([c.original_label for c in rows], dtype=np.int64),
+        "target_label": np.array([c.target_label for c in rows], dtype=np.int64),
+        "eps": np.zeros(len(rows), dtype=np.float64),  # no L-inf budget
+        "neighbour_index": np.array([c.neighbour_index for c in rows], dtype=np.int64),
+        "changed_pixels": np.array([c.changed_pixels for c in rows], dtype=np.int64),
+        "rank": np.array([c.rank for c in rows], dtype=np.int64),
+        "n_candidates": np.array([n_of[c.source_index] for c in rows], dtype=np.int64),
+        "cluster_subset": np.array([sum(1 << k for k in c.clusters) for c in rows], np.int64),
+        "n_clusters": np.array([c.n_clusters for c in rows], dtype=np.int64),
+        "knn_target_share": np.array([c.knn_target_share for c in rows], dtype=np.float64),
+        "l0_distance": np.array([c.distance for c in rows], dtype=np.int64),
+        "transform": np.array([c.transform for c in rows], dtype=np.float64),
+        "norm": np.array("l0"),
+        "generator_version": np.array(l0.GENERATOR_VERSION),
+    }
+    best = [p[0].changed_pixels for p in res.candidates if p]
+    metrics = {
+        "n_candidates": float(len(rows)),
+        "seconds_per_image": seconds,
+        "sources_without_candidates": float(sum(not p for p in res.candidates)),
+        "median_changed_pixels_rank1": float(np.median(best)),
+        "median_l0_distance": float(np.median(res.search.distance)),
+    }
+    return arrays, metrics
+
+
+def to_float(x: np.ndarray) -> np.ndarray:
+    """uint8 MNIST pixels as float32 in [0, 1] (the library's input scale)."""
+    return (x / np.float32(255.0)).astype(np.float32)
+
+
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez to a temp file, then os.replace (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,9 +320,14 @@ def save_grid(path: Path, arrays: dict[str, np.ndarray], max_items: int = 64) ->
         ax.axis("off")
         if k < n:
             ax.imshow(arrays["images"][k], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            detail = (
+                f"{arrays['changed_pixels'][k]}px r{arrays['rank'][k]}"
+                if "changed_pixels" in arrays
+                else f"ε{arrays['eps'][k]:g}"
+            )
             ax.set_title(
                 f"#{arrays['source_index'][k]} {arrays['original_label'][k]}→"
-                f"{arrays['target_label'][k]} ε{arrays['eps'][k]:g}",
+                f"{arrays['target_label'][k]} {detail}",
                 fontsize=6,
             )
     fig.tight_layout()
@@ -210,19 +341,26 @@ def run(args: argparse.Namespace) -> None:
     from robustlab.data.mnist import resolve_mnist_path
     from robustlab.tracking import configure_tracking, start_run
 
-    check_cheap_args(args)
+    settings = check_cheap_args(args)
     resolve_mnist_path(args.data_dir)
     configure_tracking()  # an unreachable server is reported before generating
     arrays, metrics = make_candidates(args)  # validates before a run is opened
-    eps_text = ",".join(f"{e:g}" for e in sorted(set(arrays["eps"].tolist())))
     params = {
         "split": args.split,
         "start": args.start,
         "count": args.count,
-        "eps": eps_text,
         "norm": args.norm,
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": str(arrays["generator_version"]),
     }
+    if args.norm == "l0":
+        config, max_candidates = settings
+        params |= {
+            "transforms": config.n_transforms,
+            "seed": config.seed,
+            "max_candidates": max_candidates,
+        }
+    else:
+        params["eps"] = ",".join(f"{e:g}" for e in sorted(set(arrays["eps"].tolist())))
     name = args.run_name or f"generate-{args.split}-{args.start}-{args.count}"
     with (
         start_run(name, params=params, tags={"robustlab.command": "generate"}),

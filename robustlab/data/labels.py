@@ -9,6 +9,9 @@ On disk a store is one JSON file (``format_version`` 1)::
                    "target_label", "published_label", "votes": {rater: vote}, "image",
                    "human_label", "status", "label_changed"}, ...]}
 
+L0 candidates also carry ``changed_pixels``, ``rank`` and ``n_candidates`` (candidate k of n
+for its source image); these fields are optional: stores without them load as before.
+
 A vote is an integer 0..9 (the digit a rater saw) or 10 (:data:`NOT_A_DIGIT`, "X" on the
 page). ``human_label`` / ``status`` / ``label_changed`` are derived from the votes under the
 store's tie policy and rewritten on every save (readers need not recompute them):
@@ -56,6 +59,7 @@ from robustlab.errors import ConfigError, DataError
 FORMAT = "robustlab-label-store"
 FORMAT_VERSION = 1
 IMAGE_ENCODING = "float32-le-base64 28x28 [0,1]"
+CANDIDATE_FIELDS = ("changed_pixels", "rank", "n_candidates")  # optional, L0 candidates
 
 
 def encode_image(img: np.ndarray) -> str:
@@ -89,6 +93,10 @@ class Example:
     image: np.ndarray  # float32 (28, 28) in [0, 1]
     published_label: int = NO_LABEL  # label given by the set's publisher (no votes)
     votes: dict[str, int] = field(default_factory=dict)
+    # L0 candidates only (None otherwise): pixels changed, candidate `rank` of `n_candidates`
+    changed_pixels: int | None = None
+    rank: int | None = None
+    n_candidates: int | None = None
 
     def resolved(self, policy: TiePolicy) -> tuple[int, str]:
         return resolve(self.votes.values(), self.original_label, policy, self.published_label)
@@ -176,6 +184,7 @@ class LabelStore:
                     "label_changed": bool(0 <= label != e.original_label),
                     "image": encode_image(e.image),
                 }
+                | {k: getattr(e, k) for k in CANDIDATE_FIELDS if getattr(e, k) is not None}
             )
         return {
             "format": FORMAT,
@@ -324,6 +333,7 @@ def _example_from_json(r: dict[str, Any]) -> Example:
         image=decode_image(r["image"]),
         published_label=int(r.get("published_label", NO_LABEL)),
         votes=votes,
+        **{k: int(r[k]) for k in CANDIDATE_FIELDS if r.get(k) is not None},
     )
 
 
@@ -377,6 +387,7 @@ def store_from_candidates(
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in keys}
             norm = str(z["norm"]) if "norm" in z.files else "linf"
+            extra = {k: z[k] for k in CANDIDATE_FIELDS if k in z.files}
     except FileNotFoundError:
         raise DataError(f"{p}: candidates file not found") from None
     except KeyError as exc:
@@ -394,17 +405,23 @@ def store_from_candidates(
         or x.max() > 1
     ):
         raise DataError(f"{p}: images must be float (N, 28, 28) in [0, 1]")
+    for k, v in extra.items():
+        if v.shape != (len(x),) or not np.issubdtype(v.dtype, np.integer):
+            raise DataError(f"{p}: {k} must be {len(x)} integers, got {v.dtype} {v.shape}")
+    rank = extra.get("rank")  # L0: several candidates per source image, told apart by rank
     ids = [
-        f"{s}{i}-eps{e:g}"
-        for s, i, e in zip(
-            arrays["source_split"], arrays["source_index"], arrays["eps"], strict=True
+        f"{s}{i}-l0-{rank[n]}" if rank is not None else f"{s}{i}-eps{e:g}"
+        for n, (s, i, e) in enumerate(
+            zip(arrays["source_split"], arrays["source_index"], arrays["eps"], strict=True)
         )
     ]
     store = store_from_arrays(
         path, x, **{k: arrays[k] for k in keys[1:]}, norm=norm, name=p.stem, tie_policy=tie_policy
     )
-    for e, new_id in zip(store.examples, ids, strict=True):
+    for n, (e, new_id) in enumerate(zip(store.examples, ids, strict=True)):
         e.id = new_id
+        for k, values in extra.items():
+            setattr(e, k, int(values[n]))
     return LabelStore(path, store.examples, name=p.stem, tie_policy=tie_policy)
 
 

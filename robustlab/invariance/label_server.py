@@ -1,7 +1,8 @@
 """The labelling page: a stdlib HTTP server on 127.0.0.1 serving one rater.
 
 Routes: ``GET /`` the page; ``GET /api/next`` the next example this rater has not voted on
-(id, image URL, progress; never the target label or an earlier vote); ``GET /image/<id>.png``
+(id, image URL, progress and, for an L0 candidate, a ``context`` line, see
+:func:`candidate_context`; never an earlier vote nor the target label); ``GET /image/<id>.png``
 the 28x28 image; ``POST /api/vote`` ``{"id", "vote"}`` records the vote (0..9 or "X") and
 saves the store atomically before answering. Every vote re-reads the store under an exclusive
 file lock, so several raters' servers can share one store file without losing votes.
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from robustlab.data.labels import LabelStore, check_rater
+from robustlab.data.labels import Example, LabelStore, check_rater
 from robustlab.errors import RobustlabError
 
 PAGE = """<!doctype html>
@@ -49,6 +50,7 @@ PAGE = """<!doctype html>
 <p>Rater: <b id="rater"></b> &middot; <span id="progress">loading&hellip;</span></p>
 <div id="task">
  <img id="digit" alt="digit to label" width="392" height="392">
+ <p id="context" hidden></p>
  <div class="keys" id="keys"></div>
  <p>Click a button or press a key 0&ndash;9; press X if it is not a digit.</p>
 </div>
@@ -80,6 +82,9 @@ function show(data) {
     return;
   }
   current = data.id;
+  const context = document.getElementById("context");
+  context.textContent = data.context || "";
+  context.hidden = !data.context;
   document.getElementById("digit").src = data.image;
   document.getElementById("digit").dataset.id = data.id;
 }
@@ -149,6 +154,17 @@ def png_bytes(image: np.ndarray) -> bytes:
     )
 
 
+def candidate_context(ex: Example) -> str | None:
+    """The line shown beside an L0 candidate (None for other examples). It never names the class
+    the candidate was moved towards: a rater told the target would be primed towards it."""
+    if ex.rank is None or ex.n_candidates is None or ex.changed_pixels is None:
+        return None
+    return (
+        f"candidate {ex.rank} of {ex.n_candidates} for MNIST {ex.source_split} image "
+        f"{ex.source_index}, {ex.changed_pixels} pixels changed"
+    )
+
+
 @contextmanager
 def locked(store_path: Path) -> Iterator[None]:
     """Exclusive inter-process lock on `<store>.lock` for read-modify-write of the store."""
@@ -201,6 +217,8 @@ class LabelServer(ThreadingHTTPServer):
         }
         if ex is not None:
             payload |= {"id": ex.id, "image": f"image/{ex.id}.png"}
+            if (context := candidate_context(ex)) is not None:
+                payload["context"] = context
         return payload
 
     def vote(self, example_id: str, vote: Any) -> dict[str, Any]:
