@@ -84,6 +84,39 @@ class AttackEntry:
 
 _COMMON = {"max_iter": 100, "eps_step": _eps_step, "num_random_init": 1, "batch_size": 500}
 
+
+class TargetedAPGD:
+    """APGD-T (Croce & Hein 2020): ART's targeted APGD with the DLR loss against each of the
+    `targets` classes the clean logits rank highest after the true one, each run on the examples
+    the earlier targets left standing; an example counts as broken once it is misclassified."""
+
+    def __init__(self, classifier, *, eps: float, targets: int, **apgd: Any) -> None:
+        if not 1 <= int(targets) <= 9:
+            raise ConfigError(f"attack 'apgd_t': targets must lie in 1..9, got {targets}")
+        self.classifier, self.eps, self.targets, self.apgd = classifier, eps, int(targets), apgd
+
+    def generate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        y = np.asarray(y).reshape(-1).astype(np.int64)
+        order = np.argsort(-self.classifier.predict(x), axis=1, kind="stable")
+        others = np.array([row[row != label] for row, label in zip(order, y, strict=True)])
+        x_adv, alive = x.copy(), np.ones(len(y), dtype=bool)
+        for k in range(self.targets):
+            idx = np.flatnonzero(alive)
+            if not len(idx):
+                break
+            attack = build_apgd(
+                self.classifier,
+                eps=self.eps,
+                loss_type="difference_logits_ratio",
+                targeted=True,
+                **self.apgd,
+            )
+            adv = attack.generate(x[idx], y=others[idx, k]).astype(np.float32)
+            broken = self.classifier.predict(adv).argmax(axis=1) != y[idx]
+            x_adv[idx[broken]] = adv[broken]
+            alive[idx[broken]] = False
+        return x_adv
+
 ATTACKS: dict[str, AttackEntry] = {
     e.name: e
     for e in (
@@ -97,6 +130,7 @@ ATTACKS: dict[str, AttackEntry] = {
             build_autoattack,
         ),
         AttackEntry("square", "Square", {**_COMMON, "max_iter": 5000, "p_init": 0.8}, build_square),
+        AttackEntry("apgd_t", "APGD-T", {**_COMMON, "targets": 9}, TargetedAPGD),
     )
 }
 ATTACK_NAMES = tuple(ATTACKS)
@@ -264,6 +298,24 @@ def _square(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
     ]
 
 
+def _apgd_t(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
+    if cfg.autoattack_size <= 0:
+        return []
+    return [
+        Stage(
+            "apgd_t",
+            "apgd_t",
+            float(cfg.eps),
+            steps=spec.autoattack_steps,
+            subset="autoattack",
+            engine="art",
+            seed_stream="apgd_t",
+            independent=True,  # beside AutoAttack: the worst case over PGD and APGD-T alone
+            after_all=cfg.early_exit,
+        )
+    ]
+
+
 def _curve(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
     return [
         pgd_stage(
@@ -351,6 +403,22 @@ STAGES: dict[str, StageEntry] = {
                 "queries": spec.square_queries,
                 "size": n,
             },
+        ),
+        StageEntry(
+            "apgd_t",
+            "apgd_t",
+            "apgd_t",
+            6,
+            _apgd_t,
+            metric=lambda cfg: "test/apgd_t_acc",
+            label=lambda cfg: "APGD-T",
+            describe=lambda cfg, spec, n: {
+                "library": "ART AutoProjectedGradientDescent (targeted, DLR loss)",
+                "targets": 9,
+                "apgd_steps": spec.autoattack_steps,
+                "size": n,
+            },
+            optional=True,
         ),
         StageEntry(
             "curve",
