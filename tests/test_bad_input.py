@@ -221,6 +221,22 @@ EXPERIMENT_CASES = [
     ),
     ("experiment-budget", ["experiment", "--budget", "huge"], "unknown budget 'huge'"),
     ("experiment-eps", ["experiment", "--eps", "nan"], "--eps must lie in (0, 1]"),
+    ("experiment-folds-one", ["experiment", "--inv-folds", "1"], "inv_folds must be >= 2"),
+    (
+        "experiment-folds-too-many",
+        ["experiment", "--inv-folds", "600"],
+        "inv_folds=600 is more than the pool's 589 MNIST sources",
+    ),
+    (
+        "experiment-folds-too-small",
+        ["experiment", "--inv-folds", "3"],
+        "leaves a training fold with",
+    ),
+    (
+        "experiment-pool-set-unknown",
+        ["experiment", "--inv-sets", "thesis_linf_eps0.3,mnist_c"],
+        "unknown invariance set(s) ['mnist_c'] in the pool",
+    ),
 ]
 
 # Entry points being built elsewhere: add their cases here (same shape) when they land.

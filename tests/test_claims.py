@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from robustlab.experiment.figures import compute_figures
-from robustlab.experiment.stats import Outcomes, effect, mcnemar_p
+from robustlab.evaluation.bootstrap import Outcomes, effect, mcnemar_p
 from robustlab.experiment.verdicts import (
     INCONCLUSIVE,
     NOT_SUPPORTED,

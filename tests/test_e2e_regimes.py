@@ -7,13 +7,11 @@ import io
 import json
 
 import mlflow
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from robustlab.data.pools import load_inv_pools
 from robustlab.errors import ConfigError
-from robustlab.experiment.report import CLEAN, INV, PGD, verdicts
 from robustlab.experiment.run import run_experiment
 from robustlab.tracking import ensure_experiment
 from tests.conftest import DATA_DIR
@@ -148,102 +146,129 @@ def test_joint_validates_its_mixture_and_trains(tracking, tmp_path):
     )
 
 
-def test_experiment_smoke_report(tracking, tmp_path):
+CV = ("inv_folds=2", "allow_small_folds=true")  # 2 folds: small, so allowed explicitly
+
+
+def _table(run_id: str, name: str) -> list[dict]:
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/tables/{name}.csv")
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_experiment_cv_smoke_report(tracking, tmp_path):
     ensure_experiment("robustlab")
-    # two local worker processes of 7 pairs each: two start-ups, not 14
-    args = ("budget=smoke", "seeds=2", "workers=2", "pairs_per_worker=7", f"data_dir={DATA_DIR}")
-    out = mlflow_run("experiment", tmp_path, *args)
+    # two local worker processes of 6 units each: two start-ups, not 12
+    args = ("budget=smoke", "seeds=1", "workers=2", "pairs_per_worker=6", f"data_dir={DATA_DIR}")
+    out = mlflow_run("experiment", tmp_path, *args, *CV)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "fold 1: " in out.stderr and "label-changed" in out.stderr  # printed before training
     runs = _runs()
     parent = next(r for r in runs if r.data.tags.get("robustlab.kind") == "experiment")
     pid = parent.info.run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
     regimes = parent.data.params["regimes"].split(",")
-    assert len(regimes) == 7 and len(children) == 7 * 2
-    assert parent.data.metrics["experiment/parent_peak_rss_mb"] < 1024  # it never trains
-    assert {c.data.tags["robustlab.experiment_regime"] for c in children} == set(regimes)
-
-    # comparison.csv: one row per regime x logged test metric, n_seeds = 2 everywhere
-    path = mlflow.artifacts.download_artifacts(run_id=pid, artifact_path="comparison.csv")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    assert {r["regime"] for r in rows} == set(regimes)
-    assert {r["n_seeds"] for r in rows} == {"2"}
-    for regime in regimes:
-        metrics = {r["metric"] for r in rows if r["regime"] == regime}
-        assert {"test/clean_acc", "test/pgd40_acc", "test/inv_acc/tramer_linf_eps0.3"} <= metrics
-    table = mlflow.artifacts.load_text(f"runs:/{pid}/comparison.md").splitlines()
-    assert len(table) == 2 + len(regimes)
-
-    # the report judges the children's logged numbers (verdict rules: tests/test_report.py)
-    results: dict[str, dict[str, list[float]]] = {}
+    folds = {}
     for c in children:
-        per_regime = results.setdefault(c.data.tags["robustlab.experiment_regime"], {})
-        for metric in (CLEAN, PGD, INV):
-            per_regime.setdefault(metric, []).append(c.data.metrics[metric])
-    expected = [v.verdict for v in verdicts(results)]
-    report = mlflow.artifacts.load_text(f"runs:/{pid}/report.md")
-    verdict_lines = [line.split("**")[1] for line in report.splitlines() if line.startswith("**")]
-    assert verdict_lines == expected
-    assert [parent.data.tags[f"robustlab.claim{i}"] for i in (1, 2, 3)] == expected
-    plots = {a.path for a in MlflowClient().list_artifacts(pid, "plots/curves")}
-    assert len(plots) == len(regimes)
+        folds.setdefault(c.data.tags["robustlab.experiment_regime"], set()).add(
+            int(c.data.tags["robustlab.fold"])
+        )
+    assert folds == {r: ({-1} if r in ("vanilla", "perturbation") else {0, 1}) for r in regimes}
+    assert len(children) == 2 + 5 * 2
+    assert parent.data.metrics["experiment/parent_peak_rss_mb"] < 1024  # it never trains
 
-    # leakage: no evaluated test image is the source of any invariance example a run trained on
-    # one test set per comparison: every regime x seed evaluated on the very same images
-    pools = load_inv_pools(str(DATA_DIR))
-    pool_sources = {int(i) for s in pools.used_sets for i in s.source_index}
+    # the invariance table: every example predicted exactly once per (regime, seed)
+    inv = _table(pid, "inv_predictions")
+    keys = [(r["regime"], r["seed"], r["set"], r["index"]) for r in inv]
+    assert len(keys) == len(set(keys)) == 7 * 793
+    # ... by a run that never trained or validated on the example's source (its logged exclusions)
+    excluded = {
+        c.info.run_id: set(_json(c.info.run_id, "excluded_test_indices.json")["indices"])
+        for c in children
+    }
+    assert all(int(r["source_index"]) not in excluded[r["run_id"]] for r in inv)
+    assert any(excluded.values())  # the fold runs did exclude their training sources
+    test = _table(pid, "test_outcomes")
+    assert len(test) == 7 * 200 and {r["models"] for r in test if r["regime"] == "joint"} == {"2"}
+
+    # one test set for everything compared, disjoint from every invariance source
+    from robustlab.experiment.plan import invariance_sources
+
     shared = _json(pid, "evaluated_test_indices.json")["indices"]
-    assert len(shared) == len(set(shared)) == 200  # the smoke budget's eval_size
+    assert len(shared) == len(set(shared)) == 200
+    assert not set(shared) & set(invariance_sources(str(DATA_DIR)).tolist())
     for child in children:
-        excluded = set(_json(child.info.run_id, "excluded_test_indices.json")["indices"])
-        evaluated = _json(child.info.run_id, "evaluated_test_indices.json")["indices"]
-        assert evaluated == shared, child.info.run_name
-        assert pool_sources <= excluded and not set(evaluated) & excluded, child.info.run_name
-        assert np.isfinite(child.data.metrics["test/clean_acc"])
-        assert child.data.metrics["test/n_eval"] == 200
+        assert _json(child.info.run_id, "evaluated_test_indices.json")["indices"] == shared
+        report = _json(child.info.run_id, "evaluation.json")
+        assert report["subset_seed"] == 0  # the curve subset is fixed per experiment
+
+    # every figure is recomputed from the two tables; the verdicts match the tags and report
+    from robustlab.experiment.figures import compute_figures
+
+    fig = compute_figures(inv, test, regimes, [0])
+    tags = [parent.data.tags[f"robustlab.claim{i}"] for i in (1, 2, 3)]
+    assert [c.verdict for c in fig.claims] == tags
+    report = mlflow.artifacts.load_text(f"runs:/{pid}/report.md")
+    for c in fig.claims:
+        assert f"| {c.claim.text} | **{c.verdict}** |" in report
+    names = {a.path for a in MlflowClient().list_artifacts(pid)}
+    assert {"report.md", "forest_plot.png", "folds.csv", "folds.json", "tables"} <= names
+    assert len({a.path for a in MlflowClient().list_artifacts(pid, "plots/curves")}) == 7
 
 
 def test_experiment_resume_reuses_finished_children(tracking, tmp_path):
     ensure_experiment("robustlab")
-    first = ("budget=smoke", "regimes=vanilla,invariance", f"data_dir={DATA_DIR}")
+    first = ("budget=smoke", "regimes=vanilla,invariance", f"data_dir={DATA_DIR}", *CV)
     out = mlflow_run("experiment", tmp_path, "seeds=1", *first)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = _runs()
     old_parent = next(r for r in runs if r.data.tags.get("robustlab.kind") == "experiment")
     old = {
-        r.data.tags["robustlab.experiment_regime"]: r.info.run_id
+        (r.data.tags["robustlab.experiment_regime"], r.data.tags["robustlab.fold"]): r.info.run_id
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == old_parent.info.run_id
     }
-    # simulate an interruption inside the invariance child
-    MlflowClient().set_terminated(old["invariance"], "FAILED")
+    assert set(old) == {("vanilla", "-1"), ("invariance", "0"), ("invariance", "1")}
+    # simulate an interruption inside one fold of the invariance regime
+    MlflowClient().set_terminated(old[("invariance", "0")], "FAILED")
+
+    from robustlab.experiment.run import Options
 
     with pytest.raises(ConfigError, match="same budget"):
         run_experiment(
-            "default", 2, "vanilla,invariance", str(DATA_DIR), resume_run_id=old_parent.info.run_id
+            "default",
+            2,
+            "vanilla,invariance",
+            str(DATA_DIR),
+            options=Options(resume_run_id=old_parent.info.run_id),
+            inv_folds=2,
+            allow_small_folds=True,
         )
 
     out = mlflow_run(
         "experiment", tmp_path, "seeds=2", *first, f"resume_run_id={old_parent.info.run_id}"
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "reusing run " + old["vanilla"] in out.stderr
+    assert "reusing run " + old[("vanilla", "-1")] in out.stderr
     runs = _runs()
     parent = next(
         r for r in runs if r.data.tags.get("robustlab.resumed_from") == old_parent.info.run_id
     )
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     by_key = {
-        (c.data.tags["robustlab.experiment_regime"], c.data.tags["robustlab.seed"]): c
+        (
+            c.data.tags["robustlab.experiment_regime"],
+            c.data.tags["robustlab.seed"],
+            c.data.tags["robustlab.fold"],
+        ): c
         for c in children
     }
-    assert set(by_key) == {(r, s) for r in ("vanilla", "invariance") for s in ("0", "1")}
-    assert (
-        by_key[("vanilla", "0")].info.run_id == old["vanilla"]
-    )  # reused, moved under the new parent
-    assert by_key[("invariance", "0")].info.run_id != old["invariance"]  # the failed one ran again
+    assert set(by_key) == {
+        (r, s, f)
+        for s in ("0", "1")
+        for r, f in (("vanilla", "-1"), ("invariance", "0"), ("invariance", "1"))
+    }
+    assert by_key[("vanilla", "0", "-1")].info.run_id == old[("vanilla", "-1")]  # reused, moved
+    assert by_key[("invariance", "0", "1")].info.run_id == old[("invariance", "1")]
+    assert by_key[("invariance", "0", "0")].info.run_id != old[("invariance", "0")]  # ran again
     assert all(c.info.status == "FINISHED" for c in children)
-    text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/comparison.csv")
-    rows = list(csv.DictReader(io.StringIO(text)))
-    assert rows and {r["n_seeds"] for r in rows} == {"2"}  # the reused seed counts
+    inv = _table(parent.info.run_id, "inv_predictions")
+    assert {r["seed"] for r in inv} == {"0", "1"}  # the reused seed counts

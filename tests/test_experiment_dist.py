@@ -1,4 +1,5 @@
-"""The experiment's study: one enqueued trial per regime × seed, workers that pop only those.
+"""The experiment's study: one enqueued trial per (regime, seed, fold) unit, workers that pop only
+those.
 
 Fast checks on a SQLite study (no training); the end-to-end runs are in test_e2e_regimes.py
 (one process, `mlflow run`) and test_scale_out.py (two workers, PostgreSQL + MLflow server).
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from robustlab.cli import main
-from robustlab.experiment.plan import REGIME_ATTR, SEED_ATTR
+from robustlab.experiment.plan import FOLD_ATTR, REGIME_ATTR, SEED_ATTR
 from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_PARENT
 from robustlab.tune.objective import ATTR_CONFIG
 from tests.conftest import DATA_DIR
@@ -34,6 +35,10 @@ def _experiment(storage: str, *extra: str) -> list[str]:
         storage,
         "--study-name",
         "e1",
+        "--inv-folds",
+        "2",
+        "--allow-small-folds",
+        "true",
         *extra,
     ]
 
@@ -50,23 +55,33 @@ def test_create_only_enqueues_each_pair_once_and_workers_never_add_trials(
     assert main(_experiment(storage, "--create-only", "true")) == 0
     study = optuna.load_study(study_name="e1", storage=storage)
     trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.WAITING] * 4
-    pairs = sorted((t.user_attrs[REGIME_ATTR], t.user_attrs[SEED_ATTR]) for t in trials)
-    assert pairs == [("joint", 0), ("joint", 1), ("vanilla", 0), ("vanilla", 1)]
+    assert [t.state for t in trials] == [TrialState.WAITING] * 6
+    units = sorted(
+        (t.user_attrs[REGIME_ATTR], t.user_attrs[SEED_ATTR], t.user_attrs[FOLD_ATTR])
+        for t in trials
+    )  # joint trains on invariance examples: once per fold; vanilla once per seed (fold -1)
+    assert units == [
+        ("joint", 0, 0),
+        ("joint", 0, 1),
+        ("joint", 1, 0),
+        ("joint", 1, 1),
+        ("vanilla", 0, -1),
+        ("vanilla", 1, -1),
+    ]
     [parent] = _runs()  # the parent only: no pair was trained
     assert parent.data.tags["robustlab.study"] == "e1"
     assert study.user_attrs[ATTR_PARENT] == parent.info.run_id
 
     # again: a new parent takes the study over, the WAITING pairs are not enqueued twice
     assert main(_experiment(storage, "--create-only", "true")) == 0
-    assert len(study.get_trials()) == 4
+    assert len(study.get_trials()) == 6
     assert len(_runs()) == 2 and study.user_attrs[ATTR_PARENT] != parent.info.run_id
 
     # the same study with another plan: one line, nothing written
     assert main(_experiment(storage, "--seeds", "3", "--create-only", "true")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("robustlab experiment: error: ") and "exists with seeds=2" in err
-    assert len(_runs()) == 2 and len(study.get_trials()) == 4
+    assert len(_runs()) == 2 and len(study.get_trials()) == 6
 
     # a trial that is not one of the pairs is ended FAIL (not COMPLETE) without training; with
     # no WAITING trial left the worker exits 0 and creates none (study.ask() would)
@@ -75,8 +90,8 @@ def test_create_only_enqueues_each_pair_once_and_workers_never_add_trials(
     study.enqueue_trial({"x": 1.0})
     assert main(["experiment-worker", "--study-name", "e1", "--storage", storage]) == 0
     states = [t.state for t in study.get_trials()]
-    assert states == [TrialState.FAIL] * 5
-    assert "not an enqueued pair, ended FAIL" in capsys.readouterr().err
+    assert states == [TrialState.FAIL] * 7
+    assert "not an enqueued unit, ended FAIL" in capsys.readouterr().err
     assert len(_runs()) == 2
 
 

@@ -167,6 +167,10 @@ def test_register_from_a_study_alias_refusal_force_and_tags(tracking, tmp_path, 
     m = test_run.data.metrics
     assert float(t["robustlab.test/clean_acc"]) == pytest.approx(m["test/clean_acc"], rel=1e-5)
     assert {"test/pgd40_acc", "test/autoattack_acc", "test/inv_bal_acc", "test/inv_acc"} <= set(m)
+    # the human-labelled examples none of its training or selection sources touched: only
+    # Tramèr's test half (the thesis pool and the selection half are excluded)
+    untouched = m["test/human_pool_n_changed"] + m["test/human_pool_n_kept"]
+    assert 0 < untouched <= 150 and "test/human_pool_bal_acc" in m
     assert m["test/n_inv_changed"] > 0 and m["test/n_inv_kept"] > 0
     path = mlflow.artifacts.download_artifacts(
         run_id=test_run.info.run_id, artifact_path="excluded_test_indices.json"

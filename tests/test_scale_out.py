@@ -142,10 +142,11 @@ def test_experiment_pairs_spread_over_two_workers_on_two_urls(live, tmp_path, re
     coord, coord_env = machine(tmp_path, "coordinator", live)
     args = ["experiment", "--budget", "smoke", "--seeds", "2", "--regimes", "vanilla,invariance"]
     args += ["--data-dir", str(DATA_DIR), "--study-name", name]
+    args += ["--inv-folds", "2", "--allow-small-folds", "true"]
     made = robustlab([*args, "--create-only", "true"], coord, coord_env)
     assert made.returncode == 0, made.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=live.storage)
-    assert [t.state for t in study.get_trials()] == [TrialState.WAITING] * 4
+    assert [t.state for t in study.get_trials()] == [TrialState.WAITING] * 6
 
     places = [machine(tmp_path, f"worker{i}", live) for i in range(2)]
     procs = [worker(name, cwd, env, "experiment-worker") for cwd, env in places]
@@ -154,9 +155,16 @@ def test_experiment_pairs_spread_over_two_workers_on_two_urls(live, tmp_path, re
     logs = [(cwd / "worker.log").read_text() for cwd, _ in places]
     assert codes == [0, 0], [log[-2000:] for log in logs]
     trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # every pair exactly once
-    pairs = {(t.params["regime"], t.params["seed"]): t.user_attrs["mlflow_run_id"] for t in trials}
-    assert set(pairs) == {(r, s) for r in ("vanilla", "invariance") for s in (0, 1)}
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6  # every unit exactly once
+    pairs = {
+        (t.params["regime"], t.params["seed"], t.params["fold"]): t.user_attrs["mlflow_run_id"]
+        for t in trials
+    }
+    assert set(pairs) == {
+        (r, s, f)
+        for s in (0, 1)
+        for r, f in (("vanilla", -1), ("invariance", 0), ("invariance", 1))
+    }
     done = [set(re.findall(r"^trial (\d+): ", log, re.M)) for log in logs]
     assert all(done) and not done[0] & done[1], logs  # both worked, never on the same pair
     for cwd, _ in places:  # nothing stays on the "machines"
@@ -166,7 +174,7 @@ def test_experiment_pairs_spread_over_two_workers_on_two_urls(live, tmp_path, re
     # the coordinator summarizes: no pair trained again, a new parent adopts the four runs
     summary = robustlab(args, coord, coord_env)
     assert summary.returncode == 0, summary.stderr[-3000:]
-    assert len(study.get_trials()) == 4
+    assert len(study.get_trials()) == 6
     parent_id = study.user_attrs[ATTR_PARENT]
     children = trial_runs(live, parent_id)
     assert sorted(c.info.run_id for c in children) == sorted(pairs.values())
@@ -183,13 +191,17 @@ def test_experiment_pairs_spread_over_two_workers_on_two_urls(live, tmp_path, re
     shared = indices(parent_id)
     assert len(shared) == len(set(shared)) == 200  # the smoke budget's eval_size
     for c in children:
-        key = (c.data.tags["robustlab.experiment_regime"], int(c.data.tags["robustlab.seed"]))
+        key = (
+            c.data.tags["robustlab.experiment_regime"],
+            int(c.data.tags["robustlab.seed"]),
+            int(c.data.tags["robustlab.fold"]),
+        )
         assert pairs[key] == c.info.run_id and c.info.status == "FINISHED"
         assert {"test/clean_acc", "test/pgd40_acc"} <= set(c.data.metrics)
         assert c.data.metrics["test/n_eval"] == 200
         assert indices(c.info.run_id) == shared
     names = {a.path for a in client.list_artifacts(parent_id)}
-    assert {"report.md", "comparison.csv"} <= names
+    assert {"report.md", "forest_plot.png", "tables"} <= names
     tags = client.get_run(parent_id).data.tags
     assert {"robustlab.claim1", "robustlab.claim2", "robustlab.claim3"} <= set(tags)
 

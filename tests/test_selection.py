@@ -85,3 +85,26 @@ def test_balanced_accuracy_exposes_a_model_that_never_changes_its_answer():
     assert v["val/sel_inv_acc"] == pytest.approx(m["sel/inv_acc"])
     per_set = inv_accuracy(never_changes, sets["tramer_l0"], "test")
     assert per_set["test/inv_bal_acc/tramer_l0"] == pytest.approx(0.5)
+
+
+def test_human_pool_accuracy_counts_only_examples_no_training_source_touched():
+    from robustlab.evaluation.validation import human_pool_accuracy
+    from tests.test_attacks import trained_model
+
+    model, _ = trained_model()
+    everything = human_pool_accuracy(model, np.empty(0, np.int64), DATA_DIR)
+    assert everything["test/human_pool_n_changed"] == 139
+    assert everything["test/human_pool_n_kept"] == 793 - 139
+    # a model that trained on the thesis sources (MNIST test 0..499) is judged on Tramèr's
+    # examples whose sources lie elsewhere: 100 sources x 3 sets, minus the 4 shared ones
+    m = human_pool_accuracy(model, np.arange(500), DATA_DIR)
+    assert m["test/human_pool_n_changed"] + m["test/human_pool_n_kept"] == 300 - 3 * 4
+    for key in (
+        "test/human_pool_acc_changed",
+        "test/human_pool_acc_kept",
+        "test/human_pool_bal_acc",
+    ):
+        assert 0 <= m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"] <= 1
+    assert m["test/human_pool_bal_acc"] == pytest.approx(
+        (m["test/human_pool_acc_changed"] + m["test/human_pool_acc_kept"]) / 2
+    )

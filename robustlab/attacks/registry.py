@@ -117,6 +117,7 @@ class TargetedAPGD:
             alive[idx[broken]] = False
         return x_adv
 
+
 ATTACKS: dict[str, AttackEntry] = {
     e.name: e
     for e in (

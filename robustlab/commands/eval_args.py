@@ -85,4 +85,9 @@ def summary_line(metrics: dict[str, float], cfg: EvalConfig) -> str:
     """The accuracies that were measured, e.g. `clean 0.9900, PGD-40 0.9000, AutoAttack 0.8800`."""
     names = [("test/clean_acc", "clean")]
     names += [(e.metric(cfg), e.label(cfg)) for e in STAGES.values() if e.metric(cfg)]
+    names += [
+        ("test/human_pool_acc_changed", "human labels: label-changed"),
+        ("test/human_pool_acc_kept", "label-kept"),
+        ("test/human_pool_bal_acc", "balanced"),
+    ]
     return ", ".join(f"{label} {metrics[k]:.4f}" for k, label in names if k in metrics)

@@ -62,9 +62,12 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> dict[str, float]:
     # everything that can be checked without the tracking store is checked before a run exists
     cfg = config_from_args(args)
+    import mlflow
+
     from robustlab.attacks.checks import check_logits
     from robustlab.data.mnist import load_mnist, subsample
     from robustlab.evaluation.robustness import check_eval_inputs, evaluate_and_log
+    from robustlab.evaluation.validation import human_pool_accuracy
     from robustlab.provenance import excluded_sources_of
     from robustlab.tracking import (
         configure_tracking,
@@ -107,5 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     ) as r:
         with tempfile.TemporaryDirectory(prefix="robustlab-eval-") as tmp:
             metrics = evaluate_and_log(model, test, cfg, out_dir=Path(tmp), log=True)
+        human = human_pool_accuracy(model, excluded, args.data_dir)
+        mlflow.log_metrics(human)
+        metrics.update(human)
         print(f"evaluate: run {r.info.run_id}: " + summary_line(metrics, cfg))
     return metrics

@@ -6,6 +6,14 @@ import argparse
 import sys
 
 from robustlab.commands import SubParsers, flag, optional
+from robustlab.data.folds import (
+    DEFAULT_FOLDS,
+    FOLD_SEED,
+    HUMAN_SETS,
+    MIN_TRAIN_CHANGED,
+    check_fold_count,
+    check_sets,
+)
 from robustlab.errors import ConfigError
 from robustlab.experiment.budgets import BUDGETS, DEFAULT_REGIMES, check_budget, parse_regimes
 
@@ -52,6 +60,24 @@ def add_parser(sub: SubParsers) -> list[str]:
         default=False,
         help="create the parent run and the study, train nothing (workers: experiment-worker)",
     )
+    p.add_argument(
+        "--inv-folds",
+        type=int,
+        default=DEFAULT_FOLDS,
+        help="source-grouped cross-validation folds over every human-labelled example",
+    )
+    p.add_argument(
+        "--inv-sets",
+        default=",".join(HUMAN_SETS),
+        help="comma-separated human-labelled sets in the pool (default: all four)",
+    )
+    p.add_argument("--fold-seed", type=int, default=FOLD_SEED, help="seeds the fold assignment")
+    p.add_argument(
+        "--allow-small-folds",
+        type=flag,
+        default=False,
+        help=f"accept folds whose training part holds < {MIN_TRAIN_CHANGED} label-changed examples",
+    )
     p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds")
     p.add_argument(
         "--grace-period", type=int, default=180, help="seconds before a silent pair is retried"
@@ -77,6 +103,10 @@ def add_parser(sub: SubParsers) -> list[str]:
     return ["experiment", "experiment-worker"]
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Checks that need neither TensorFlow nor data, before anything is imported or run."""
     import math
@@ -91,6 +121,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.pairs_per_worker < 1:
         raise ConfigError(f"--pairs-per-worker must be >= 1, got {args.pairs_per_worker}")
+    check_sets(_names(args.inv_sets))
+    check_fold_count(args.inv_folds, 10_000)  # the pool's source count is checked with the data
 
 
 def run(args: argparse.Namespace) -> None:
@@ -100,7 +132,8 @@ def run(args: argparse.Namespace) -> None:
     check_args(args)
     resolve_mnist_path(args.data_dir)
     configure_tracking()
-    from robustlab.experiment.run import run_experiment
+    from robustlab.experiment.run import Options, run_experiment
+    from robustlab.launch.storage import Heartbeat
 
     run_id = run_experiment(
         args.budget,
@@ -108,20 +141,25 @@ def run(args: argparse.Namespace) -> None:
         args.regimes,
         args.data_dir,
         args.eps,
-        args.resume_run_id,
-        workers=args.workers,
-        pairs_per_worker=args.pairs_per_worker,
-        storage=args.storage,
-        study_name=args.study_name,
-        create_only=args.create_only,
-        heartbeat_interval=args.heartbeat_interval,
-        grace_period=args.grace_period,
-        max_retry=args.max_retry,
+        Options(
+            workers=args.workers,
+            pairs_per_worker=args.pairs_per_worker,
+            storage=args.storage,
+            study_name=args.study_name,
+            create_only=args.create_only,
+            resume_run_id=args.resume_run_id,
+        ),
+        heartbeat=Heartbeat(args.heartbeat_interval, args.grace_period, args.max_retry),
+        inv_folds=args.inv_folds,
+        inv_sets=_names(args.inv_sets),
+        fold_seed=args.fold_seed,
+        allow_small_folds=args.allow_small_folds,
     )
     if args.create_only:
         return
     print(
-        f"experiment {run_id} finished: report.md, comparison.csv and plots are in its artifacts",
+        f"experiment {run_id} finished: report.md, forest_plot.png, tables/ (the per-example "
+        "tables every figure is computed from) and plots/ are in its artifacts",
         file=sys.stderr,
     )
 

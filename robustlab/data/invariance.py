@@ -37,6 +37,8 @@ class InvarianceSet:
     eps: float
     norm: str  # "linf" or "l0"
     votes: np.ndarray | None = field(default=None)  # int64 (N, raters), -1 = no vote
+    # each example's position in the set as loaded (None: 0..N-1), kept through `take`
+    example_index: np.ndarray | None = field(default=None)
 
     def __post_init__(self) -> None:
         x = self.images
@@ -84,6 +86,13 @@ class InvarianceSet:
         """True where humans gave a label different from the source image's label."""
         return (self.human_label >= 0) & (self.human_label != self.original_label)
 
+    @property
+    def ids(self) -> np.ndarray:
+        """Each example's position in the set as loaded: a stable id across `take`."""
+        if self.example_index is None:
+            return np.arange(len(self), dtype=np.int64)
+        return self.example_index
+
     def take(self, idx: np.ndarray) -> InvarianceSet:
         votes = None if self.votes is None else self.votes[idx]
         return InvarianceSet(
@@ -97,6 +106,7 @@ class InvarianceSet:
             self.eps,
             self.norm,
             votes,
+            self.ids[idx],
         )
 
 

@@ -12,6 +12,13 @@ from robustlab.errors import RobustlabError
 EVALUATED_ARTIFACT = "evaluated_test_indices.json"  # the MNIST test images an evaluation used
 
 
+def indices_digest(indices: Sequence[int] | np.ndarray) -> str:
+    """A short digest of a list of MNIST indices (same images, same digest)."""
+    import hashlib
+
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def take_test_indices(test: Split, indices: Sequence[int], excluded: np.ndarray) -> Split:
     """The images of `test` whose source index is in `indices`, in that order.
 

@@ -56,7 +56,7 @@ from robustlab.config import EvalConfig
 from robustlab.data.mnist import Split
 from robustlab.data.validate import check_images, check_labels
 from robustlab.errors import DataError
-from robustlab.evaluation.indices import log_evaluated_indices
+from robustlab.evaluation.indices import indices_digest, log_evaluated_indices
 from robustlab.evaluation.plots import image_grid, line_plot
 from robustlab.evaluation.stages import StageResult, run_stages, worst_case
 from robustlab.evaluation.stats import Accuracy, accuracy, predict_logits
@@ -383,7 +383,7 @@ def _info(ev: Evaluation) -> dict[str, Any]:
         "stages": [r.record() for r in ev.results],
         "seconds": ev.seconds,
         "excluded_sources_removed_by_caller": True,
-        "source_indices_sha": _indices_digest(ev.test.source_index),
+        "source_indices_sha": indices_digest(ev.test.source_index),
     }
 
 
@@ -492,12 +492,6 @@ def evaluate_and_log(
     if log:
         log_evaluation(ev, paths)
     return ev.metrics()
-
-
-def _indices_digest(indices: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def _finite(obj: Any) -> Any:

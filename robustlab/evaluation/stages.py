@@ -150,47 +150,17 @@ def run_stages(
         start = np.asarray(clean_ok)[idx] if stage.independent else flags[stage.subset]
         if stage.after_all and "all" in subsets:
             start = start & alive_all[idx]
-        robust = start.copy()
-        seeds = stage_seeds(stage, seed)
-        stats: dict[str, int] = {}
         t = time.perf_counter()
-        n_attacked = int(robust.sum()) if stage.eps > 0 else 0
-        for restart_seed in seeds:
-            alive = np.flatnonzero(robust)
-            if stage.eps == 0 or len(alive) == 0:
-                break
-            xs, ys = x[idx[alive]], y[idx[alive]]
-            starts = None
-            if stage.attack == "pgd" and stage.engine == "robustlab":
-                # one draw over the whole subset: an example's start does not depend on which
-                # other examples are still alive (chained == alone, example by example)
-                rng = np.random.default_rng(restart_seed)
-                u = rng.random((len(idx), *x.shape[1:]), dtype=np.float32)
-                starts = 2.0 * u[alive] - 1.0
-            adv = _attack(
-                model,
-                classifier_fn,
-                stage,
-                xs,
-                ys,
-                seed=restart_seed,
-                batch_size=batch_size,
-                early_exit=early_exit,
-                stats=stats,
-                starts=starts,
-            )
-            broken = predict_logits(model, adv, batch_size).argmax(axis=1) != ys
-            robust[alive[broken]] = False
-            if adv_out is not None and stage.subset == "all" and not stage.independent:
-                adv_out[idx[alive[broken]]] = adv[broken]
+        run = _StageRun(model, classifier_fn, stage, x, y, idx, batch_size, early_exit)
+        robust = run.attack(start.copy(), seed, adv_out)
         result = StageResult(
             stage=stage,
             robust=robust,
-            n_attacked=n_attacked,
+            n_attacked=int(start.sum()) if stage.eps > 0 else 0,
             n_broken=int(start.sum() - robust.sum()),
             seconds=time.perf_counter() - t,
-            gradient_steps=None if stage.attack != "pgd" else stats.get("gradient_steps", 0),
-            seeds=seeds,
+            gradient_steps=None if stage.attack != "pgd" else run.stats.get("gradient_steps", 0),
+            seeds=run.seeds(seed),
             peak_rss_mb=peak_rss_mb(),
         )
         if not stage.independent:
@@ -201,6 +171,58 @@ def run_stages(
         if progress is not None:
             progress(result)
     return results
+
+
+@dataclass
+class _StageRun:
+    """One stage on its subset `idx` of (x, y): every restart on the examples still robust."""
+
+    model: Any
+    classifier_fn: Callable[[], Any]
+    stage: Stage
+    x: np.ndarray
+    y: np.ndarray
+    idx: np.ndarray
+    batch_size: int
+    early_exit: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def seeds(self, seed: int) -> list[int]:
+        return stage_seeds(self.stage, seed)
+
+    def attack(self, robust: np.ndarray, seed: int, adv_out: np.ndarray | None) -> np.ndarray:
+        """The flags after every restart; `adv_out` gets the breaking adversarials (chained
+        stages on subset "all")."""
+        stage, x, idx = self.stage, self.x, self.idx
+        for restart_seed in self.seeds(seed):
+            alive = np.flatnonzero(robust)
+            if stage.eps == 0 or len(alive) == 0:
+                break
+            xs, ys = x[idx[alive]], self.y[idx[alive]]
+            starts = None
+            if stage.attack == "pgd" and stage.engine == "robustlab":
+                # one draw over the whole subset: an example's start does not depend on which
+                # other examples are still alive (chained == alone, example by example)
+                rng = np.random.default_rng(restart_seed)
+                u = rng.random((len(idx), *x.shape[1:]), dtype=np.float32)
+                starts = 2.0 * u[alive] - 1.0
+            adv = _attack(
+                self.model,
+                self.classifier_fn,
+                stage,
+                xs,
+                ys,
+                seed=restart_seed,
+                batch_size=self.batch_size,
+                early_exit=self.early_exit,
+                stats=self.stats,
+                starts=starts,
+            )
+            broken = predict_logits(self.model, adv, self.batch_size).argmax(axis=1) != ys
+            robust[alive[broken]] = False
+            if adv_out is not None and stage.subset == "all" and not stage.independent:
+                adv_out[idx[alive[broken]]] = adv[broken]
+        return robust
 
 
 def peak_rss_mb() -> float:

@@ -175,13 +175,12 @@ def inv_prediction_rows(model, sets: Iterable[InvarianceSet]) -> list[dict[str, 
         if not len(s):
             continue
         pred = np.argmax(predict_logits(model, s.images), axis=1)
-        index = getattr(s, "example_index", None)
         for i in range(len(s)):
             human = int(s.human_label[i])
             rows.append(
                 {
                     "set": s.name,
-                    "index": int(index[i]) if index is not None else i,
+                    "index": int(s.ids[i]),
                     "source_split": s.source_split,
                     "source_index": int(s.source_index[i]),
                     "original_label": int(s.original_label[i]),
@@ -209,3 +208,32 @@ def log_inv_predictions(model, sets: Iterable[InvarianceSet], out_dir) -> None:
         writer.writeheader()
         writer.writerows(inv_prediction_rows(model, sets))
     mlflow.log_artifact(str(path))
+
+
+def human_pool_accuracy(
+    model, excluded: np.ndarray, data_dir=None, prefix: str = "test/human_pool"
+) -> dict[str, float]:
+    """Agreement with human labels on every human-labelled example whose MNIST source `excluded`
+    does not hold (none of the model's training or selection sources touched it): label-changed,
+    label-kept and balanced accuracy with the experiment's interval (hierarchical bootstrap over
+    sources), and the counts they rest on. The same frame the experiment's report uses."""
+    from robustlab.data.folds import load_human_pool
+    from robustlab.evaluation.bootstrap import invariance_intervals
+
+    pool = load_human_pool(data_dir)
+    sets = [s.take(np.flatnonzero(~np.isin(s.source_index, excluded))) for s in pool.sets.values()]
+    sets = [s for s in sets if len(s)]
+    if not sets:
+        return {}
+    correct = np.concatenate(
+        [np.argmax(predict_logits(model, s.images), axis=1) == s.human_label for s in sets]
+    )[:, None]
+    changed = np.concatenate([s.label_changed for s in sets])
+    source = np.concatenate([s.source_index for s in sets])
+    out: dict[str, float] = {}
+    for name, (mean, low, high, n) in invariance_intervals(correct, changed, source).items():
+        key = f"{prefix}_bal_acc" if name == "balanced" else f"{prefix}_acc_{name}"
+        out.update({key: mean, f"{key}_ci_low": low, f"{key}_ci_high": high})
+        if name != "balanced":
+            out[f"{prefix}_n_{name}"] = float(n)
+    return out

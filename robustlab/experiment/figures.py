@@ -10,7 +10,7 @@ function, `compute_figures`, so that a reader can recompute any number from the 
   once per fold, each outcome is the share of its fold models that got the image right.
 
 Accuracies are means over examples and seeds with 95% hierarchical-bootstrap intervals
-(sources, then seeds); effects are paired per example (`robustlab.experiment.stats`); verdicts
+(sources, then seeds); effects are paired per example (`robustlab.evaluation.bootstrap`); verdicts
 follow `robustlab.experiment.verdicts`.
 """
 
@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robustlab.errors import RobustlabError
-from robustlab.experiment.stats import Effect, Outcomes, accuracy_interval, effect
+from robustlab.evaluation.bootstrap import (
+    Effect,
+    Outcomes,
+    accuracy_interval,
+    effect,
+    invariance_intervals,
+)
 from robustlab.experiment.verdicts import ClaimVerdict, comparisons, judge_claims
 
 ALL = "all"  # the per-set key of the whole pool
@@ -127,21 +133,9 @@ def _test_effect(metric: str, a: np.ndarray, b: np.ndarray, images: np.ndarray) 
 
 def _inv_accuracies(m: InvMatrix) -> dict[str, dict[str, Interval]]:
     out: dict[str, dict[str, Interval]] = {}
-    zero = np.zeros_like(m.correct, dtype=float)
     for name in [ALL, *sorted(set(m.set_name))]:
         mask = np.ones(len(m.source), bool) if name == ALL else m.set_name == name
-        per: dict[str, Interval] = {}
-        for metric, sel in (("changed", mask & m.changed), ("kept", mask & ~m.changed)):
-            mean, low, high = accuracy_interval(m.correct[sel], m.source[sel])
-            per[metric] = (mean, low, high, int(sel.sum()))
-        if sel.any() and (mask & m.changed).any():
-            groups = [
-                Outcomes(m.correct[g].astype(float), zero[g], m.source[g])
-                for g in (mask & m.changed, mask & ~m.changed)
-            ]
-            e = effect("balanced", groups, [0.5, 0.5])
-            per["balanced"] = (e.estimate, e.ci_low, e.ci_high, int(mask.sum()))
-        out[name] = per
+        out[name] = invariance_intervals(m.correct[mask], m.changed[mask], m.source[mask])
     return out
 
 

@@ -1,15 +1,21 @@
-"""The experiment plan: which regimes, budgets and pairs an experiment trains, as a launcher plan.
+"""The experiment plan: which (regime, seed, fold) units an experiment trains, as a launcher plan.
 
-An experiment's study holds one enqueued (WAITING) trial per regime × seed. A worker pops
-WAITING trials only (never asks the sampler for a new point), trains the pair through
-`run_training` as a child run of the experiment's parent run, records the run id on the trial and
-tells it COMPLETE. Heartbeats get the pair of a worker that died retried with the same parameters.
+Every human-labelled invariance example is predicted out of fold: the pool
+(`robustlab.data.folds`) is split into K source-grouped folds; a regime that trains on invariance
+examples is trained once per fold (on the other folds, validated on sources carved from them) and
+predicts the held-out fold; a regime that trains on none is trained once per seed (fold -1) and
+predicts every example. Every unit is judged on the same test images: the MNIST test set minus
+every invariance source, with the AutoAttack and ε-curve subsets fixed per experiment.
+
+An experiment's study holds one enqueued (WAITING) trial per unit. A worker pops WAITING trials
+only (never asks the sampler for a new point), trains the unit through `run_training` as a child
+run of the experiment's parent run, records the run id on the trial and tells it COMPLETE.
+Heartbeats get the unit of a worker that died retried with the same parameters.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import sys
 import time
@@ -30,23 +36,36 @@ from robustlab.config import (
     TrainConfig,
     pgd_step_size,
 )
+from robustlab.data.folds import (
+    HUMAN_SETS,
+    FoldAssignment,
+    HumanPool,
+    assign_folds,
+    fold_pools,
+    load_human_pool,
+)
 from robustlab.errors import ConfigError, DataError
+from robustlab.evaluation.indices import indices_digest
 from robustlab.experiment.budgets import BUDGETS, Budget, regime_for
 from robustlab.launch import optuna_compat
 from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_KIND, ATTR_PARENT, RUN_ATTR, Retry
 from robustlab.launch.storage import Heartbeat
 
 KIND = "experiment"
-ATTR_PLAN = "robustlab_experiment"  # JSON: budget, eps, regimes, seeds, test set, heartbeats
+ATTR_PLAN = "robustlab_experiment"  # JSON: budget, eps, regimes, seeds, folds, test set, beats
 REGIME_ATTR = "experiment_regime"
 SEED_ATTR = "experiment_seed"
-TEST_SUBSET_SEED = 0  # the experiment's test subset is fixed per experiment, not per training seed
+FOLD_ATTR = "experiment_fold"
+NO_FOLD = -1  # a regime that trains on no invariance example: one model per seed
+TEST_SUBSET_SEED = 0  # the experiment's test subsets are fixed per experiment, not per seed
+Unit = tuple[str, int, int]  # (regime label, seed, fold)
 
 
 def pair_configs(
     b: Budget, seed: int, data_dir: str | None, eps: float, check_model: bool = True
 ) -> tuple[RunConfig, EvalConfig]:
-    """One pair's configuration (`check_model=False`: no Keras import, for the parent)."""
+    """One unit's configuration (`check_model=False`: no Keras import, for the parent). The
+    evaluation's subsets are drawn with TEST_SUBSET_SEED: the same images for every unit."""
     attack = AttackConfig(
         eps=eps, steps=b.attack_steps, step_size=pgd_step_size(eps, b.attack_steps), eps_warmup=1.0
     )
@@ -62,6 +81,7 @@ def pair_configs(
         autoattack_size=b.autoattack_size,
         pgd_restarts=b.pgd_restarts,
         seed=seed,
+        subset_seed=TEST_SUBSET_SEED,
         curve_size=b.curve_size,
         curve_points=b.curve_points,
         square_queries=b.square_queries,
@@ -71,58 +91,66 @@ def pair_configs(
     return cfg.validate(check_model), ev.validate()
 
 
-def shared_test_indices(
-    label_sources: set[str], eval_size: int, data_dir: str | None
-) -> tuple[int, ...]:
-    """The MNIST test images every regime × seed of one experiment is evaluated on.
+def invariance_sources(data_dir: str | None) -> np.ndarray:
+    """Every MNIST test image that is the source of a human-labelled invariance example
+    (rater ties included: an image that one set used is excluded from every test)."""
+    from robustlab.data.invariance import load_invariance_set
 
-    The test set minus the union of the sources every run excludes (the invariance pools of
-    every label source the experiment trains with, training and validation), then a subset of
-    `eval_size` (0 = all) seeded by TEST_SUBSET_SEED: one set, whatever the regime and seed.
-    """
-    from robustlab.data.leakage import excluded_test_indices
+    return np.unique(
+        np.concatenate([load_invariance_set(n, data_dir).source_index for n in HUMAN_SETS])
+    ).astype(np.int64)
+
+
+def shared_test_indices(eval_size: int, data_dir: str | None) -> tuple[int, ...]:
+    """The MNIST test images every unit of one experiment is evaluated on: the test set minus
+    every invariance source, then a subset of `eval_size` (0 = all) seeded by TEST_SUBSET_SEED."""
     from robustlab.data.mnist import Split, load_raw_mnist, subsample
-    from robustlab.data.pools import load_inv_pools
 
     raw = load_raw_mnist(data_dir)  # the indices need no pixels: skip the float32 copy
     n_test = raw.y_test.shape[0]
     test = Split(np.empty((n_test, 0), np.uint8), raw.y_test, "test", np.arange(n_test))
     del raw
-    excluded = np.unique(
-        np.concatenate(
-            [
-                excluded_test_indices(load_inv_pools(data_dir, source).used_sets)
-                for source in sorted(label_sources)
-            ]
-            or [np.empty(0, np.int64)]
-        )
-    )
-    test = subsample(test.without_sources(excluded), eval_size, seed=TEST_SUBSET_SEED)
+    test = test.without_sources(invariance_sources(data_dir))
+    test = subsample(test, eval_size, seed=TEST_SUBSET_SEED)
     return tuple(int(i) for i in test.source_index)
 
 
-def indices_digest(indices: tuple[int, ...]) -> str:
-    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+def unit_distributions(regimes: tuple[str, ...], seeds: int, folds: int) -> dict:
+    """The trials' params (one distribution each per study: Optuna refuses categorical choices
+    that differ between trials)."""
+    return {
+        "regime": CategoricalDistribution(regimes),
+        "seed": IntDistribution(0, seeds - 1),
+        "fold": IntDistribution(NO_FOLD, folds - 1),
+    }
 
 
-def pair_distributions(regimes: tuple[str, ...], seeds: int) -> dict:
-    """The trials' two params (one distribution each per study: Optuna refuses categorical
-    choices that differ between trials)."""
-    return {"regime": CategoricalDistribution(regimes), "seed": IntDistribution(0, seeds - 1)}
-
-
-def pair_of(trial: optuna.trial.FrozenTrial) -> tuple[str, int] | None:
-    label, seed = trial.user_attrs.get(REGIME_ATTR), trial.user_attrs.get(SEED_ATTR)
-    return None if label is None or seed is None else (label, int(seed))
+def unit_of(trial: optuna.trial.FrozenTrial) -> Unit | None:
+    attrs = trial.user_attrs
+    label, seed, fold = attrs.get(REGIME_ATTR), attrs.get(SEED_ATTR), attrs.get(FOLD_ATTR)
+    return None if label is None or seed is None or fold is None else (label, int(seed), int(fold))
 
 
 @cache
-def _checked_test_indices(
-    label_sources: tuple[str, ...], eval_size: int, data_dir: str | None, sha: str
-) -> tuple[int, ...]:
-    """The experiment's shared test images, recomputed from this machine's data and checked
-    against the digest the experiment recorded (other data would compare other images)."""
-    indices = shared_test_indices(set(label_sources), eval_size, data_dir)
+def _checked_cv(
+    data_dir: str | None, sets: tuple[str, ...], k: int, seed: int, allow: bool, digest: str
+) -> tuple[HumanPool, FoldAssignment]:
+    """The pool and its folds, recomputed from this machine's data and checked against the
+    digest the experiment recorded (other data would give other folds)."""
+    pool = load_human_pool(data_dir, sets)
+    folds = assign_folds(pool, k, seed, allow_small_folds=allow)
+    if folds.digest != digest:
+        raise DataError(
+            f"this machine's invariance data give other folds (digest {folds.digest}) than the "
+            f"experiment's ({digest}); use the same data files"
+        )
+    return pool, folds
+
+
+@cache
+def _checked_test_indices(eval_size: int, data_dir: str | None, sha: str) -> tuple[int, ...]:
+    """The experiment's shared test images, recomputed and checked against its digest."""
+    indices = shared_test_indices(eval_size, data_dir)
     if indices_digest(indices) != sha:
         raise DataError(
             f"this machine's MNIST or invariance data give other shared test images (digest "
@@ -140,7 +168,11 @@ class ExperimentPlan:
     eps: float
     regimes: tuple[str, ...]
     seeds: int
-    label_sources: tuple[str, ...]
+    inv_folds: int
+    inv_sets: tuple[str, ...]
+    fold_seed: int
+    allow_small_folds: bool
+    fold_digest: str
     test_indices_sha: str
     n_test: int
     heartbeat: Heartbeat
@@ -152,9 +184,19 @@ class ExperimentPlan:
     directions: tuple[str, ...] = field(default=("minimize",), init=False)
     metric_names: tuple[str, ...] = field(default=("train_seconds",), init=False)
 
+    def folds_of(self, label: str) -> list[int]:
+        """Fold units of a regime: one per fold when it trains on invariance examples."""
+        uses_inv = regime_for(label, BUDGETS[self.budget])[0].uses_inv
+        return list(range(self.inv_folds)) if uses_inv else [NO_FOLD]
+
     @property
-    def pairs(self) -> list[tuple[str, int]]:
-        return [(label, seed) for seed in range(self.seeds) for label in self.regimes]
+    def units(self) -> list[Unit]:
+        return [
+            (label, seed, fold)
+            for seed in range(self.seeds)
+            for label in self.regimes
+            for fold in self.folds_of(label)
+        ]
 
     def record(self) -> dict:
         return {
@@ -162,7 +204,11 @@ class ExperimentPlan:
             "eps": self.eps,
             "regimes": ",".join(self.regimes),
             "seeds": self.seeds,
-            "label_sources": list(self.label_sources),
+            "inv_folds": self.inv_folds,
+            "inv_sets": ",".join(self.inv_sets),
+            "fold_seed": self.fold_seed,
+            "allow_small_folds": self.allow_small_folds,
+            "fold_digest": self.fold_digest,
             "test_indices_sha": self.test_indices_sha,
             "n_test": self.n_test,
             "heartbeat_interval": self.heartbeat.interval,
@@ -180,7 +226,7 @@ class ExperimentPlan:
             )
         old = json.loads(study.user_attrs.get(ATTR_PLAN, "{}"))
         mine = self.record()
-        keys = ("budget", "eps", "regimes", "seeds", "test_indices_sha")
+        keys = ("budget", "eps", "regimes", "seeds", "inv_folds", "fold_digest", "test_indices_sha")
         changed = [k for k in keys if old.get(k) != mine[k]]
         if changed:
             was = ", ".join(f"{k}={old.get(k)}" for k in changed)
@@ -208,7 +254,11 @@ class ExperimentPlan:
             eps=float(p["eps"]),
             regimes=tuple(p["regimes"].split(",")),
             seeds=int(p["seeds"]),
-            label_sources=tuple(p["label_sources"]),
+            inv_folds=int(p["inv_folds"]),
+            inv_sets=tuple(p["inv_sets"].split(",")),
+            fold_seed=int(p["fold_seed"]),
+            allow_small_folds=bool(p["allow_small_folds"]),
+            fold_digest=p["fold_digest"],
             test_indices_sha=p["test_indices_sha"],
             n_test=int(p["n_test"]),
             heartbeat=Heartbeat(p["heartbeat_interval"], p["grace_period"], p["max_retry"]),
@@ -221,22 +271,22 @@ class ExperimentPlan:
     # ---- the leader side ----------------------------------------------------------------
 
     def enqueue_missing(self, study: optuna.Study) -> None:
-        """One WAITING trial per pair that has no COMPLETE, WAITING or RUNNING trial yet."""
+        """One WAITING trial per unit that has no COMPLETE, WAITING or RUNNING trial yet."""
         live = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
-        present = {pair_of(t) for t in study.get_trials(deepcopy=False, states=live)}
-        for label, seed in self.pairs:
-            if (label, seed) not in present:
+        present = {unit_of(t) for t in study.get_trials(deepcopy=False, states=live)}
+        for label, seed, fold in self.units:
+            if (label, seed, fold) not in present:
                 study.enqueue_trial(
-                    {"regime": label, "seed": seed},
-                    user_attrs={REGIME_ATTR: label, SEED_ATTR: seed},
+                    {"regime": label, "seed": seed, "fold": fold},
+                    user_attrs={REGIME_ATTR: label, SEED_ATTR: seed, FOLD_ATTR: fold},
                 )
 
-    def pending(self, study: optuna.Study) -> list[tuple[str, int]]:
-        """Pairs without a COMPLETE trial."""
+    def pending(self, study: optuna.Study) -> list[Unit]:
+        """Units without a COMPLETE trial."""
         complete = {
-            pair_of(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            unit_of(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         }
-        return [p for p in self.pairs if p not in complete]
+        return [u for u in self.units if u not in complete]
 
     def done(self, study: optuna.Study) -> bool:
         return not self.pending(study)
@@ -250,27 +300,41 @@ class ExperimentPlan:
         return optuna_compat.pop_waiting_trial(study)  # never a new (sampled) trial
 
     def run_trial(self, trial: optuna.Trial, retry: Retry | None) -> float | None:
-        """Train the pair of `trial`; None (ended FAIL) when it is not one of the pairs."""
+        """Train the unit of `trial`; None (ended FAIL) when it is not one of the units."""
         frozen = trial.study.get_trials(deepcopy=False)[trial.number]
-        label, seed = frozen.user_attrs.get(REGIME_ATTR), frozen.user_attrs.get(SEED_ATTR)
-        if label is None or seed is None:
-            print(f"trial {trial.number}: not an enqueued pair, ended FAIL", file=sys.stderr)
+        unit = unit_of(frozen)
+        if unit is None:
+            print(f"trial {trial.number}: not an enqueued unit, ended FAIL", file=sys.stderr)
             return None
-        for name, dist in pair_distributions(self.regimes, self.seeds).items():
+        for name, dist in unit_distributions(self.regimes, self.seeds, self.inv_folds).items():
             optuna_compat.record_enqueued_param(trial, name, dist)
         t0 = time.perf_counter()
-        run_id = self.train_pair(label, int(seed), trial, retry)
+        run_id = self.train_unit(*unit, trial, retry)
         seconds = time.perf_counter() - t0
         trial.set_user_attr(RUN_ATTR, run_id)
+        label, seed, fold = unit
         print(
-            f"trial {trial.number}: {label} seed {seed} -> run {run_id} ({seconds:.0f} s)",
+            f"trial {trial.number}: {label} seed {seed} fold {fold} -> run {run_id} "
+            f"({seconds:.0f} s)",
             file=sys.stderr,
             flush=True,
         )
         return seconds
 
-    def train_pair(self, label: str, seed: int, trial: optuna.Trial, retry: Retry | None) -> str:
-        """Train and evaluate one regime × seed as a child of the experiment's parent run."""
+    def cv(self) -> tuple[HumanPool, FoldAssignment]:
+        return _checked_cv(
+            self.data_dir,
+            self.inv_sets,
+            self.inv_folds,
+            self.fold_seed,
+            self.allow_small_folds,
+            self.fold_digest,
+        )
+
+    def train_unit(
+        self, label: str, seed: int, fold: int, trial: optuna.Trial, retry: Retry | None
+    ) -> str:
+        """Train and evaluate one unit as a child of the experiment's parent run."""
         import mlflow
         import psutil
 
@@ -278,9 +342,12 @@ class ExperimentPlan:
 
         b = BUDGETS[self.budget]
         regime, label_source = regime_for(label, b)
-        test_indices = _checked_test_indices(
-            self.label_sources, b.eval_size, self.data_dir, self.test_indices_sha
-        )
+        test_indices = _checked_test_indices(b.eval_size, self.data_dir, self.test_indices_sha)
+        pool, folds = self.cv()
+        if fold == NO_FOLD:  # trains on no invariance example: predicts every one
+            pools, predict = None, tuple(pool.sets.values())
+        else:
+            pools, predict = fold_pools(pool, folds, fold, label_source)
         cfg, ev = pair_configs(b, seed, self.data_dir, self.eps)
         cfg = replace(
             cfg,
@@ -293,6 +360,7 @@ class ExperimentPlan:
         tags = {
             "robustlab.experiment_regime": label,
             "robustlab.seed": str(seed),
+            "robustlab.fold": str(fold),
             "robustlab.study": self.study_name,
             "robustlab.trial": str(trial.number),
         }
@@ -308,7 +376,8 @@ class ExperimentPlan:
 
         started = time.time() - psutil.Process().create_time()  # imports, data, test set
         print(
-            f"== experiment: {label} seed {seed} ({started:.1f} s since the worker started) ==",
+            f"== experiment: {label} seed {seed} fold {fold} ({started:.1f} s since the worker "
+            "started) ==",
             file=sys.stderr,
             flush=True,
         )
@@ -319,7 +388,10 @@ class ExperimentPlan:
             Extras(
                 inv_label_source=label_source,
                 all_curves=True,
-                run_name=f"{label}-seed{seed}",
+                inv_curve=pools is not None,
+                pools=pools,
+                predict_sets=predict,
+                run_name=f"{label}-seed{seed}" + ("" if fold == NO_FOLD else f"-fold{fold}"),
                 parent_run_id=self.parent_run_id,
                 experiment_id=self.experiment_id,
                 tags=tags,
@@ -330,7 +402,7 @@ class ExperimentPlan:
 
 
 def release() -> None:
-    """Drop what one pair left behind: Keras' graph state, cached attack graphs, garbage."""
+    """Drop what one unit left behind: Keras' graph state, cached attack graphs, garbage."""
     import keras
 
     from robustlab.attacks.tf_attacks import clear_attack_cache

@@ -1,9 +1,10 @@
-"""The experiment on the launcher: regimes × seeds as child runs, summarized into a report.
+"""The experiment on the launcher: (regime, seed, fold) units as child runs, summarized into a
+report on the parent run.
 
-The leading process validates, creates the parent run and an Optuna study with one enqueued trial
-per regime × seed, starts worker processes (`robustlab experiment-worker`) that train the pairs,
-and summarizes; it never trains (nor imports TensorFlow). Another `robustlab experiment` started
-on the same study while a leader is alive joins it as a worker.
+The leading process validates, prints the folds, creates the parent run and an Optuna study with
+one enqueued trial per unit, starts worker processes (`robustlab experiment-worker`) that train
+the units, and summarizes; it never trains (nor imports TensorFlow). Another `robustlab
+experiment` started on the same study while a leader is alive joins it as a worker.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -19,22 +23,25 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from robustlab.data.folds import FoldAssignment, HumanPool, assign_folds, load_human_pool
 from robustlab.errors import ConfigError
-from robustlab.evaluation.indices import EVALUATED_ARTIFACT
-from robustlab.experiment.budgets import DEFAULT_REGIMES, check_budget, parse_regimes, regime_for
+from robustlab.evaluation.indices import EVALUATED_ARTIFACT, indices_digest
+from robustlab.experiment.budgets import DEFAULT_REGIMES, check_budget, parse_regimes
 from robustlab.experiment.plan import (
+    FOLD_ATTR,
     REGIME_ATTR,
     SEED_ATTR,
     TEST_SUBSET_SEED,
     ExperimentPlan,
-    indices_digest,
+    Unit,
     pair_configs,
-    pair_distributions,
-    pair_of,
     release,
     shared_test_indices,
+    unit_distributions,
+    unit_of,
 )
 from robustlab.experiment.summary import summarize
+from robustlab.experiment.tables import write_csv
 from robustlab.launch.launcher import (
     RUN_ATTR,
     announce,
@@ -44,21 +51,86 @@ from robustlab.launch.launcher import (
     elect,
     end_lost_runs,
     finished_children,
+    open_study,
     parent_run,
     wait_for_leader,
     work,
     worker_command,
     worker_env,
 )
-from robustlab.launch.storage import (
-    STORAGE_ENV,
-    Heartbeat,
-    load_existing,
-    open_storage,
-    redact_url,
-    storage_url,
-)
+from robustlab.launch.storage import STORAGE_ENV, Heartbeat, open_storage, storage_url
 from robustlab.tracking import configure_tracking
+
+
+@dataclass(frozen=True)
+class Options:
+    """`robustlab experiment`'s options beyond the plan: where, how many workers, resumption."""
+
+    workers: int = 1
+    pairs_per_worker: int = 1
+    storage: str | None = None
+    study_name: str | None = None
+    create_only: bool = False
+    resume_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the leader computed before any run exists, logged on the parent run."""
+
+    plan: ExperimentPlan
+    pool: HumanPool
+    folds: FoldAssignment
+    test_indices: tuple[int, ...]
+
+
+def build_plan(
+    budget: str,
+    seeds: int,
+    regimes: str,
+    data_dir: str | None,
+    eps: float,
+    *,
+    heartbeat: Heartbeat,
+    inv_folds: int,
+    inv_sets: tuple[str, ...],
+    fold_seed: int,
+    allow_small_folds: bool,
+    study_name: str | None,
+) -> Setup:
+    """Every check, the folds (printed before anything trains) and the shared test images."""
+    b = check_budget(budget)
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    labels = parse_regimes(regimes) if regimes else list(DEFAULT_REGIMES)
+    pair_configs(b, 0, data_dir, eps, check_model=False)  # the parent never imports TensorFlow
+    pool = load_human_pool(data_dir, inv_sets)
+    folds = assign_folds(pool, inv_folds, fold_seed, allow_small_folds=allow_small_folds)
+    print(
+        f"experiment: {pool.n} human-labelled examples ({int(pool.changed.sum())} label-changed) "
+        f"from {len(pool.sources)} MNIST sources in {inv_folds} folds (seed {fold_seed}):\n"
+        + folds.describe(),
+        file=sys.stderr,
+        flush=True,
+    )
+    test_indices = shared_test_indices(b.eval_size, data_dir)
+    plan = ExperimentPlan(
+        budget,
+        eps,
+        tuple(labels),
+        seeds,
+        inv_folds,
+        tuple(pool.sets),
+        fold_seed,
+        allow_small_folds,
+        folds.digest,
+        indices_digest(test_indices),
+        len(test_indices),
+        heartbeat,
+        study_name=study_name or "",
+        data_dir=data_dir,
+    )
+    return Setup(plan, pool, folds, test_indices)
 
 
 def run_experiment(
@@ -67,79 +139,58 @@ def run_experiment(
     regimes: str = "",
     data_dir: str | None = None,
     eps: float = 0.3,
-    resume_run_id: str | None = None,
+    options: Options = Options(),
     *,
-    workers: int = 1,
-    pairs_per_worker: int = 1,
-    storage: str | None = None,
-    study_name: str | None = None,
-    create_only: bool = False,
-    heartbeat_interval: int = 60,
-    grace_period: int = 180,
-    max_retry: int = 2,
+    heartbeat: Heartbeat | None = None,
+    inv_folds: int = 5,
+    inv_sets: tuple[str, ...] = (),
+    fold_seed: int = 0,
+    allow_small_folds: bool = False,
 ) -> str:
-    """Run every regime × seed as a child run, then log the comparison and report on the parent.
+    """Train every unit as a child run, then log the tables, report and plots on the parent.
 
-    The pairs are the enqueued trials of an Optuna study on `storage` (the argument, else
-    $ROBUSTLAB_OPTUNA_STORAGE, else tracking/optuna.db), named `study_name` (default
-    `experiment-<parent run id>`); `workers` local `robustlab experiment-worker` processes (a
-    fresh one per `pairs_per_worker` pairs: memory stays bounded) train them, and workers on
-    other machines may join. This process never trains. `create_only`: create the parent run and
-    the study, train nothing. An existing `study_name` (same budget, eps, regimes, seeds) is
-    resumed: a new parent adopts its COMPLETE pairs, and the missing ones are trained.
-    `resume_run_id`: an earlier experiment's parent run (same budget and eps) whose FINISHED
-    children are adopted instead of trained again.
+    The units are the enqueued trials of an Optuna study on `options.storage` (the argument,
+    else $ROBUSTLAB_OPTUNA_STORAGE, else tracking/optuna.db), named `options.study_name`
+    (default `experiment-<parent run id>`); `options.workers` local `robustlab
+    experiment-worker` processes (a fresh one per `pairs_per_worker` units: memory stays
+    bounded) train them, and workers on other machines may join. `create_only`: create the
+    parent run and the study, train nothing. An existing study (same plan) is resumed: a new
+    parent adopts its COMPLETE units and the missing ones are trained. `resume_run_id`: an
+    earlier experiment's parent run (same budget, eps and folds) whose FINISHED children are
+    adopted instead of trained again.
     """
-    b = check_budget(budget)
-    if seeds < 1:
-        raise ConfigError(f"seeds must be >= 1, got {seeds}")
-    if workers < 1 or pairs_per_worker < 1:
+    o = options
+    if o.workers < 1 or o.pairs_per_worker < 1:
         raise ConfigError(
-            f"workers and pairs_per_worker must be >= 1, got {workers} and {pairs_per_worker}"
+            f"workers and pairs_per_worker must be >= 1, got {o.workers} and {o.pairs_per_worker}"
         )
-    heartbeat = Heartbeat(heartbeat_interval, grace_period, max_retry).validate()
-    labels = parse_regimes(regimes) if regimes else list(DEFAULT_REGIMES)
-    plans = [(label, *regime_for(label, b)) for label in labels]  # validates every regime
-    pair_configs(b, 0, data_dir, eps, check_model=False)  # the parent never imports TensorFlow
-    label_sources = sorted({s for _, _, s in plans})
-    test_indices = shared_test_indices(set(label_sources), b.eval_size, data_dir)
-    digest = indices_digest(test_indices)
-    plan = ExperimentPlan(
+    from robustlab.data.folds import HUMAN_SETS
+
+    setup = build_plan(
         budget,
-        eps,
-        tuple(labels),
         seeds,
-        tuple(label_sources),
-        digest,
-        len(test_indices),
-        heartbeat,
-        study_name=study_name or "",
-        data_dir=data_dir,
+        regimes,
+        data_dir,
+        eps,
+        heartbeat=(heartbeat or Heartbeat()).validate(),
+        inv_folds=inv_folds,
+        inv_sets=tuple(inv_sets) or HUMAN_SETS,
+        fold_seed=fold_seed,
+        allow_small_folds=allow_small_folds,
+        study_name=o.study_name,
     )
-    url = storage_url(storage)
+    plan = setup.plan
+    url = storage_url(o.storage)
     store = open_storage(url)
-    old_study = check_existing(store, plan) if study_name else None
-    done = adoptable_children(resume_run_id, budget, eps, digest) if resume_run_id else {}
+    old_study = check_existing(store, plan) if o.study_name else None
+    done = adoptable_children(o.resume_run_id, plan) if o.resume_run_id else {}
     configure_tracking()
-    if study_name:
-        study, token = elect(store, plan)
-        if token is None:
-            return _join(study, store, plan, url)
-    else:  # a fresh study named after the parent run, created inside it
-        study, token = None, None
-    params = {
-        "budget": budget,
-        "seeds": seeds,
-        "regimes": ",".join(labels),
-        "eps": eps,
-        **vars(b),
-        "test_subset_seed": TEST_SUBSET_SEED,
-        "n_test": len(test_indices),
-        "test_indices_sha": digest,
-    }
+    study, token = elect(store, plan) if o.study_name else (None, None)
+    if o.study_name and token is None:
+        return _join(study, store, plan, url)
     tags = {"robustlab.kind": "experiment"}
-    if resume_run_id:
-        tags["robustlab.resumed_from"] = resume_run_id
+    if o.resume_run_id:
+        tags["robustlab.resumed_from"] = o.resume_run_id
     if old_study is not None:
         tags["robustlab.resumed_study"] = "true"
     with parent_run(
@@ -149,34 +200,75 @@ def run_experiment(
         study=study,
         token=token,
         run_name=f"experiment-{budget}",
-        params=params,
+        params=_params(setup),
         tags=tags,
     ) as (parent, study):
-        mlflow.log_dict({"mnist_split": "test", "indices": list(test_indices)}, EVALUATED_ARTIFACT)
-        _adopt_resumed(study, plan, done, resume_run_id, parent.info.run_id)
+        _log_setup(setup)
+        _adopt_resumed(study, plan, done, o.resume_run_id, parent.info.run_id)
         plan.enqueue_missing(study)
         announce(study, parent)
-        if create_only:
+        if o.create_only:
             print(
                 f"experiment study {plan.study_name} created (parent run {parent.info.run_id}); "
-                f"train its pairs from any machine with: robustlab experiment-worker --study-name "
-                f"{plan.study_name} (the storage URL in ${STORAGE_ENV}), then "
+                f"train its units from any machine with: robustlab experiment-worker "
+                f"--study-name {plan.study_name} (the storage URL in ${STORAGE_ENV}), then "
                 "summarize with the same robustlab experiment command plus --study-name "
                 f"{plan.study_name}",
                 file=sys.stderr,
             )
             return parent.info.run_id
         t0 = time.perf_counter()
-        _drive(study, plan, url, workers, data_dir, pairs_per_worker)
-        mlflow.log_metrics({"experiment/wall_seconds": time.perf_counter() - t0, **_peak_rss_mb()})
-        runs = complete_runs(study, pair_of)
+        _drive(study, plan, url, o.workers, data_dir, o.pairs_per_worker)
+        wall = time.perf_counter() - t0
+        mlflow.log_metrics({"experiment/wall_seconds": wall, **_peak_rss_mb()})
+        runs = complete_runs(study, unit_of)
         end_lost_runs(study, set(runs.values()), "robustlab.experiment.worker_lost")
-        summarize(parent.info.run_id, plan, runs)
+        summarize(parent.info.run_id, plan, runs, wall)
         return parent.info.run_id
 
 
+def _params(setup: Setup) -> dict:
+    plan = setup.plan
+    b = check_budget(plan.budget)
+    return {
+        "budget": plan.budget,
+        "seeds": plan.seeds,
+        "regimes": ",".join(plan.regimes),
+        "eps": plan.eps,
+        **vars(b),
+        "inv_folds": plan.inv_folds,
+        "inv_sets": ",".join(plan.inv_sets),
+        "fold_seed": plan.fold_seed,
+        "allow_small_folds": plan.allow_small_folds,
+        "fold_digest": plan.fold_digest,
+        "n_inv_examples": setup.pool.n,
+        "n_inv_changed": int(setup.pool.changed.sum()),
+        "test_subset_seed": TEST_SUBSET_SEED,
+        "n_test": plan.n_test,
+        "test_indices_sha": plan.test_indices_sha,
+    }
+
+
+def _log_setup(setup: Setup) -> None:
+    """The shared test images, the pool with each example's fold, and the per-fold counts."""
+    mlflow.log_dict(
+        {"mnist_split": "test", "indices": list(setup.test_indices)}, EVALUATED_ARTIFACT
+    )
+    folds = setup.folds
+    rows = [
+        {**row, "fold": int(f)}
+        for row, f in zip(setup.pool.rows(), folds.fold_of_example, strict=True)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(write_csv(rows, Path(tmp) / "folds.csv")))
+    mlflow.log_dict(
+        {"k": folds.k, "seed": folds.seed, "digest": folds.digest, "folds": folds.counts()},
+        "folds.json",
+    )
+
+
 def _join(study: optuna.Study, store, plan: ExperimentPlan, url: str) -> str:
-    """Another `robustlab experiment` leads this study: train its pairs as a worker, then exit."""
+    """Another `robustlab experiment` leads this study: train its units as a worker, then exit."""
     parent = wait_for_leader(study, store)
     print(
         f"experiment: study {plan.study_name} is led by another robustlab experiment (parent "
@@ -186,7 +278,7 @@ def _join(study: optuna.Study, store, plan: ExperimentPlan, url: str) -> str:
     )
     n = run_worker(plan.study_name, url, plan.data_dir)
     print(
-        f"experiment: this worker trained {n} pair(s); the leading process summarizes the "
+        f"experiment: this worker trained {n} unit(s); the leading process summarizes the "
         f"experiment on parent run {parent}",
         file=sys.stderr,
     )
@@ -196,34 +288,37 @@ def _join(study: optuna.Study, store, plan: ExperimentPlan, url: str) -> str:
 def _adopt_resumed(
     study: optuna.Study,
     plan: ExperimentPlan,
-    done: dict[tuple[str, int], Run],
+    done: dict[Unit, Run],
     old_parent: str | None,
     parent_id: str,
 ) -> None:
     """The FINISHED children of a resumed experiment become COMPLETE trials of this study."""
     client = MlflowClient()
-    complete = complete_runs(study, pair_of)
-    for (label, seed), old in done.items():
-        if (label, seed) not in set(plan.pairs):
+    complete = complete_runs(study, unit_of)
+    units = set(plan.units)
+    for unit, old in done.items():
+        if unit not in units:
             continue
+        label, seed, fold = unit
         print(
-            f"== experiment: {label} seed {seed}: reusing run {old.info.run_id} ==",
+            f"== experiment: {label} seed {seed} fold {fold}: reusing run {old.info.run_id} ==",
             file=sys.stderr,
             flush=True,
         )
-        client.set_tag(old.info.run_id, "robustlab.moved_from_parent", old_parent)
+        client.set_tag(old.info.run_id, "robustlab.moved_from_parent", old_parent or "")
         client.set_tag(old.info.run_id, "mlflow.parentRunId", parent_id)
-        if (label, seed) in complete:
+        if unit in complete:
             continue
         study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.COMPLETE,
                 values=[((old.info.end_time or old.info.start_time) - old.info.start_time) / 1000],
-                params={"regime": label, "seed": seed},
-                distributions=pair_distributions(plan.regimes, plan.seeds),
+                params={"regime": label, "seed": seed, "fold": fold},
+                distributions=unit_distributions(plan.regimes, plan.seeds, plan.inv_folds),
                 user_attrs={
                     REGIME_ATTR: label,
                     SEED_ATTR: seed,
+                    FOLD_ATTR: fold,
                     RUN_ATTR: old.info.run_id,
                     "adopted_from": old.data.tags.get("mlflow.parentRunId", ""),
                 },
@@ -239,8 +334,8 @@ def _drive(
     data_dir: str | None,
     pairs_per_worker: int,
 ) -> None:
-    """Keep up to `workers` worker processes (each exits after `pairs_per_worker` pairs) busy
-    until every pair is COMPLETE."""
+    """Keep up to `workers` worker processes (each exits after `pairs_per_worker` units) busy
+    until every unit is COMPLETE."""
     env = worker_env(url)
     args = ["--max-trials", str(pairs_per_worker)]
     if data_dir:
@@ -252,7 +347,7 @@ def _drive(
         lambda _i: subprocess.Popen(cmd, env=env),
         workers=workers,
         demand=plan.demand,
-        max_failures=2 * len(plan.pairs),
+        max_failures=2 * len(plan.units),
     )
 
 
@@ -267,44 +362,47 @@ def _peak_rss_mb() -> dict[str, float]:
     }
 
 
-def adoptable_children(
-    parent_id: str, budget: str, eps: float, test_indices_sha: str | None = None
-) -> dict[tuple[str, int], Run]:
-    """The FINISHED regime × seed children of experiment `parent_id`, checked to be comparable.
-
-    With `test_indices_sha`, the earlier experiment must have evaluated on the same test images.
-    """
+def adoptable_children(parent_id: str, plan: ExperimentPlan) -> dict[Unit, Run]:
+    """The FINISHED units of experiment `parent_id`, checked to be comparable: the same budget,
+    eps, folds and test images."""
     configure_tracking()  # before the parent run exists: look in the same store it will use
     parent, children = finished_children(parent_id, "resume_run_id")
     p = parent.data.params
     if parent.data.tags.get("robustlab.kind") != "experiment":
         raise ConfigError(f"resume_run_id={parent_id} is not an experiment's parent run")
-    if p.get("budget") != budget or float(p.get("eps", "nan")) != eps:
+    if p.get("budget") != plan.budget or float(p.get("eps", "nan")) != plan.eps:
         raise ConfigError(
             f"resume_run_id={parent_id} ran budget={p.get('budget')} eps={p.get('eps')}; "
-            f"resume it with the same budget and eps (asked: budget={budget} eps={eps})"
+            f"resume it with the same budget and eps (asked: budget={plan.budget} eps={plan.eps})"
         )
-    if test_indices_sha is not None and p.get("test_indices_sha") != test_indices_sha:
+    if (
+        p.get("fold_digest") != plan.fold_digest
+        or p.get("test_indices_sha") != plan.test_indices_sha
+    ):
         raise ConfigError(
-            f"resume_run_id={parent_id} evaluated on other test images than this experiment "
-            "would (it predates the shared test set, or its data differ); start a new experiment"
+            f"resume_run_id={parent_id} used other folds or test images than this experiment "
+            "would (other inv_folds, inv_sets or fold_seed, or other data); start a new experiment"
         )
-    return {
-        (c.data.tags["robustlab.experiment_regime"], int(c.data.tags["robustlab.seed"])): c
-        for c in children
-        if "robustlab.experiment_regime" in c.data.tags and "robustlab.seed" in c.data.tags
-    }
+    out = {}
+    for c in children:
+        t = c.data.tags
+        if {"robustlab.experiment_regime", "robustlab.seed", "robustlab.fold"} <= set(t):
+            unit = (
+                t["robustlab.experiment_regime"],
+                int(t["robustlab.seed"]),
+                int(t["robustlab.fold"]),
+            )
+            out[unit] = c
+    return out
 
 
 def run_worker(study_name: str, url: str, data_dir: str | None = None, max_trials: int = 0) -> int:
-    """Train WAITING pairs until none is left (or `max_trials` were done); the number done."""
-    store = open_storage(url)
-    study = load_existing(store, study_name)
-    if study is None:
-        raise ConfigError(
-            f"no study {study_name!r} in {redact_url(url)}; create it with "
-            "robustlab experiment --create-only true (or check the storage URL)"
-        )
+    """Train WAITING units until none is left (or `max_trials` were done); the number done."""
+    study = open_study(
+        url,
+        study_name,
+        "create it with robustlab experiment --create-only true (or check the storage URL)",
+    )
     plan = ExperimentPlan.from_study(study, data_dir)
     os.environ.pop("MLFLOW_RUN_ID", None)  # it would override the child runs' parent
     configure_tracking()

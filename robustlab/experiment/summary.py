@@ -1,4 +1,5 @@
-"""The experiment's summary on its parent run: comparison tables, report, plots."""
+"""The experiment's summary on its parent run: the per-example tables, the figures computed from
+them, report.md, the forest plot, validation curves, and tags with the claims' verdicts."""
 
 from __future__ import annotations
 
@@ -11,121 +12,113 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from robustlab.evaluation.plots import line_plot
-from robustlab.experiment.plan import ExperimentPlan
-from robustlab.experiment.report import KEY_METRICS, aggregate, write_comparison, write_report
+from robustlab.experiment.figures import ALL, Figures, compute_figures
+from robustlab.experiment.plan import NO_FOLD, ExperimentPlan, Unit
+from robustlab.experiment.report import forest_plot, write_report
+from robustlab.experiment.tables import INV_TABLE, TEST_TABLE, gather, log_tables
 
 CURVES = ("val/clean_acc", "val/pgd_acc", "val/inv_acc")
 
 
-def summarize(parent_id: str, plan: ExperimentPlan, runs: dict[tuple[str, int], str]) -> None:
-    """Aggregate the pairs' runs (`runs`: (regime, seed) -> run id) on the parent run."""
-    client = MlflowClient()
-    child_ids: dict[str, list[str]] = {label: [] for label in plan.regimes}
-    seconds: dict[str, float] = dict.fromkeys(plan.regimes, 0.0)
-    for label, seed in plan.pairs:
-        info = client.get_run(runs[(label, seed)]).info
-        child_ids[label].append(info.run_id)
-        seconds[label] += ((info.end_time or info.start_time) - info.start_time) / 1000
-    mlflow.log_metrics({f"time/{label}_seconds": s for label, s in seconds.items()})
-    _summarize(parent_id, child_ids, seconds, plan.budget, plan.seeds)
-
-
-def _summarize(
-    parent_id: str,
-    child_ids: dict[str, list[str]],
-    seconds: dict[str, float],
-    budget: str,
-    seeds: int,
-) -> None:
-    client = MlflowClient()
-    results: dict[str, dict[str, list[float]]] = {}
-    curves: dict[str, dict[str, list[list[float]]]] = {}
-    for label, ids in child_ids.items():
-        results[label], curves[label] = {}, {c: [] for c in CURVES}
-        for run_id in ids:
-            run = client.get_run(run_id)
-            for metric, value in run.data.metrics.items():
-                if metric.startswith("test/") and not metric.endswith(("_ci_low", "_ci_high")):
-                    results[label].setdefault(metric, []).append(value)
-            for c in CURVES:
-                curves[label][c].append(
-                    [
-                        m.value
-                        for m in sorted(client.get_metric_history(run_id, c), key=lambda m: m.step)
-                    ]
-                )
-    agg = aggregate(results)
+def summarize(parent_id: str, plan: ExperimentPlan, runs: dict[Unit, str], wall: float) -> None:
+    """Gather the units' per-example outcomes (`runs`: unit -> run id), compute every figure,
+    and log the tables, report and plots on the (active) parent run."""
+    inv_rows, test_rows = gather(runs)
+    fig = compute_figures(inv_rows, test_rows, plan.regimes, list(range(plan.seeds)))
+    seconds = _seconds(runs, plan)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        write_comparison(agg, out / "comparison.csv", out / "comparison.md")
-        meta = {
-            "budget": budget,
-            "seeds": str(seeds),
-            "parent run": parent_id,
-            "wall time per regime (all seeds)": ", ".join(
-                f"{k} {v / 60:.1f} min" for k, v in seconds.items()
-            ),
-        }
-        vs = write_report(out / "report.md", agg, results, meta)
-        for name in ("comparison.csv", "comparison.md", "report.md"):
-            mlflow.log_artifact(str(out / name))
-        mlflow.set_tags({f"robustlab.claim{i + 1}": v.verdict for i, v in enumerate(vs)})
-        for metric in KEY_METRICS:
-            if any(metric in a for a in agg.values()):
-                _bar_chart(agg, metric, out / f"bar_{metric.replace('/', '_')}.png")
-                mlflow.log_artifact(str(out / f"bar_{metric.replace('/', '_')}.png"), "plots/bars")
-        for label, by_curve in curves.items():
-            series, bands = {}, {}
-            for c, runs in by_curve.items():
-                n = min((len(r) for r in runs), default=0)
-                if n:
-                    arr = np.array([r[:n] for r in runs])
-                    x = list(range(1, n + 1))
-                    series[c] = (x, arr.mean(axis=0).tolist())
-                    bands[c] = (arr.min(axis=0).tolist(), arr.max(axis=0).tolist())
-            if series:
+        log_tables([(INV_TABLE, inv_rows), (TEST_TABLE, test_rows)], out)
+        write_report(out / "report.md", fig, _meta(parent_id, plan, wall, seconds), _commands(plan))
+        mlflow.log_artifact(str(out / "report.md"))
+        mlflow.log_artifact(str(forest_plot(fig, out / "forest_plot.png")))
+        for path in _curves(runs, plan, out):
+            mlflow.log_artifact(str(path), "plots/curves")
+    mlflow.set_tags({f"robustlab.claim{c.claim.key}": c.verdict for c in fig.claims})
+    mlflow.log_metrics({f"time/{label}_seconds": s for label, s in seconds.items()})
+    mlflow.log_metrics(_key_metrics(fig))
+    print("\n".join(f"{c.claim.text}: {c.verdict}" for c in fig.claims), file=sys.stderr)
+
+
+def _seconds(runs: dict[Unit, str], plan: ExperimentPlan) -> dict[str, float]:
+    client = MlflowClient()
+    out = dict.fromkeys(plan.regimes, 0.0)
+    for (label, _, _), run_id in runs.items():
+        info = client.get_run(run_id).info
+        out[label] += ((info.end_time or info.start_time) - info.start_time) / 1000
+    return out
+
+
+def _meta(
+    parent_id: str, plan: ExperimentPlan, wall: float, seconds: dict[str, float]
+) -> dict[str, str]:
+    return {
+        "budget": plan.budget,
+        "seeds": str(plan.seeds),
+        "cross-validation": f"{plan.inv_folds} source-grouped folds (seed {plan.fold_seed}, "
+        f"digest {plan.fold_digest}) over {', '.join(plan.inv_sets)}",
+        "parent run": parent_id,
+        "wall time": f"{wall / 60:.1f} min",
+        "training + evaluation time per regime (all seeds and folds)": ", ".join(
+            f"{k} {v / 60:.1f} min" for k, v in seconds.items()
+        ),
+    }
+
+
+def _commands(plan: ExperimentPlan) -> list[str]:
+    small = " --allow-small-folds true" if plan.allow_small_folds else ""
+    return [
+        f"robustlab experiment --budget {plan.budget} --seeds {plan.seeds} --eps {plan.eps} "
+        f"--regimes {','.join(plan.regimes)} --inv-folds {plan.inv_folds} "
+        f"--inv-sets {','.join(plan.inv_sets)} --fold-seed {plan.fold_seed}{small}",
+        "# every figure above, from this run's tables/inv_predictions.csv and",
+        "# tables/test_outcomes.csv:",
+        "python -c 'from robustlab.experiment.figures import compute_figures; "
+        "from robustlab.experiment.tables import read_csv; "
+        'fig = compute_figures(read_csv("inv_predictions.csv"), '
+        f'read_csv("test_outcomes.csv"), {list(plan.regimes)!r}, '
+        f"{list(range(plan.seeds))!r}); print(fig.claims)'",
+    ]
+
+
+def _key_metrics(fig: Figures) -> dict[str, float]:
+    out = {}
+    for regime in fig.regimes:
+        for metric, value in fig.test.get(regime, {}).items():
+            out[f"{regime}/{metric}_acc"] = value[0]
+        for metric, value in fig.inv.get(regime, {}).get(ALL, {}).items():
+            out[f"{regime}/inv_{metric}_acc"] = value[0]
+    return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+def _curves(runs: dict[Unit, str], plan: ExperimentPlan, out: Path) -> list[Path]:
+    """Per regime: validation clean / PGD / INV accuracy per epoch, mean over seeds and folds
+    (band: min–max)."""
+    client = MlflowClient()
+    paths = []
+    for label in plan.regimes:
+        ids = [run_id for (lab, _, _), run_id in runs.items() if lab == label]
+        series, bands = {}, {}
+        for c in CURVES:
+            histories = [
+                [m.value for m in sorted(client.get_metric_history(r, c), key=lambda m: m.step)]
+                for r in ids
+            ]
+            n = min((len(h) for h in histories), default=0)
+            if n:
+                arr = np.array([h[:n] for h in histories])
+                series[c] = (list(range(1, n + 1)), arr.mean(axis=0).tolist())
+                bands[c] = (arr.min(axis=0).tolist(), arr.max(axis=0).tolist())
+        if series:
+            units = "seeds" if plan.folds_of(label) == [NO_FOLD] else "seeds and folds"
+            paths.append(
                 line_plot(
                     series,
                     out / f"curves_{label}.png",
                     xlabel="epoch (all phases)",
                     ylabel="validation accuracy",
-                    title=f"{label}: mean over seeds (band: min–max)",
+                    title=f"{label}: mean over {units} (band: min–max)",
                     bands=bands,
                 )
-                mlflow.log_artifact(str(out / f"curves_{label}.png"), "plots/curves")
-        for label, metrics in agg.items():
-            mlflow.log_metrics(
-                {
-                    f"{label}/{m}_mean": s.mean
-                    for m, s in metrics.items()
-                    if s.n and m in KEY_METRICS
-                }
             )
-    print("\n".join(f"{v.claim}: {v.verdict}" for v in vs), file=sys.stderr)
-
-
-def _bar_chart(agg, metric: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    labels = [r for r in agg if metric in agg[r] and agg[r][metric].n]
-    means = [agg[r][metric].mean for r in labels]
-    err = [
-        [
-            0 if np.isnan(agg[r][metric].ci_low) else agg[r][metric].mean - agg[r][metric].ci_low
-            for r in labels
-        ],
-        [
-            0 if np.isnan(agg[r][metric].ci_high) else agg[r][metric].ci_high - agg[r][metric].mean
-            for r in labels
-        ],
-    ]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(range(len(labels)), means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} (mean over seeds, 95% CI)")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return paths

@@ -11,6 +11,7 @@ from them.
 from __future__ import annotations
 
 import csv
+import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
@@ -58,6 +59,7 @@ def gather(
     runs: dict[tuple[str, int, int], str],
 ) -> tuple[list[dict], list[dict]]:
     """(invariance table, test table) from the runs of every (regime, seed, fold)."""
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # 2 downloads per run
     inv: list[dict] = []
     outcomes: dict[tuple[str, int], dict[int, list[dict[str, str]]]] = defaultdict(dict)
     with tempfile.TemporaryDirectory(prefix="robustlab-tables-") as tmp:

@@ -3,7 +3,7 @@
 Each part compares two regimes on one metric: label-changed, label-kept or balanced accuracy on
 the human-labelled examples (out-of-fold predictions), or PGD-40 accuracy on the shared test
 images. An effect is A − B with a 95% hierarchical-bootstrap interval [L, U] and the minimum
-detectable effect (MDE) at 80% power (`robustlab.experiment.stats`). A part claims that the
+detectable effect (MDE) at 80% power (`robustlab.evaluation.bootstrap`). A part claims that the
 effect lies on one side of a threshold t:
 
 | kind | claim | t |
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from robustlab.experiment.stats import Effect
+from robustlab.evaluation.bootstrap import Effect
 
 MARGINS = {"changed": 0.10, "kept": 0.05, "balanced": 0.05, "pgd40": 0.05}
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"

@@ -44,7 +44,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from robustlab.errors import ConfigError, RobustlabError
 from robustlab.launch import optuna_compat
-from robustlab.launch.storage import STORAGE_ENV, Heartbeat, load_existing, redact_url
+from robustlab.launch.storage import (
+    STORAGE_ENV,
+    Heartbeat,
+    load_existing,
+    open_storage,
+    redact_url,
+)
 from robustlab.tracking import start_run
 
 ATTR_KIND = "robustlab_kind"  # "tune" | "experiment"
@@ -91,6 +97,14 @@ class Retry:
 
 
 # ---- election and the parent run ---------------------------------------------------------
+
+
+def open_study(url: str, name: str, hint: str) -> optuna.Study:
+    """The study `name` at `url` (for a worker); ConfigError naming `hint` when there is none."""
+    study = load_existing(open_storage(url), name)
+    if study is None:
+        raise ConfigError(f"no study {name!r} in {redact_url(url)}; {hint}")
+    return study
 
 
 def check_existing(storage: RDBStorage, plan: Plan) -> optuna.Study | None:

@@ -114,7 +114,7 @@ def test_evaluation(
     from robustlab.data.mnist import load_mnist, subsample
     from robustlab.data.selection import test_half_sets
     from robustlab.evaluation.robustness import evaluate_and_log
-    from robustlab.evaluation.validation import balanced_inv_accuracy
+    from robustlab.evaluation.validation import balanced_inv_accuracy, human_pool_accuracy
     from robustlab.provenance import log_excluded_sources
     from robustlab.tracking import start_run
 
@@ -143,6 +143,7 @@ def test_evaluation(
         with tempfile.TemporaryDirectory(prefix="robustlab-register-") as tmp:
             metrics = evaluate_and_log(model, test, cfg, out_dir=Path(tmp), log=True)
         inv = balanced_inv_accuracy(model, test_half_sets(data_dir, excluded), "test")
+        inv.update(human_pool_accuracy(model, excluded, data_dir))
         mlflow.log_metrics(inv)
     return run.info.run_id, {**metrics, **inv}, mnist.digest
 

@@ -86,6 +86,7 @@ class Extras:
     # per-epoch val/pgd_acc and val/inv_acc for every regime (default: only the ones it trains on);
     # loading the invariance validation pool also excludes its sources from evaluation
     all_curves: bool | None = None
+    inv_curve: bool = True  # with all_curves: val/inv_acc too (False: the curve needs no pool)
     robust_eval: bool = True  # full robustness evaluation at the end (PGD, AutoAttack, ...)
     run_name: str | None = None
     nested: bool = False  # a child run of the active run (the experiment runner)
@@ -322,7 +323,7 @@ def prepare(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras
     mnist = load_mnist(cfg.data.data_dir, train_size=cfg.data.train_size)
     all_curves = bool(extras.all_curves)
     pools = extras.pools
-    if pools is None and (regime.uses_inv or all_curves):
+    if pools is None and (regime.uses_inv or (all_curves and extras.inv_curve)):
         pools = load_inv_pools(cfg.data.data_dir, extras.inv_label_source, extras.inv_pool)
     init_model = init_prov = None
     excluded = np.asarray(extras.excluded, dtype=np.int64)

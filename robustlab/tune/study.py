@@ -26,6 +26,7 @@ from robustlab.launch.launcher import (
     check_existing,
     drive,
     elect,
+    open_study,
     parent_run,
     wait_for_leader,
     wait_for_running,
@@ -33,7 +34,7 @@ from robustlab.launch.launcher import (
     worker_command,
     worker_env,
 )
-from robustlab.launch.storage import load_existing, open_storage, redact_url, storage_url
+from robustlab.launch.storage import open_storage, storage_url
 from robustlab.tracking import configure_tracking
 from robustlab.tune.objective import TunePlan, stored_config
 
@@ -176,12 +177,7 @@ def _spawn_workers(study: optuna.Study, plan: TunePlan, url: str) -> None:
 def load_plan(study_name: str, url: str) -> TunePlan:
     """The TunePlan a worker runs, from the study's attributes; ConfigError for an unknown or a
     non-tune study."""
-    storage = open_storage(url)
-    study = load_existing(storage, study_name)
-    if study is None:
-        raise ConfigError(
-            f"no study {study_name!r} in {redact_url(url)}; start it with robustlab tune"
-        )
+    study = open_study(url, study_name, "start it with robustlab tune")
     return TunePlan.from_study(study, url)
 
 

@@ -148,3 +148,21 @@ def accuracy_interval(values: np.ndarray, cluster: np.ndarray) -> tuple[float, f
         return math.nan, math.nan, math.nan
     low, high = np.percentile(boot, [2.5, 97.5])
     return float(np.mean(values)), float(low), float(high)
+
+
+def invariance_intervals(
+    correct: np.ndarray, changed: np.ndarray, cluster: np.ndarray
+) -> dict[str, tuple[float, float, float, int]]:
+    """Label-changed, label-kept and balanced accuracy of per-example outcomes (examples, seeds),
+    each (mean, 95% low, 95% high, examples); balanced only when both groups are present."""
+    out: dict[str, tuple[float, float, float, int]] = {}
+    for name, mask in (("changed", changed), ("kept", ~changed)):
+        out[name] = (*accuracy_interval(correct[mask], cluster[mask]), int(mask.sum()))
+    if changed.any() and (~changed).any():
+        zero = np.zeros_like(correct, dtype=float)
+        groups = [
+            Outcomes(correct[m].astype(float), zero[m], cluster[m]) for m in (changed, ~changed)
+        ]
+        e = effect("balanced", groups, [0.5, 0.5])
+        out["balanced"] = (e.estimate, e.ci_low, e.ci_high, len(changed))
+    return out
