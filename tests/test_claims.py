@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robustlab.experiment.figures import compute_figures
 from robustlab.evaluation.bootstrap import Outcomes, effect, mcnemar_p
+from robustlab.experiment.figures import compute_figures
 from robustlab.experiment.verdicts import (
     INCONCLUSIVE,
     NOT_SUPPORTED,
