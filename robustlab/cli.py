@@ -8,7 +8,8 @@ import os
 import sys
 from typing import NoReturn
 
-from robustlab.errors import RobustlabError
+from robustlab.credentials import apply_services_env
+from robustlab.errors import RobustlabError, SecretError
 
 # sub-command name -> module in robustlab.commands exposing `add_parser(subparsers)`
 COMMANDS = {
@@ -75,11 +76,38 @@ def record_error_on_mlflow_run(line: str) -> None:
         pass
 
 
+def purge_mlflow_run() -> str:
+    """Under `mlflow run`, which logged the secret as a parameter before we started: delete that
+    run and, on a SQL store, purge it for good (`mlflow gc`); what was done, as a clause."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return ""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().delete_run(run_id)
+    except Exception:  # noqa: BLE001 - reporting the error must never hide it
+        return f" (delete run {run_id}: mlflow logged the parameter)"
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        return f" (run {run_id} was deleted; have the server's operator run mlflow gc)"
+    gc = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "gc", "--run-ids", run_id]
+    done = subprocess.run([*gc, "--backend-store-uri", uri], capture_output=True).returncode == 0
+    return f" (run {run_id}, which logged it, was {'purged' if done else 'deleted'})"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
+        apply_services_env()
         args.func(args)
+    except SecretError as exc:
+        line = f"robustlab {args.command}: error: {exc}{purge_mlflow_run()}"
+        print(line, file=sys.stderr)
+        return 2
     except RobustlabError as exc:
         line = f"robustlab {args.command}: error: {exc}"
         record_error_on_mlflow_run(line)

@@ -13,5 +13,9 @@ class ConfigError(RobustlabError):
     """A parameter value is out of range or inconsistent."""
 
 
+class SecretError(ConfigError):
+    """A secret where anyone may read it (a password on a command line or in a parameter)."""
+
+
 class TrackingError(RobustlabError):
     """The MLflow tracking store or server cannot be used."""

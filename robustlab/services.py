@@ -96,14 +96,33 @@ class Services:
         if os.environ.get(PASSWORD_ENV):
             return os.environ[PASSWORD_ENV]
         path = self.root / "pg_password"
-        if not path.is_file():
+        if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(18))
-            path.chmod(0o600)
-        return path.read_text().strip()
+            write_secret(path, secrets.token_urlsafe(18))
+        try:
+            text = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            text, why = "", f"{type(exc).__name__}: {exc.strerror or exc}"
+        else:
+            why = "it is empty"
+        if not text:
+            raise RobustlabError(
+                f"cannot read the PostgreSQL password from {path} ({why}); make it a file of "
+                f"yours with mode 600 holding the password, or set ${PASSWORD_ENV}"
+            )
+        return text
 
     def db_url(self, db: str) -> str:
+        """The database's URL with its password (for the mode-600 services.env only)."""
         return f"postgresql+psycopg://{ROLE}:{self.password()}@{HOST}:{self.pg_port}/{db}"
+
+    def db_url_without_password(self, db: str) -> str:
+        """The URL for command lines: libpq takes the password from $PGPASSWORD instead."""
+        return f"postgresql+psycopg://{ROLE}@{HOST}:{self.pg_port}/{db}"
+
+    def password_env(self) -> dict[str, str]:
+        """The environment that hands the password to libpq (never a command line)."""
+        return {**os.environ, "PGPASSWORD": self.password()}
 
     @property
     def tracking_uri(self) -> str:
@@ -133,8 +152,18 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _run(cmd: list[str], what: str) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def write_secret(path: Path, text: str) -> None:
+    """Write `text` to a new file readable by its owner only (mode 600 from its creation)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def _run(
+    cmd: list[str], what: str, *, stdin: str | None = None, env: dict[str, str] | None = None
+) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, input=stdin, env=env)
     if out.returncode != 0:
         detail = (out.stderr or out.stdout).strip().splitlines()
         raise RobustlabError(f"{what} failed: {detail[-1] if detail else out.returncode}")
@@ -174,24 +203,26 @@ def start_postgres(svc: Services) -> None:
         svc.pgdata.chmod(0o700)
         _chown_postgres(svc.pgdata)
         pwfile = svc.pg_root / "pwfile"
-        pwfile.write_text(svc.password() + "\n")
-        _chown_postgres(pwfile)
-        _run(
-            _as_postgres(
-                [
-                    _pg_bin("initdb"),
-                    "-D",
-                    str(svc.pgdata),
-                    "-U",
-                    "postgres",
-                    "--auth-local=trust",
-                    "--auth-host=scram-sha-256",
-                    f"--pwfile={pwfile}",
-                ]
-            ),
-            "initdb",
-        )
-        pwfile.unlink()
+        try:  # mode 600 from its creation, removed whatever initdb does
+            write_secret(pwfile, svc.password() + "\n")
+            _chown_postgres(pwfile)
+            _run(
+                _as_postgres(
+                    [
+                        _pg_bin("initdb"),
+                        "-D",
+                        str(svc.pgdata),
+                        "-U",
+                        "postgres",
+                        "--auth-local=trust",
+                        "--auth-host=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                    ]
+                ),
+                "initdb",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
     svc.socket_dir.mkdir(parents=True, exist_ok=True)
     _chown_postgres(svc.socket_dir, svc.pg_root)
     opts = f"-p {svc.pg_port} -k {svc.socket_dir} -c listen_addresses={HOST}"
@@ -217,8 +248,10 @@ def start_postgres(svc: Services) -> None:
 
 
 def _psql(svc: Services, sql: str, db: str = "postgres") -> str:
+    """Run `sql` through psql's standard input (a password in it never reaches a command line)."""
     cmd = [_pg_bin("psql"), "-h", str(svc.socket_dir), "-p", str(svc.pg_port), "-U", "postgres"]
-    return _run(_as_postgres([*cmd, "-d", db, "-tAc", sql]), "psql")
+    cmd += ["-d", db, "-v", "ON_ERROR_STOP=1", "-tA", "-f", "-"]
+    return _run(_as_postgres(cmd), "psql", stdin=sql)
 
 
 def _ensure_databases(svc: Services) -> None:
@@ -294,11 +327,11 @@ def start_mlflow(svc: Services, timeout: float = 90.0) -> None:
             f"with {MLFLOW_PORT_ENV}=N"
         )
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    db = svc.db_url("mlflow")
-    _run([mlflow_bin, "db", "upgrade", db], "mlflow db upgrade")
+    db = svc.db_url_without_password("mlflow")  # the password travels in $PGPASSWORD
+    _run([mlflow_bin, "db", "upgrade", db], "mlflow db upgrade", env=svc.password_env())
     svc.artifacts.mkdir(parents=True, exist_ok=True)
     hosts = f"{HOST}:{svc.mlflow_port},localhost:{svc.mlflow_port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**svc.password_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(svc.root / "mlflow.log", "ab")  # noqa: SIM115 - handed to the server process
     proc = subprocess.Popen(
@@ -360,8 +393,7 @@ def write_env(svc: Services) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": svc.tracking_uri,
         "ROBUSTLAB_OPTUNA_STORAGE": svc.db_url("optuna"),
     }
-    svc.env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    svc.env_file.chmod(0o600)
+    write_secret(svc.env_file, "".join(f"{k}={v}\n" for k, v in values.items()))
     return values
 
 
@@ -369,6 +401,7 @@ def start(svc: Services | None = None) -> dict[str, str]:
     """Start (or reuse) PostgreSQL and the MLflow server; return the two URLs."""
     svc = svc or Services.from_env()
     svc.root.mkdir(parents=True, exist_ok=True)
+    svc.password()  # an unreadable password file: one line before anything starts
     start_postgres(svc)
     start_mlflow(svc)
     return write_env(svc)

@@ -249,6 +249,48 @@ TUNE_CASES = [
     ("tune-sampler-unknown", [*_TUNE, "--sampler", "cmaes"], "unknown sampler"),
     ("tune-precision-unknown", [*_TUNE, "--precision", "bf16"], "precision must be one of"),
     ("tune-storage-bad-url", ["tune", "--storage", "nosuchdb://x/y"], "cannot open the study"),
+    ("tune-flag-yes", [*_TUNE, "--tune-lr", "yes"], "expected true/false, got 'yes'"),
+]
+SECRET_URL = "postgresql+psycopg://robustlab:s3cret@127.0.0.1:1/optuna"  # never printed
+SECRET_CASES = [
+    (
+        f"{command}-storage-password",
+        [command, *extra, "--storage", SECRET_URL],
+        "carries a password",
+    )
+    for command, extra in (
+        ("tune", ["--budget", "smoke"]),
+        ("tune-worker", ["--study-name", "s"]),
+        ("experiment", ["--budget", "smoke"]),
+        ("experiment-worker", ["--study-name", "s"]),
+        ("register", ["--study-name", "s"]),
+    )
+] + [
+    (
+        "services-env-missing",
+        ["ENV:ROBUSTLAB_SERVICES_ENV={tmp}/nosuch.env", *_TUNE],
+        "nosuch.env: no such file",
+    ),
+    (
+        "services-env-world-readable",
+        ["ENV:ROBUSTLAB_SERVICES_ENV={tmp}/open.env", *_TUNE],
+        "is readable by other users (mode 644)",
+    ),
+    (
+        "services-env-malformed",
+        ["ENV:ROBUSTLAB_SERVICES_ENV={tmp}/bad.env", *_TUNE],
+        "line 2 is not KEY=VALUE",
+    ),
+    (
+        "services-password-unreadable",
+        ["ENV:ROBUSTLAB_TRACKING_DIR={tmp}/pwdir", "services", "start"],
+        "cannot read the PostgreSQL password",
+    ),
+    (
+        "evaluate-flag-maybe",
+        ["evaluate", "--model-uri", NO_RUN, "--allow-unknown-provenance", "maybe"],
+        "expected true/false, got 'maybe'",
+    ),
 ]
 REGISTER_CASES = [
     ("register-no-source", ["register"], "pass exactly one of study_name"),
@@ -277,6 +319,7 @@ CASES = (
     + EXPERIMENT_CASES
     + TUNE_CASES
     + REGISTER_CASES
+    + SECRET_CASES
 )
 
 
@@ -296,6 +339,13 @@ def store(tmp_path_factory):
     (root / "corrupt").mkdir()
     (root / "corrupt" / "mnist.npz").write_bytes(b"\x00garbage")
     L.import_thesis(root / "store.json").save()
+    for name, text, mode in (
+        ("open.env", "ROBUSTLAB_OPTUNA_STORAGE=sqlite:///x.db\n", 0o644),
+        ("bad.env", "MLFLOW_TRACKING_URI=http://127.0.0.1:1\nthis line is no assignment\n", 0o600),
+    ):
+        (root / name).write_text(text)
+        (root / name).chmod(mode)
+    (root / "pwdir" / "services" / "pg_password").mkdir(parents=True)  # a folder: unreadable
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -336,17 +386,22 @@ def test_matrix_is_large_enough():
 @pytest.mark.parametrize(("args", "message"), [pytest.param(a, m, id=i) for i, a, m in CASES])
 def test_bad_input(store, args, message):
     argv = [a.format(**store["values"]) for a in args]
+    env = dict(store["env"])
+    while argv[0].startswith("ENV:"):
+        key, value = argv.pop(0).removeprefix("ENV:").split("=", 1)
+        env[key] = value
     before = count_runs(store["uri"])
     t0 = time.perf_counter()
     out = subprocess.run(
         [str(BIN / "robustlab"), *argv],
         capture_output=True,
         text=True,
-        env=store["env"],
+        env=env,
         cwd=store["root"],
         timeout=300,
     )
     lines = error_lines(out.stderr)
+    assert "s3cret" not in out.stderr + out.stdout  # a password is never printed
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert len(lines) == 1, out.stderr[-2000:]
@@ -402,6 +457,28 @@ def test_bad_input_through_mlflow_run_fails_the_run_with_the_error(store, param,
     run = runs[0]
     assert run.info.status == "FAILED"
     assert run.data.tags["robustlab.error"].startswith(f"robustlab vanilla: error: {line}")
+
+
+@pytest.mark.slow
+def test_a_password_passed_as_an_mlflow_run_parameter_leaves_no_run_that_shows_it(store):
+    """`mlflow run -P storage=URL-with-password` logs the URL as a parameter before our command
+    starts; the command refuses it in one line and purges the run that shows it."""
+    before = count_runs(store["uri"])
+    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", "tune", "--env-manager", "local"]
+    cmd += ["--experiment-name", "robustlab", "-P", f"storage={SECRET_URL}", "-P", "budget=smoke"]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**store["env"], "PATH": f"{BIN}:{os.environ['PATH']}"},
+        cwd=store["root"],
+        timeout=300,
+    )
+    assert out.returncode != 0
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("robustlab tune: error: "))
+    assert "carries a password" in line and "ROBUSTLAB_OPTUNA_STORAGE" in line and "purged" in line
+    assert "s3cret" not in line
+    assert count_runs(store["uri"]) == before  # not even a deleted run keeps the parameter
 
 
 def test_unreachable_tracking_server_leaves_nothing_behind(tmp_path):

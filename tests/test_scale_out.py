@@ -218,19 +218,17 @@ def test_wrong_credentials_or_host_are_one_line_and_leave_nothing(live, tmp_path
         (wrong_host, "cannot connect to PostgreSQL"),
     ):
         for argv, command in (
-            ([*tune_args("bad", 1), "--storage", storage], "tune"),
-            (["tune-worker", "--study-name", "bad", "--storage", storage], "tune-worker"),
-            (
-                ["experiment-worker", "--study-name", "bad", "--storage", storage],
-                "experiment-worker",
-            ),
+            (tune_args("bad", 1), "tune"),
+            (["tune-worker", "--study-name", "bad"], "tune-worker"),
+            (["experiment-worker", "--study-name", "bad"], "experiment-worker"),
             (
                 ["experiment", "--budget", "smoke", "--seeds", "1", "--regimes", "vanilla"]
-                + ["--study-name", "bad", "--create-only", "true", "--storage", storage],
+                + ["--study-name", "bad", "--create-only", "true"],
                 "experiment",
             ),
         ):
-            out = robustlab(argv, coord, env, timeout=120)
+            # the URL (with its password) only in the environment, never on the command line
+            out = robustlab(argv, coord, {**env, "ROBUSTLAB_OPTUNA_STORAGE": storage}, timeout=120)
             line = _one_error_line(out, command)
             assert why in line and "cannot open the study storage" in line
             assert secret not in line  # the password is never printed

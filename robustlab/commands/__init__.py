@@ -12,11 +12,14 @@ def optional(text: str) -> str | None:
     return text or None
 
 
-def flag(text: str) -> bool:
-    """argparse type: true/false (1/0, yes/no, on/off); an empty string means false."""
+def flag(text: str) -> bool | None:
+    """argparse type: `true` or `false` (any case); an empty string (MLflow's empty parameter)
+    means "not given" (None: the option's default applies). Anything else is refused."""
     value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
+    if value == "true":
         return True
-    if value in ("", "0", "false", "no", "off"):
+    if value == "false":
         return False
+    if value == "":
+        return None
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")

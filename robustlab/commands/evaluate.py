@@ -17,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from robustlab.commands import SubParsers, optional
+from robustlab.commands import SubParsers, flag, optional
 from robustlab.commands.eval_args import add_eval_arguments, eval_config, summary_line
 from robustlab.config import EvalConfig
 from robustlab.errors import ConfigError
@@ -43,7 +43,7 @@ def add_parser(sub: SubParsers) -> list[str]:
     p.add_argument("--run-name", type=optional, default=None)
     p.add_argument(
         "--allow-unknown-provenance",
-        type=lambda t: t.strip().lower() in ("1", "true", "yes", "on"),
+        type=flag,
         nargs="?",
         const=True,
         default=False,
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     mnist = load_mnist(args.data_dir)
     configure_tracking()
     model = load_keras_model(args.model_uri)
-    excluded = excluded_sources_of(args.model_uri, args.allow_unknown_provenance)
+    excluded = excluded_sources_of(args.model_uri, bool(args.allow_unknown_provenance))
     test = subsample(mnist.test.without_sources(excluded), cfg.eval_size, seed=cfg.seed)
     if len(test) == 0:
         raise ConfigError("no test images left after removing the model's excluded sources")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from robustlab.commands import SubParsers, flag, optional
+from robustlab.credentials import STORAGE_ENV, refuse_password_argument
 from robustlab.data.folds import (
     DEFAULT_FOLDS,
     FOLD_SEED,
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace) -> None:
     from robustlab.tracking import configure_tracking
 
     check_args(args)
+    refuse_password_argument(args.storage)
     resolve_mnist_path(args.data_dir)
     configure_tracking()
     from robustlab.experiment.run import Options, run_experiment
@@ -146,14 +148,14 @@ def run(args: argparse.Namespace) -> None:
             pairs_per_worker=args.pairs_per_worker,
             storage=args.storage,
             study_name=args.study_name,
-            create_only=args.create_only,
+            create_only=bool(args.create_only),
             resume_run_id=args.resume_run_id,
         ),
         heartbeat=Heartbeat(args.heartbeat_interval, args.grace_period, args.max_retry),
         inv_folds=args.inv_folds,
         inv_sets=_names(args.inv_sets),
         fold_seed=args.fold_seed,
-        allow_small_folds=args.allow_small_folds,
+        allow_small_folds=bool(args.allow_small_folds),
     )
     if args.create_only:
         return
@@ -167,8 +169,7 @@ def run(args: argparse.Namespace) -> None:
 def run_worker(args: argparse.Namespace) -> None:
     import os
 
-    from robustlab.launch.storage import STORAGE_ENV
-
+    refuse_password_argument(args.storage)
     if args.max_trials < 0:
         raise ConfigError(f"--max-trials must be >= 0 (0: no limit), got {args.max_trials}")
     storage = args.storage or os.environ.get(STORAGE_ENV)

@@ -21,6 +21,7 @@ import numpy as np
 
 from robustlab.commands import SubParsers, flag, optional
 from robustlab.commands.eval_args import add_eval_arguments, eval_config
+from robustlab.credentials import refuse_password_argument
 from robustlab.errors import ConfigError
 
 DEFAULT_CLEAN_FLOOR = 0.95  # experiment runs and single models (a study records its own floor)
@@ -81,6 +82,7 @@ def selection_sources(data_dir: str | None) -> np.ndarray:
 
 def run(args: argparse.Namespace):
     _check_args(args)
+    refuse_password_argument(args.storage)
     cfg = eval_config(args)
     from robustlab.evaluation.selection import choose
     from robustlab.provenance import require_provenance
@@ -109,13 +111,13 @@ def run(args: argparse.Namespace):
     best = choose(found, floor, source)
     from mlflow.tracking import MlflowClient
 
-    check_champion(MlflowClient(), args.name, best, args.force, floor)
+    check_champion(MlflowClient(), args.name, best, bool(args.force), floor)
     prov = require_provenance(best.model_uri, False, None)
     excluded = np.union1d(prov.excluded, selection_sources(args.data_dir)).astype(np.int64)
     return publish(
         best,
         name=args.name,
-        force=args.force,
+        force=bool(args.force),
         excluded=excluded,
         cfg=cfg,
         data_dir=args.data_dir,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from robustlab.commands import SubParsers, optional
+from robustlab.commands import SubParsers, flag, optional
 from robustlab.config import (
     AttackConfig,
     DataConfig,
@@ -19,17 +19,6 @@ from robustlab.config import (
 from robustlab.data.pools import LABEL_SOURCES, TRAIN_POOL_SETS
 from robustlab.errors import ConfigError
 from robustlab.regimes import ORDERS, check_eps_warmup, make_regime
-
-
-def _bool(text: str) -> bool | None:
-    value = text.strip().lower()
-    if value == "":
-        return None
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
@@ -82,18 +71,18 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         help="restarts of PGD-100 after PGD-40 (default 0: PGD-40 and AutoAttack; evaluate: 5)",
     )
     g.add_argument(
-        "--robust-eval", type=_bool, default=True, help="run the robustness evaluation at the end"
+        "--robust-eval", type=flag, default=True, help="run the robustness evaluation at the end"
     )
     g.add_argument(
         "--all-curves",
-        type=_bool,
+        type=flag,
         default=None,
         help="log val/pgd_acc and val/inv_acc every epoch whatever the regime trains on",
     )
     g.add_argument("--run-name", type=optional, default=None)
     g.add_argument(
         "--deterministic",
-        type=_bool,
+        type=flag,
         default=True,
         help="TensorFlow op determinism (false: a few %% faster, still seeded; see README)",
     )
@@ -105,7 +94,7 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
     )
     g.add_argument(
         "--allow-unknown-provenance",
-        type=_bool,
+        type=flag,
         nargs="?",
         const=True,
         default=False,
@@ -123,7 +112,7 @@ def _attack(p: argparse.ArgumentParser, steps: int = 7, step_size: float = 0.0) 
         default=step_size,
         help="0 = method default (pgd, trades: 2.5*eps/steps; fgsm_rs: 1.25*eps)",
     )
-    g.add_argument("--random-start", type=_bool, default=True)
+    g.add_argument("--random-start", type=flag, default=True)
     g.add_argument("--method", default="pgd", help="pgd | fgsm_rs | trades")
     g.add_argument(
         "--trades-beta",

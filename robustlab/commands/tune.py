@@ -8,6 +8,7 @@ import sys
 
 from robustlab.commands import SubParsers, flag, optional
 from robustlab.config import TUNE_BUDGETS, TUNE_OBJECTIVES, TUNE_PRUNERS, TUNE_SAMPLERS
+from robustlab.credentials import STORAGE_ENV, refuse_password_argument
 
 
 def _timeout(text: str) -> float | None:
@@ -89,6 +90,7 @@ def add_parser(sub: SubParsers) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     from robustlab.config import TuneConfig
 
+    refuse_password_argument(args.storage)
     cfg = TuneConfig(
         objective=args.objective,
         n_trials=args.n_trials,
@@ -100,8 +102,8 @@ def run(args: argparse.Namespace) -> None:
         budget=args.budget,
         clean_floor=args.clean_floor,
         seed=args.seed,
-        tune_lr=args.tune_lr,
-        tune_warmup=args.tune_warmup,
+        tune_lr=bool(args.tune_lr),
+        tune_warmup=bool(args.tune_warmup),
         eps=args.eps,
         data_dir=args.data_dir,
         pruner=args.pruner,
@@ -109,12 +111,12 @@ def run(args: argparse.Namespace) -> None:
         grace_period=args.grace_period,
         max_retry=args.max_retry,
         threads=args.threads,
-        pin_cpus=args.pin_cpus,
+        pin_cpus=bool(args.pin_cpus),
         precision=args.precision,
     ).validate()
     from robustlab.tune.study import run_tune
 
-    run_id = run_tune(cfg, create_only=args.create_only)
+    run_id = run_tune(cfg, create_only=bool(args.create_only))
     if args.create_only:
         print(
             f"study {cfg.name} created (parent run {run_id}); join it from any machine with: "
@@ -132,12 +134,11 @@ def run(args: argparse.Namespace) -> None:
 def run_worker(args: argparse.Namespace) -> None:
     from robustlab.tune.study import run_worker as work
 
+    refuse_password_argument(args.storage)
     if args.timeout is not None and not args.timeout > 0:
         from robustlab.errors import ConfigError
 
         raise ConfigError(f"timeout must be > 0 seconds (empty = no limit), got {args.timeout}")
-    from robustlab.launch.storage import STORAGE_ENV
-
     storage = args.storage or os.environ.get(STORAGE_ENV)
     if not storage:
         from robustlab.errors import ConfigError

@@ -6,7 +6,6 @@ The URL is the argument, else $ROBUSTLAB_OPTUNA_STORAGE, else the SQLite file
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -15,10 +14,9 @@ from dataclasses import dataclass
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+from robustlab.credentials import STORAGE_ENV, has_password, redact_url
 from robustlab.errors import ConfigError
 from robustlab.tracking import tracking_dir
-
-STORAGE_ENV = "ROBUSTLAB_OPTUNA_STORAGE"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -53,20 +51,6 @@ def storage_url(explicit: str | None = None) -> str:
     folder = tracking_dir()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'optuna.db'}"
-
-
-def redact_url(url: str) -> str:
-    """The URL without a password (`scheme://user@host/...`)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':', 1)[0]}@{host}"
-    return url
-
-
-def has_password(url: str) -> bool:
-    """Whether `url` carries a password (`scheme://user:password@host/...`)."""
-    return redact_url(url) != url
 
 
 class TolerantRDBStorage(RDBStorage):
@@ -142,5 +126,13 @@ def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def finite(value: float) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+__all__ = [
+    "STORAGE_ENV",
+    "Heartbeat",
+    "has_password",
+    "load_existing",
+    "open_storage",
+    "redact_url",
+    "storage_problem",
+    "storage_url",
+]
