@@ -53,6 +53,7 @@ dashboard: setup
 	mkdir -p tracking && $(BIN)/optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 server: setup
+	@echo "runs: http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning"
 	source $(BIN)/activate && MLFLOW_TRACKING_URI=$(TRACKING_URI) robustlab tracking-init && \
 	  mlflow server --backend-store-uri $(TRACKING_URI) \
 	    --artifacts-destination $(CURDIR)/tracking/artifacts --host 127.0.0.1 --port $(PORT)

@@ -3,9 +3,11 @@
 Every model robustlab logs carries, in its MLmodel `metadata["robustlab"]`, the MNIST test
 indices that were sources of invariance examples it trained on or was selected on, with the run
 id, regime, mixture, eps, seed, data digest and training precision. MLflow resolves that metadata
-for `runs:/<id>/model`, `models:/<name>/<version>`, `models:/<name>@<alias>` and `models:/m-…`
-alike, so the exclusions survive registration. A registered version may add exclusions of its
-own (the selection images `register` chose it on) in the tag `robustlab.excluded_test_indices`.
+for every URI of a model (`runs:/<id>/model`, `models:/<name>/<version>`, `@<alias>`,
+`/latest`, a stage name, `models:/m-…`, a local copy), so the exclusions survive registration. A
+registered version may add exclusions of its own (the selection images `register` chose it on)
+in the tag `robustlab.excluded_test_indices`: they are found from the model's run whatever URI
+named it (`version_exclusions`), and a registry that cannot be searched fails the load.
 
 Fail closed: a model whose exclusions cannot be read (logged outside robustlab, or trained from
 a model of unknown provenance) is refused for evaluation and as `init_model`, unless the user
@@ -15,7 +17,6 @@ passes `--allow-unknown-provenance`, which the consuming run records.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,6 @@ METADATA_KEY = "robustlab"
 VERSION_EXCLUDED_TAG = "robustlab.excluded_test_indices"
 UNKNOWN_TAG = "robustlab.provenance"  # "unknown-allowed" on runs that used such a model
 SCHEMA = 1
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))$")
 
 
 @dataclass(frozen=True)
@@ -104,23 +104,28 @@ def model_info(model_uri: str):
         ) from None
 
 
-def _registry_exclusions(model_uri: str) -> np.ndarray:
-    """Exclusions a registered version adds (tag), for models:/<name>/<version> or @<alias> URIs."""
-    m = _REGISTRY_URI.match(model_uri)
-    if m is None:
+def version_exclusions(run_id: str | None, model_id: str | None) -> np.ndarray:
+    """The extra exclusions (VERSION_EXCLUDED_TAG) of every registered version of the model
+    that `run_id` logged (narrowed to `model_id` when known), whatever URI names it: a version
+    number, an alias, `latest`, a stage, the logged-model id or a local copy. Fails closed: a
+    registry that cannot be searched raises RobustlabError (the model is not used)."""
+    if not run_id:
         return np.empty(0, dtype=np.int64)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
     try:
-        mv = (
-            client.get_model_version(m["name"], m["version"])
-            if m["version"]
-            else client.get_model_version_by_alias(m["name"], m["alias"])
-        )
-    except Exception as exc:  # noqa: BLE001
-        raise RobustlabError(f"model {model_uri!r} not found ({_short(exc)})") from None
-    return decode_indices(mv.tags.get(VERSION_EXCLUDED_TAG, ""))
+        versions = MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types
+        raise RobustlabError(
+            f"cannot search the Model Registry for the versions of run {run_id}'s model "
+            f"({_short(exc)}); without them its excluded test images are unknown"
+        ) from None
+    parts = [
+        decode_indices(mv.tags.get(VERSION_EXCLUDED_TAG, ""))
+        for mv in versions
+        if not model_id or not getattr(mv, "model_id", None) or mv.model_id == model_id
+    ]
+    return np.unique(np.concatenate([np.empty(0, np.int64), *parts])).astype(np.int64)
 
 
 def _run_artifact_exclusions(run_id: str) -> np.ndarray | None:
@@ -142,14 +147,15 @@ def read_provenance(model_uri: str) -> Provenance:
     """
     info = model_info(model_uri)
     meta = (info.metadata or {}).get(METADATA_KEY)
-    extra = _registry_exclusions(model_uri)
+    run_id = info.run_id or (meta.get("run_id") if isinstance(meta, dict) else None)
+    extra = version_exclusions(run_id, getattr(info, "model_id", None))
     if isinstance(meta, dict) and "excluded_test_indices" in meta:
         excluded = np.union1d(np.asarray(meta["excluded_test_indices"], dtype=np.int64), extra)
         return Provenance(
             excluded.astype(np.int64),
             bool(meta.get("excluded_complete", False)),
             "model metadata",
-            info.run_id,
+            run_id,
             meta,
         )
     recorded = _run_artifact_exclusions(info.run_id) if info.run_id else None

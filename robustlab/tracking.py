@@ -110,16 +110,51 @@ def check_mlflow_server(uri: str) -> None:
         )
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # the MLflow UI opens such experiments on their runs
+_KIND_TAGGED: set[tuple[str, str]] = set()
+
+
+def tag_training_experiment(experiment_id: str) -> None:
+    """Mark an experiment as a model-training one (once per process and store), so the MLflow UI
+    opens it on its runs rather than on its GenAI views (traces, token usage)."""
+    key = (mlflow.get_tracking_uri(), str(experiment_id))
+    if key in _KIND_TAGGED:
+        return
+    client = MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    _KIND_TAGGED.add(key)
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `make server` serves the embedded store
+
+
+def ui_link(experiment_id: str, run_id: str | None = None) -> str:
+    """A link that opens the run (or experiment) in the MLflow UI's model-training view. The
+    tracking server when there is one, else `make server`'s address. (MLflow 3.17's UI chooses
+    its GenAI or training view from a switch kept in the browser, default GenAI, and ignores
+    the experiment's kind tag: the link names the training view explicitly.)"""
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{path}?workflowType=machine_learning"
+
+
 def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
-    """Experiment id of `name`, creating it with artifacts under `tracking/artifacts/` on a local store."""
+    """Experiment id of `name` (a model-training experiment), creating it with artifacts under
+    `tracking/artifacts/` on a local store."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        tag_training_experiment(exp.experiment_id)
         return exp.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         location = (tracking_dir() / "artifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+    )
 
 
 @contextmanager
@@ -164,6 +199,7 @@ def start_run(
         parent_run_id=None if run_id else parent_run_id,
         experiment_id=None if run_id else experiment_id,
     ) as run:
+        tag_training_experiment(run.info.experiment_id)  # also under `mlflow run`, nested, ...
         if params:
             # `mlflow run` has already logged the entry point's parameters (quoting empty ones);
             # MLflow refuses to change a param, so add only the ones it has not logged.

@@ -22,17 +22,6 @@ from robustlab.invariance.label_server import MAX_BODY, LabelServer
 DATA = Path(
     os.environ.get("ROBUSTLAB_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
 )
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -253,20 +242,6 @@ def test_binds_loopback_by_default_and_warns_loudly_otherwise(store_path):
     assert res.returncode == 2
     assert "WARNING: binding 192.0.2.1, not 127.0.0.1" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("robustlab label: error: cannot serve")
-
-
-@pytest.fixture
-def browser():
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing in CI: install the Debian package chromium")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_labelling_in_headless_chromium(browser, server, store_path):

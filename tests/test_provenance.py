@@ -58,7 +58,7 @@ def _refused(capsys, command: str, fragment: str | tuple[str, ...]) -> None:
 
 
 @pytest.mark.slow
-def test_exclusions_travel_through_every_uri_and_init_model(tracking, capsys):
+def test_exclusions_travel_through_every_uri_and_init_model(tracking, capsys, tmp_path):
     run_id = _train(["invariance", *TINY, "--seed", "3"], capsys)
     excluded = _excluded_artifact(run_id)
     assert len(excluded) == 493  # the thesis pool's sources, minus 7 rater ties
@@ -102,6 +102,29 @@ def test_exclusions_travel_through_every_uri_and_init_model(tracking, capsys):
         prov = read_provenance(uri)
         assert prov.known and set(prov.excluded.tolist()) == excluded, uri
         assert prov.run_id == run_id
+
+    # a version's own exclusions (the selection images register chose it on) are found from the
+    # version whatever URI names the model: number, alias, latest, stage, logged-model id, copy
+    from robustlab.provenance import VERSION_EXCLUDED_TAG
+
+    client.set_model_version_tag("robustlab-mnist", mv.version, VERSION_EXCLUDED_TAG, "9990,9991")
+    client.transition_model_version_stage("robustlab-mnist", mv.version, "Staging")
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path))
+    for uri in (
+        f"runs:/{run_id}/model",
+        f"models:/robustlab-mnist/{mv.version}",
+        "models:/robustlab-mnist@champion",
+        "models:/robustlab-mnist/latest",
+        "models:/robustlab-mnist/Staging",
+        f"models:/{logged.model_id}",
+        local,
+    ):
+        prov = read_provenance(uri)
+        assert prov.known and set(prov.excluded.tolist()) == excluded | {9990, 9991}, uri
+    assert main(["evaluate", "--model-uri", "models:/robustlab-mnist/latest", *EVAL_FAST]) == 0
+    [latest] = [r for r in _runs() if r.data.tags.get("robustlab.model_uri", "").endswith("latest")]
+    assert latest.data.params["n_excluded_sources"] == "495"
+    client.delete_model_version_tag("robustlab-mnist", mv.version, VERSION_EXCLUDED_TAG)
 
     # evaluate through the alias: the excluded images are left out
     assert main(["evaluate", "--model-uri", "models:/robustlab-mnist@champion", *EVAL_FAST]) == 0

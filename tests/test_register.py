@@ -167,10 +167,13 @@ def test_register_from_a_study_alias_refusal_force_and_tags(tracking, tmp_path, 
     m = test_run.data.metrics
     assert float(t["robustlab.test/clean_acc"]) == pytest.approx(m["test/clean_acc"], rel=1e-5)
     assert {"test/pgd40_acc", "test/autoattack_acc", "test/inv_bal_acc", "test/inv_acc"} <= set(m)
-    # the human-labelled examples none of its training or selection sources touched: only
-    # Tramèr's test half (the thesis pool and the selection half are excluded)
+    # the human-labelled examples none of its training or selection sources touched: the
+    # selection set's sources (thesis validation split, Tramèr's selection half) are left out
+    from robustlab.data.folds import load_human_pool
+
     untouched = m["test/human_pool_n_changed"] + m["test/human_pool_n_kept"]
-    assert 0 < untouched <= 150 and "test/human_pool_bal_acc" in m
+    touched = np.isin(load_human_pool(None).source, sorted(excluded))
+    assert touched.any() and untouched == (~touched).sum() and "test/human_pool_bal_acc" in m
     assert m["test/n_inv_changed"] > 0 and m["test/n_inv_kept"] > 0
     path = mlflow.artifacts.download_artifacts(
         run_id=test_run.info.run_id, artifact_path="excluded_test_indices.json"
@@ -178,6 +181,12 @@ def test_register_from_a_study_alias_refusal_force_and_tags(tracking, tmp_path, 
     with open(path) as f:
         assert set(json.load(f)["indices"]) == excluded
     assert test_run.data.params["n_excluded_sources"] == str(len(excluded))
+    # the model card: the version's description, what a person reads in the registry
+    card = client.get_model_version(NAME, "1").description
+    assert card.startswith(f"# {NAME} version 1") and f"{len(excluded)} MNIST test images" in card
+    assert f"| clean accuracy | {m['test/clean_acc']:.4f} |" in card
+    assert "min(sel/pgd_acc, sel/inv_bal_acc)" in card and "mlflow models serve" in card
+    assert "| human-labelled invariance examples, balanced |" in card
     n_runs = len(_all_runs())
 
     # the same source run again: no second version, no new evaluation
@@ -194,6 +203,13 @@ def test_register_from_a_study_alias_refusal_force_and_tags(tracking, tmp_path, 
     assert main([*base, "--study-name", "s2", "--force", *EVAL_NO_AA]) == 0
     v2 = client.get_model_version_by_alias(NAME, "champion")
     assert str(v2.version) == "2" and v2.run_id == b and len(_versions()) == 2
+
+    # a later evaluation through the alias is tagged on the version and added to its card
+    assert main(["evaluate", "--model-uri", f"models:/{NAME}@champion", *EVAL_NO_AA]) == 0
+    v2 = client.get_model_version(NAME, "2")
+    ev_run = v2.tags["robustlab.last_evaluation_run_id"]
+    assert client.get_run(ev_run).data.tags["robustlab.registered_version"] == "2"
+    assert "## Later evaluations" in v2.description and ev_run in v2.description
 
     # bad input: one line, nothing created
     n_runs = len(_all_runs())
@@ -214,6 +230,20 @@ def test_register_from_a_study_alias_refusal_force_and_tags(tracking, tmp_path, 
     _refused(capsys, "no Optuna storage")
     assert not (tmp_path / "none.db").exists()
     assert len(_versions()) == 2 and len(_all_runs()) == n_runs
+
+    # a version made without robustlab (plain mlflow.register_model: no exclusions, no test
+    # evaluation) is never reused or made champion: register makes a new, evaluated version
+    plain = mlflow.register_model(f"runs:/{c}/model", NAME)
+    assert (
+        main(
+            [*base, "--model-uri", f"runs:/{c}/model", "--clean-floor", "0", "--force", *EVAL_NO_AA]
+        )
+        == 0
+    )
+    assert "has no robustlab provenance" in capsys.readouterr().err
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert champion.run_id == c and champion.version != plain.version
+    assert VERSION_EXCLUDED_TAG in champion.tags and "robustlab.test_run_id" in champion.tags
 
 
 @pytest.mark.slow

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     from robustlab.evaluation.robustness import check_eval_inputs, evaluate_and_log
     from robustlab.evaluation.validation import human_pool_accuracy
     from robustlab.provenance import excluded_sources_of
+    from robustlab.register.publish import record_evaluation
     from robustlab.tracking import (
         configure_tracking,
         load_keras_model,
@@ -113,5 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         human = human_pool_accuracy(model, excluded, args.data_dir)
         mlflow.log_metrics(human)
         metrics.update(human)
+        version = record_evaluation(args.model_uri, r.info.run_id, metrics)
+        if version is not None:
+            mlflow.set_tag("robustlab.registered_version", version)
         print(f"evaluate: run {r.info.run_id}: " + summary_line(metrics, cfg))
     return metrics

@@ -293,4 +293,13 @@ def run(args: argparse.Namespace) -> None:
         allow_unknown_provenance=bool(args.allow_unknown_provenance),
     )
     run_id = run_training(regime, cfg, ev, extras)
-    print(f"run {run_id} finished; model at runs:/{run_id}/model", file=sys.stderr)
+    import mlflow
+
+    from robustlab.tracking import ui_link
+
+    exp = mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id
+    print(
+        f"run {run_id} finished; model at runs:/{run_id}/model; in the MLflow UI: "
+        f"{ui_link(exp, run_id)}",
+        file=sys.stderr,
+    )

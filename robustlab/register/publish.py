@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from robustlab.config import EvalConfig
 from robustlab.errors import ConfigError
 from robustlab.evaluation.selection import RULE, Candidate
-from robustlab.provenance import VERSION_EXCLUDED_TAG, encode_indices, model_info
+from robustlab.provenance import VERSION_EXCLUDED_TAG, decode_indices, encode_indices, model_info
 
 ALIAS = "champion"
 DEFAULT_NAME = "robustlab-mnist"
@@ -51,12 +51,28 @@ def _version_key(mv) -> tuple[float, float] | None:
         return None
 
 
+def has_provenance(mv) -> bool:
+    """Whether a version was registered by robustlab: its exclusions and its test evaluation."""
+    return VERSION_EXCLUDED_TAG in mv.tags and "robustlab.test_run_id" in mv.tags
+
+
 def existing_version(client: MlflowClient, name: str, run_id: str):
+    """The first version of `name` from `run_id` that carries robustlab's provenance and test
+    evaluation (a version made another way, e.g. by a plain `mlflow.register_model`, is never
+    reused: register makes a new one)."""
     try:
         found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     except Exception:  # noqa: BLE001 - no such registered model yet
         return None
-    return min(found, key=lambda mv: int(mv.version)) if found else None
+    for mv in sorted(found, key=lambda mv: int(mv.version)):
+        if has_provenance(client.get_model_version(name, mv.version)):
+            return mv
+        print(
+            f"register: {name} version {mv.version} (run {run_id}) has no robustlab provenance "
+            "or test evaluation; registering a new version instead of reusing it",
+            file=sys.stderr,
+        )
+    return None
 
 
 def check_champion(
@@ -165,6 +181,8 @@ def publish(
     check_champion(client, name, cand, force, clean_floor)
     found = existing_version(client, name, cand.run_id)
     if found is not None:
+        if not found.description:
+            _write_card(client, name, found.version, found.tags, cand)
         client.set_registered_model_alias(name, ALIAS, found.version)
         print(
             f"register: run {cand.run_id} is already {name} version {found.version}; "
@@ -184,6 +202,7 @@ def publish(
     mv = client.create_model_version(
         name, source, run_id=cand.run_id, tags=tags, model_id=info.model_id
     )
+    _write_card(client, name, mv.version, tags, cand)
     client.set_registered_model_alias(name, ALIAS, mv.version)
     print(
         f"register: {name} version {mv.version} <- run {cand.run_id} "
@@ -191,3 +210,59 @@ def publish(
         file=sys.stderr,
     )
     return Outcome(mv.version, True, True, test_run_id)
+
+
+def _write_card(client: MlflowClient, name: str, version: str, tags: dict, cand: Candidate) -> None:
+    """The version's description: its model card (robustlab.register.card)."""
+    from robustlab.provenance import METADATA_KEY
+    from robustlab.register.card import model_card
+
+    meta = (model_info(cand.model_uri).metadata or {}).get(METADATA_KEY, {})
+    params = client.get_run(cand.run_id).data.params
+    n_excluded = len(decode_indices(tags.get(VERSION_EXCLUDED_TAG, "")))
+    card = model_card(name, str(version), tags, params, meta, n_excluded)
+    client.update_model_version(name, version, description=card)
+
+
+def registered_version(model_uri: str):
+    """The registered version a `models:/<name>/<version|latest|stage>` or `@alias` URI names,
+    or None (a run, logged-model id or path names no version)."""
+    rest = model_uri.removeprefix("models:/")
+    if rest == model_uri or rest.startswith("m-"):
+        return None
+    client = MlflowClient()
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, ref = rest.partition("/")
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+        versions = client.search_model_versions(f"name='{name}'")
+        if ref.lower() != "latest":
+            versions = [v for v in versions if (v.current_stage or "").lower() == ref.lower()]
+        return max(versions, key=lambda v: int(v.version)) if versions else None
+    except Exception:  # noqa: BLE001 - an unknown name or reference: nothing to record on
+        return None
+
+
+def record_evaluation(model_uri: str, run_id: str, metrics: dict[str, float]) -> str | None:
+    """Tag a later evaluation on the registered version `model_uri` names and add it to the
+    version's model card; the version, or None when the URI names none."""
+    from robustlab.register.card import with_evaluation
+
+    mv = registered_version(model_uri)
+    if mv is None:
+        return None
+    client = MlflowClient()
+    client.set_model_version_tag(mv.name, mv.version, "robustlab.last_evaluation_run_id", run_id)
+    for key in ("test/clean_acc", "test/pgd40_acc", "test/autoattack_acc"):
+        if key in metrics:
+            client.set_model_version_tag(
+                mv.name, mv.version, f"robustlab.last_evaluation.{key}", f"{metrics[key]:.6g}"
+            )
+    card = client.get_model_version(mv.name, mv.version).description or ""
+    client.update_model_version(
+        mv.name, mv.version, description=with_evaluation(card, run_id, model_uri, metrics)
+    )
+    return mv.version

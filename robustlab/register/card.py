@@ -1,0 +1,150 @@
+"""The model card: a registered version's description (Markdown the MLflow UI renders), written
+from what the version's tags, its source run and its model's provenance say."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from robustlab.evaluation.selection import RULE
+
+TEST_ROWS = (  # (metric, label) in the order a reader wants them
+    ("test/clean_acc", "clean accuracy"),
+    ("test/pgd40_acc", "PGD-40"),
+    ("test/autoattack_acc", "AutoAttack (APGD-CE, APGD-DLR, Square)"),
+    ("test/square_acc", "Square (gradient-free)"),
+    ("test/apgd_t_acc", "APGD-T"),
+    ("test/human_pool_acc_changed", "human-labelled invariance examples, label changed"),
+    ("test/human_pool_acc_kept", "human-labelled invariance examples, label kept"),
+    ("test/human_pool_bal_acc", "human-labelled invariance examples, balanced"),
+)
+EVALUATIONS = "## Later evaluations"
+
+
+def _value(tags: Mapping[str, str], key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _row(tags: Mapping[str, str], metric: str, label: str, prefix: str = "robustlab.") -> str:
+    v = _value(tags, prefix + metric)
+    if v is None or math.isnan(v):
+        return ""
+    low, high = _value(tags, f"{prefix}{metric}_ci_low"), _value(tags, f"{prefix}{metric}_ci_high")
+    interval = f"[{low:.4f}, {high:.4f}]" if low is not None and high is not None else "–"
+    return f"| {label} | {v:.4f} | {interval} |"
+
+
+def figures_table(tags: Mapping[str, str], prefix: str = "robustlab.") -> list[str]:
+    restarts = sorted(  # test/pgd{S}x{R}_acc: the worst case over PGD-40 and R restarts
+        k.removeprefix(prefix)
+        for k in tags
+        if re.fullmatch(re.escape(prefix) + r"test/pgd\d+x\d+_acc", k)
+    )
+    named = [
+        *TEST_ROWS[:2],
+        *((m, f"PGD-{m[8:-4]} (restarts, worst case with PGD-40)") for m in restarts),
+        *TEST_ROWS[2:],
+    ]
+    rows = [_row(tags, m, label, prefix) for m, label in named]
+    rows = [r for r in rows if r]
+    return ["| figure | value | 95% interval |", "|---|---|---|", *rows] if rows else []
+
+
+def model_card(
+    name: str,
+    version: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, str],
+    meta: Mapping[str, object],
+    n_excluded: int,
+) -> str:
+    """The Markdown description of `name` version `version` (see the module docstring)."""
+    sel = [
+        f"{m} = {tags[f'robustlab.{m}']}"
+        for m in ("sel/clean_acc", "sel/pgd_acc", "sel/inv_bal_acc", "sel/inv_acc")
+        if f"robustlab.{m}" in tags
+    ]
+    phases = ", ".join(
+        f"{p.get('name')} {p.get('epochs')} epochs (clean {p.get('mix_clean', 0):.2f} / "
+        f"attacked {p.get('mix_ptb', 0):.2f} / invariance {p.get('mix_inv', 0):.2f})"
+        for p in meta.get("phases", []) or []
+        if isinstance(p, Mapping)
+    )
+    lines = [
+        f"# {name} version {version}",
+        "",
+        "An MNIST classifier trained and judged by robustlab: `madry_cnn` (conv 5×5×32 → max-pool "
+        "→ ReLU → conv 5×5×64 → max-pool → ReLU → dense 1024 → 10 logits). Input: float32 "
+        "images (N, 28, 28, 1) in [0, 1]; output: 10 logits (not probabilities).",
+        "",
+        "## Training",
+        "",
+        f"- regime `{meta.get('regime', params.get('regime', '?'))}`: {phases or '–'}",
+        f"- method `{params.get('method', '–')}` (TRADES β {params.get('trades_beta', '–')}), "
+        f"L∞ ε = {meta.get('eps', params.get('eps', '?'))}, {params.get('attack_steps', '?')} "
+        f"attack steps, seed {meta.get('seed', params.get('seed', '?'))}, training precision "
+        f"{meta.get('training_precision', '?')} (the model is float32)",
+        f"- source run `{tags.get('robustlab.source_run_id', meta.get('run_id', '?'))}`; MNIST "
+        f"file digest `{meta.get('data_digest', tags.get('robustlab.data_digest', '?'))}`",
+        "",
+        "## Data and exclusions",
+        "",
+        "55,000 MNIST training images (5,000 more for validation); invariance examples: "
+        f"{params.get('inv_pool') or 'none'} ({params.get('inv_label_source', '–')} labels). "
+        f"**{n_excluded} MNIST test images are excluded** from every evaluation of this model: "
+        "they are the source images of invariance examples it trained on, validated on, or was "
+        "selected on (`robustlab.excluded_test_indices`); whatever URI loads it, robustlab "
+        "refuses to score it on them.",
+        "",
+        "## Selection (validation data only)",
+        "",
+        f"Rule: {RULE}. Clean floor {tags.get('robustlab.clean_floor', '–')}; criterion "
+        f"{tags.get('robustlab.criterion', '–')}. Validation figures: {', '.join(sel) or '–'}.",
+        "",
+        "## Test figures",
+        "",
+        f"From test run `{tags.get('robustlab.test_run_id', '–')}`, on the MNIST test set minus "
+        "the excluded images, L∞ ε = "
+        f"{tags.get('robustlab.eval_eps', '?')}:",
+        "",
+        *figures_table(tags),
+        "",
+        "## Load and serve",
+        "",
+        "```python",
+        "import mlflow, numpy as np",
+        f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
+        "logits = model.predict(np.zeros((1, 28, 28, 1), np.float32))  # float32 in [0, 1]",
+        "```",
+        "",
+        "```bash",
+        f"mlflow models serve -m models:/{name}@champion --env-manager local -p 5002",
+        "curl -s localhost:5002/invocations -H 'Content-Type: application/json' \\",
+        "  -d '{\"inputs\": [[[[0.0]]]]}'  # (N, 28, 28, 1) float32",
+        f"robustlab evaluate --model-uri models:/{name}/{version}  # strong attacks again",
+        "```",
+        "",
+        "## Known limits",
+        "",
+        "- MNIST digits only; robustness measured for L∞ ε as above; AutoAttack and Square run on "
+        "a seeded subset of the test images (see its n in the test run).",
+        "- Invariance accuracy rests on a few hundred human-labelled examples (ten raters for the "
+        "thesis set, published labels for Tramèr's), of which few change their label: read the "
+        "intervals.",
+        "- The selection set and the training pool are human-labelled L∞ and L0 examples; other "
+        "kinds of label-changing perturbation are untested.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def with_evaluation(card: str, run_id: str, model_uri: str, metrics: Mapping[str, float]) -> str:
+    """`card` with one more later evaluation (from `robustlab evaluate`) appended."""
+    tags = {f"e.{k}": f"{v:.6g}" for k, v in metrics.items()}
+    table = figures_table(tags, prefix="e.")
+    head = card if EVALUATIONS in card else card.rstrip() + f"\n\n{EVALUATIONS}\n"
+    entry = [f"\n### evaluate run `{run_id}` ({model_uri})", "", *table]
+    return head.rstrip() + "\n" + "\n".join(entry) + "\n"
