@@ -134,3 +134,19 @@ def test_no_private_name_is_used_outside_its_module():
             ):
                 found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
     assert found == []
+
+
+def test_the_command_line_and_the_leaders_import_no_tensorflow():
+    """Option checks, the experiment's leader and tune's and register's set-up run before (or
+    without) TensorFlow: a bad option answers at once, a leader stays small."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, robustlab.cli as c; c.build_parser()\n"
+        "import robustlab.experiment.run, robustlab.tune.study, robustlab.register.candidates\n"
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

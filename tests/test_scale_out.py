@@ -313,3 +313,73 @@ def test_a_retry_continues_only_from_an_intact_checkpoint(tracking, tmp_path):
     assert checkpointed_run(partial.info.run_id)[0] is None
     assert checkpointed_run(none.info.run_id)[0] is None
     assert checkpointed_run(None)[0] is None
+
+
+def _together(argv: list[str], places, timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """The same command started at once in each place (its own directory and HOME)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "robustlab.cli", *argv],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cwd, env in places
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        outs.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return outs
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_identical_tune_commands_started_together_share_one_study(live, tmp_path):
+    name = "together"
+    places = [machine(tmp_path, f"m{i}", live) for i in range(2)]
+    outs = _together(tune_args(name, 4), places)
+    assert [o.returncode for o in outs] == [0, 0], [o.stderr[-3000:] for o in outs]
+    assert "Traceback" not in outs[0].stderr + outs[1].stderr
+    joined = [o for o in outs if "joining it as a worker" in o.stderr]
+    assert len(joined) == 1  # one leads (parent run, summary), the other works for it
+    study = optuna.load_study(study_name=name, storage=live.storage)
+    trials = study.get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials) and len(trials) >= 4
+    client = live.client()
+    parents = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.data.tags.get("robustlab.kind") == "tune"
+        and r.data.tags.get("robustlab.study") == name
+    ]
+    assert len(parents) == 1 and parents[0].info.run_id == study.user_attrs[ATTR_PARENT]
+    runs = [t.user_attrs["mlflow_run_id"] for t in trials]
+    assert len(set(runs)) == len(runs)  # one run per trial
+    children = {r.info.run_id for r in trial_runs(live, parents[0].info.run_id)}
+    assert children == set(runs)
+    names = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert "trials.csv" in names  # the leader summarized every trial, the joiner's too
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_identical_experiment_commands_started_together_share_one_study(live, tmp_path):
+    name = "exp-together"
+    places = [machine(tmp_path, f"m{i}", live) for i in range(2)]
+    argv = ["experiment", "--budget", "smoke", "--seeds", "1", "--regimes", "vanilla,invariance"]
+    argv += ["--inv-folds", "2", "--allow-small-folds", "true", "--data-dir", str(DATA_DIR)]
+    outs = _together([*argv, "--study-name", name], places)
+    assert [o.returncode for o in outs] == [0, 0], [o.stderr[-3000:] for o in outs]
+    assert sum("joining it as a worker" in o.stderr for o in outs) == 1
+    study = optuna.load_study(study_name=name, storage=live.storage)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # every unit once
+    parent = study.user_attrs[ATTR_PARENT]
+    children = trial_runs(live, parent)
+    assert sorted(c.info.run_id for c in children) == sorted(
+        t.user_attrs["mlflow_run_id"] for t in trials
+    )
+    assert "report.md" in {a.path for a in live.client().list_artifacts(parent)}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from robustlab.services import Services
 from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
@@ -46,8 +47,6 @@ def svc_env(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     yield env
     services("stop", env)
-    from robustlab.services import Services
-
     pg_root = Services(folder / "services").pg_root
     if pg_root.is_relative_to("/var/lib/postgresql"):  # pytest's tmp is private: see pg_root
         shutil.rmtree(pg_root, ignore_errors=True)
@@ -137,3 +136,83 @@ def test_missing_postgresql_binaries_are_named(svc_env, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RobustlabError, match="apt-get install postgresql"):
         s._pg_bin("initdb")
+
+
+def test_no_password_on_a_command_line_in_a_study_a_param_or_a_tag(svc_env, tmp_path):
+    """Every process robustlab starts (initdb, psql, mlflow db upgrade, the MLflow server, a
+    2-worker study's workers) is watched through /proc/*/cmdline; the study's attributes and
+    every run's params and tags are read back: the password appears nowhere."""
+    import json
+    import secrets
+    import threading
+    import time
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import DATA_DIR
+
+    password = "Pw-" + secrets.token_hex(8)
+    env = {**svc_env, "ROBUSTLAB_PG_PASSWORD": password}
+    leaks: list[str] = []
+    watched: set[str] = set()
+    stop = threading.Event()
+
+    def scan() -> None:
+        while not stop.is_set():
+            for pid in os.listdir("/proc"):
+                try:
+                    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                line = raw.replace(b"\0", b" ").decode(errors="replace")
+                if line:
+                    watched.add(line)
+                if password.encode() in raw:
+                    leaks.append(line)
+            time.sleep(0.02)
+
+    scanner = threading.Thread(target=scan, daemon=True)
+    scanner.start()
+    try:
+        assert services("start", env).returncode == 0
+        env_file = Path(svc_env["ROBUSTLAB_TRACKING_DIR"]) / "services.env"
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        work = {
+            k: v
+            for k, v in env.items()
+            if k not in ("MLFLOW_TRACKING_URI", "ROBUSTLAB_PG_PASSWORD")
+        }
+        work["ROBUSTLAB_SERVICES_ENV"] = str(env_file)  # the URLs come from the mode-600 file
+        argv = ["tune", "--budget", "smoke", "--n-trials", "2", "--workers", "2", "--clean-floor"]
+        argv += ["0", "--study-name", "sec", "--data-dir", str(DATA_DIR)]
+        out = subprocess.run(
+            [str(BIN / "robustlab"), *argv],
+            env=work,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    finally:
+        stop.set()
+        scanner.join(timeout=5)
+    assert password not in out.stdout + out.stderr
+    assert any("initdb" in w for w in watched) and any(
+        "mlflow server" in w or "mlflow.server" in w for w in watched
+    )
+    assert sum("tune-worker" in w for w in watched) >= 2  # the scan saw both workers
+    assert leaks == []
+
+    values = _read_env(Path(svc_env["ROBUSTLAB_TRACKING_DIR"]) / "services.env")
+    study = optuna.load_study(study_name="sec", storage=values["ROBUSTLAB_OPTUNA_STORAGE"])
+    assert len(study.get_trials()) >= 2
+    assert password not in json.dumps(study.user_attrs)
+    client = MlflowClient(values["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 3  # the parent and its trials
+    for run in runs:
+        assert password not in json.dumps({**run.data.params, **run.data.tags}), run.info.run_id
+    pg_root = Services(Path(svc_env["ROBUSTLAB_TRACKING_DIR"]) / "services").pg_root
+    assert not (pg_root / "pwfile").exists()  # initdb's password file is gone

@@ -10,6 +10,7 @@ from robustlab.data.mnist import Split
 from robustlab.errors import RobustlabError
 
 EVALUATED_ARTIFACT = "evaluated_test_indices.json"  # the MNIST test images an evaluation used
+PER_EXAMPLE_ARTIFACT = "per_example.csv"  # each evaluated image's outcome under every attack
 
 
 def indices_digest(indices: Sequence[int] | np.ndarray) -> str:

@@ -56,7 +56,11 @@ from robustlab.config import EvalConfig
 from robustlab.data.mnist import Split
 from robustlab.data.validate import check_images, check_labels
 from robustlab.errors import DataError
-from robustlab.evaluation.indices import indices_digest, log_evaluated_indices
+from robustlab.evaluation.indices import (
+    PER_EXAMPLE_ARTIFACT,
+    indices_digest,
+    log_evaluated_indices,
+)
 from robustlab.evaluation.plots import image_grid, line_plot
 from robustlab.evaluation.stages import StageResult, run_stages, worst_case
 from robustlab.evaluation.stats import Accuracy, accuracy, predict_logits
@@ -385,9 +389,6 @@ def _info(ev: Evaluation) -> dict[str, Any]:
         "excluded_sources_removed_by_caller": True,
         "source_indices_sha": indices_digest(ev.test.source_index),
     }
-
-
-PER_EXAMPLE_ARTIFACT = "per_example.csv"
 
 
 def write_report(ev: Evaluation, out_dir: Path, model=None) -> list[Path]:

@@ -22,8 +22,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import keras
-
 from robustlab.data.mnist import load_mnist, subsample
 from robustlab.data.pools import InvPools, load_inv_pools
 from robustlab.data.selection import selection_sets, selection_sources
@@ -70,7 +68,7 @@ class SelectionData:
         small = subsample(mnist.val, val_attack_size, seed=0)
         self._pgd = pgd_validation(small.x, small.y, eps)
 
-    def metrics(self, model: keras.Model, clean_floor: float) -> dict[str, float]:
+    def metrics(self, model, clean_floor: float) -> dict[str, float]:
         """Every `sel/*` metric of `model`, `sel/score` under `clean_floor` included."""
         m = {
             "sel/clean_acc": self._clean(model)["val/clean_acc"],

@@ -10,8 +10,8 @@ examples (balanced: their mean, 0.5 for a model that never changes its answer).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-import keras
 import numpy as np
 
 from robustlab.data.invariance import InvarianceSet
@@ -20,16 +20,18 @@ from robustlab.data.pools import InvPools
 from robustlab.errors import ConfigError, DataError
 from robustlab.evaluation.stats import accuracy, predict_logits
 
-Validator = Callable[[keras.Model], dict[str, float]]
+Validator = Callable[[Any], dict[str, float]]  # a Keras model -> {metric: value}
 VAL_ATTACK_SIZE = 500  # validation images attacked (PGD-10) for val/pgd_acc and sel/pgd_acc
 VAL_PGD_STEPS = 10
 
 
 def clean_validation(val: Split, batch_size: int = 1000) -> Validator:
     """val/loss and val/clean_acc on the clean validation split."""
+    import keras
+
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    def validate(model: keras.Model) -> dict[str, float]:
+    def validate(model) -> dict[str, float]:
         logits = predict_logits(model, val.x, batch_size)
         return {
             "val/loss": float(loss_fn(val.y, logits)),
@@ -43,7 +45,7 @@ def pgd_validation(val_x: np.ndarray, val_y: np.ndarray, eps: float) -> Validato
     """val/pgd_acc: PGD-10 (step eps / 4, one seeded random start) on (val_x, val_y)."""
     from robustlab.attacks.tf_attacks import pgd_attack
 
-    def validate(model: keras.Model) -> dict[str, float]:
+    def validate(model) -> dict[str, float]:
         x_adv = pgd_attack(
             model,
             val_x,

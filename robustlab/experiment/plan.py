@@ -48,7 +48,14 @@ from robustlab.errors import ConfigError, DataError
 from robustlab.evaluation.indices import indices_digest
 from robustlab.experiment.budgets import BUDGETS, Budget, regime_for
 from robustlab.launch import optuna_compat
-from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_KIND, ATTR_PARENT, RUN_ATTR, Retry
+from robustlab.launch.launcher import (
+    ATTR_EXPERIMENT,
+    ATTR_KIND,
+    ATTR_LEADER,
+    ATTR_PARENT,
+    RUN_ATTR,
+    Retry,
+)
 from robustlab.launch.storage import Heartbeat
 
 KIND = "experiment"
@@ -220,11 +227,15 @@ class ExperimentPlan:
         return {ATTR_PLAN: json.dumps(self.record())}
 
     def incompatibility(self, study: optuna.Study) -> str | None:
+        if not study.user_attrs or set(study.user_attrs) <= {ATTR_KIND, ATTR_LEADER}:
+            return None  # being set up right now by an identical command: it will lead
         if study.user_attrs.get(ATTR_KIND) != KIND:
             return (
                 f"study {self.study_name!r} exists and is not an experiment study; choose another"
             )
-        old = json.loads(study.user_attrs.get(ATTR_PLAN, "{}"))
+        if ATTR_PLAN not in study.user_attrs:
+            return None
+        old = json.loads(study.user_attrs[ATTR_PLAN])
         mine = self.record()
         keys = ("budget", "eps", "regimes", "seeds", "inv_folds", "fold_digest", "test_indices_sha")
         changed = [k for k in keys if old.get(k) != mine[k]]

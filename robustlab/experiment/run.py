@@ -98,7 +98,8 @@ def build_plan(
     allow_small_folds: bool,
     study_name: str | None,
 ) -> Setup:
-    """Every check, the folds (printed before anything trains) and the shared test images."""
+    """Every check, the folds and the shared test images (nothing is printed: a bad option
+    must end in one line)."""
     b = check_budget(budget)
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
@@ -106,13 +107,6 @@ def build_plan(
     pair_configs(b, 0, data_dir, eps, check_model=False)  # the parent never imports TensorFlow
     pool = load_human_pool(data_dir, inv_sets)
     folds = assign_folds(pool, inv_folds, fold_seed, allow_small_folds=allow_small_folds)
-    print(
-        f"experiment: {pool.n} human-labelled examples ({int(pool.changed.sum())} label-changed) "
-        f"from {len(pool.sources)} MNIST sources in {inv_folds} folds (seed {fold_seed}):\n"
-        + folds.describe(),
-        file=sys.stderr,
-        flush=True,
-    )
     test_indices = shared_test_indices(b.eval_size, data_dir)
     plan = ExperimentPlan(
         budget,
@@ -185,6 +179,14 @@ def run_experiment(
     old_study = check_existing(store, plan) if o.study_name else None
     done = adoptable_children(o.resume_run_id, plan) if o.resume_run_id else {}
     configure_tracking()
+    pool, folds = setup.pool, setup.folds
+    print(  # every check passed: the folds, before anything trains
+        f"experiment: {pool.n} human-labelled examples ({int(pool.changed.sum())} label-changed) "
+        f"from {len(pool.sources)} MNIST sources in {folds.k} folds (seed {folds.seed}):\n"
+        + folds.describe(),
+        file=sys.stderr,
+        flush=True,
+    )
     study, token = elect(store, plan) if o.study_name else (None, None)
     if o.study_name and token is None:
         return _join(study, store, plan, url)

@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 
 from robustlab.errors import RobustlabError
-from robustlab.evaluation.robustness import PER_EXAMPLE_ARTIFACT
+from robustlab.evaluation.indices import PER_EXAMPLE_ARTIFACT
 from robustlab.evaluation.validation import INV_PREDICTIONS_ARTIFACT
 
 INV_TABLE = "inv_predictions"

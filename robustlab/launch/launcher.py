@@ -47,9 +47,11 @@ from robustlab.launch import optuna_compat
 from robustlab.launch.storage import (
     STORAGE_ENV,
     Heartbeat,
+    last_outage,
     load_existing,
     open_storage,
     redact_url,
+    with_db_retry,
 )
 from robustlab.tracking import start_run
 
@@ -58,6 +60,8 @@ ATTR_PARENT = "mlflow_parent_run_id"
 ATTR_EXPERIMENT = "mlflow_experiment_id"
 ATTR_LEADER = "robustlab_leader"  # JSON {"token", "beat"}: the leading process's heartbeat
 RUN_ATTR = "mlflow_run_id"  # a trial's child run
+FAIL_REASON = "robustlab_fail_reason"  # on a trial that failed; study attr `<this>_<n>` if stale
+LOST_TAG = "robustlab.trial_lost"  # on the run of a trial declared lost while it still ran
 SETTLE_S = 2.0  # a leadership claim stands if it is still there after this many seconds
 JOIN_WAIT_S = 120.0  # how long a joiner waits for the leader's parent run
 
@@ -258,9 +262,10 @@ def announce(study: optuna.Study, parent: Run) -> None:
 
 
 def adopt_runs(study: optuna.Study, parent_id: str) -> None:
-    """Move the runs of the study's COMPLETE trials under `parent_id` (a resumed study)."""
+    """Move the runs of the study's trials under `parent_id` (a resumed study): the COMPLETE
+    ones the summary reads, and the lost ones it ends FAILED."""
     client = MlflowClient()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in study.get_trials(deepcopy=False):
         run_id = t.user_attrs.get(RUN_ATTR)
         if run_id:
             with contextlib.suppress(MlflowException):
@@ -300,6 +305,53 @@ def retry_of(study: optuna.Study, trial: optuna.Trial) -> Retry | None:
     return Retry(lost, run_id, note)
 
 
+def fail_stale(study: optuna.Study, heartbeat: Heartbeat) -> list[int]:
+    """`fail_stale_trials`, with the reason recorded (study attribute `robustlab_fail_reason_<n>`)
+    for each trial it fails; skipped while this process itself was cut off from the database in
+    the last grace period (a gap in everyone's heartbeats is then no sign of a dead worker).
+    The numbers of the trials it failed."""
+    if time.monotonic() - last_outage() < heartbeat.grace_period:
+        return []
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not running:
+        return []
+    with_db_retry(fail_stale_trials, study)  # its stale-trial query is not a retried call
+    failed = [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if t.number in running
+    ]
+    for n in failed:
+        study.set_user_attr(
+            f"{FAIL_REASON}_{n}",
+            f"no heartbeat for more than {heartbeat.grace_period} s (its worker died or lost the "
+            "database); retried with the same parameters",
+        )
+    return failed
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, values) -> bool:
+    """Tell `values` unless the trial was declared lost meanwhile (its worker was cut off from
+    the database longer than the grace period and another process failed it): then its run is
+    ended FAILED with the reason, and False (the retry trial runs the point again)."""
+    frozen = study.get_trials(deepcopy=False)[trial.number]
+    if frozen.state == TrialState.RUNNING:
+        with contextlib.suppress(ValueError, RuntimeError):  # lost between the check and now
+            study.tell(trial, values)
+            return True
+    reason = (
+        f"trial {trial.number} was declared lost while it still ran (no heartbeat reached the "
+        "database for longer than the grace period); its retry trial runs the point again"
+    )
+    print(f"note: {reason}", file=sys.stderr, flush=True)
+    run_id = frozen.user_attrs.get(RUN_ATTR)
+    if run_id:
+        with contextlib.suppress(MlflowException):
+            MlflowClient().set_tag(run_id, LOST_TAG, reason)
+            MlflowClient().set_terminated(run_id, "FAILED")
+    return False
+
+
 def work(
     study: optuna.Study,
     plan: Plan,
@@ -315,8 +367,8 @@ def work(
     while not (max_trials and done >= max_trials):
         if timeout is not None and time.monotonic() - started >= timeout:
             break
-        fail_stale_trials(study)  # a dead worker's trial comes back WAITING (same params)
-        if plan.done(study):
+        fail_stale(study, plan.heartbeat)  # a dead worker's trial comes back WAITING
+        if plan.done(study):  # the storage retries its calls through a database outage
             break
         trial = plan.next_trial(study)
         if trial is None:
@@ -327,14 +379,18 @@ def work(
             except optuna.TrialPruned:
                 study.tell(trial, state=TrialState.PRUNED)
                 values = ()
-            except BaseException:
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    why = (str(exc).splitlines() or [""])[0][:300]
+                    trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {why}")
                 study.tell(trial, state=TrialState.FAIL)
                 raise
         if values is None:
+            trial.set_user_attr(FAIL_REASON, "not a trial of this plan")
             study.tell(trial, state=TrialState.FAIL)
             continue
-        if values != ():
-            study.tell(trial, values)
+        if values != () and not _tell(study, trial, values):
+            continue
         done += 1
         gc.collect()
         if after_trial is not None:
@@ -381,7 +437,7 @@ def drive(
             for p in [p for p in procs if p.poll() is not None]:
                 procs.remove(p)
                 failures += p.returncode != 0
-            fail_stale_trials(study)
+            fail_stale(study, plan.heartbeat)
             running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if plan.done(study) and not procs and not running:
                 return
@@ -413,7 +469,7 @@ def drive(
 def wait_for_running(study: optuna.Study, heartbeat: Heartbeat) -> None:
     """Block while trials of this study run elsewhere (stale ones are failed and requeued)."""
     while True:
-        fail_stale_trials(study)
+        fail_stale(study, heartbeat)
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
         time.sleep(min(5.0, heartbeat.interval))

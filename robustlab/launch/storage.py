@@ -6,12 +6,15 @@ The URL is the argument, else $ROBUSTLAB_OPTUNA_STORAGE, else the SQLite file
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from robustlab.credentials import STORAGE_ENV, has_password, redact_url
@@ -53,15 +56,82 @@ def storage_url(explicit: str | None = None) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
+DB_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
+OUTAGE_PATIENCE_S = float(os.environ.get("ROBUSTLAB_DB_PATIENCE_S", "600"))
+_LAST_OUTAGE = [-math.inf]  # monotonic time this process last found the database unreachable
+
+
+def last_outage() -> float:
+    """When (time.monotonic) this process last failed to reach the study's database."""
+    return _LAST_OUTAGE[0]
+
+
+def with_db_retry(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, retried with backoff while the database is unreachable, for up to
+    OUTAGE_PATIENCE_S seconds (a restarted or failed-over PostgreSQL); then the error."""
+    deadline, delay, told = time.monotonic() + OUTAGE_PATIENCE_S, 0.5, False
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except DB_ERRORS as exc:
+            _LAST_OUTAGE[0] = time.monotonic()
+            if time.monotonic() > deadline:
+                raise
+            if not told:
+                print(
+                    f"note: the study's database is unreachable ({type(exc).__name__}); "
+                    f"retrying for up to {OUTAGE_PATIENCE_S:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                told = True
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+
 class TolerantRDBStorage(RDBStorage):
-    """An RDBStorage whose heartbeat survives a database restart: Optuna's heartbeat thread dies
-    on the first failed write, which would get a live trial retried; skip one beat instead."""
+    """An RDBStorage that rides out a database outage: every call a worker makes is retried
+    while the database is unreachable (`with_db_retry`), and the heartbeat skips a beat instead
+    of dying (Optuna's heartbeat thread dies on the first failed write, which would get a live
+    trial retried)."""
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
             super().record_heartbeat(trial_id)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy OperationalError and friends
+            _LAST_OUTAGE[0] = time.monotonic()
             print(f"note: heartbeat skipped ({type(exc).__name__})", file=sys.stderr, flush=True)
+
+
+def _retried(name: str):
+    original = getattr(RDBStorage, name)
+
+    def method(self, *args, **kwargs):
+        return with_db_retry(original, self, *args, **kwargs)
+
+    method.__name__, method.__doc__ = name, original.__doc__
+    return method
+
+
+for _name in (  # the public calls a worker or leader makes during a study
+    "set_study_user_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+):
+    setattr(TolerantRDBStorage, _name, _retried(_name))
 
 
 def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
@@ -135,4 +205,5 @@ __all__ = [
     "redact_url",
     "storage_problem",
     "storage_url",
+    "with_db_retry",
 ]

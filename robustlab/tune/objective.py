@@ -14,7 +14,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
-import keras
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
@@ -178,6 +177,8 @@ class TunePlan:
 
     def run_trial(self, trial: optuna.Trial, retry: Retry | None) -> float | tuple[float, ...]:
         """Train the joint regime on the trial's mixture as a child run; its objective value(s)."""
+        import keras
+
         from robustlab.train.runner import Extras, run_training
 
         cfg, b = self.cfg, self.budget
@@ -261,7 +262,7 @@ class _TrialHooks:
             mlflow.set_tag(PRUNED_TAG, "true")
             raise optuna.TrialPruned(f"trial {self.trial.number} pruned at epoch {step + 1}")
 
-    def on_trained(self, model: keras.Model) -> dict[str, float]:
+    def on_trained(self, model) -> dict[str, float]:
         m = self.plan.selection.metrics(model, self.plan.cfg.clean_floor)
         self.final.update(m)
         return m
