@@ -292,6 +292,9 @@ class TuneConfig:
     seed: int = 0
     tune_lr: bool = False  # also search learning_rate (log-uniform 1e-4..3e-3)
     tune_warmup: bool = False  # also search eps_warmup (0..2 epochs)
+    method: str = "pgd"  # the trials' training method for the attacked rows (METHODS)
+    trades_beta: float = 6.0  # method=trades: the weight of the KL term, unless searched
+    tune_beta: bool = False  # method=trades: also search trades_beta (log-uniform 1..10)
     eps: float = 0.3
     data_dir: str | None = None
     pruner: str = "median"  # scalar mode only
@@ -339,4 +342,9 @@ class TuneConfig:
         if self.max_retry < 0 or self.threads < 0:
             raise ConfigError("max_retry and threads must be >= 0")
         check_precision(self.precision)
+        AttackConfig(method=self.method, trades_beta=self.trades_beta).validate()
+        if self.tune_beta and self.method != "trades":
+            raise ConfigError(
+                f"tune_beta searches TRADES' beta, but method={self.method!r}; pass method=trades"
+            )
         return self

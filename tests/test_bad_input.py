@@ -250,6 +250,12 @@ TUNE_CASES = [
     ("tune-precision-unknown", [*_TUNE, "--precision", "bf16"], "precision must be one of"),
     ("tune-storage-bad-url", ["tune", "--storage", "nosuchdb://x/y"], "cannot open the study"),
     ("tune-flag-yes", [*_TUNE, "--tune-lr", "yes"], "expected true/false, got 'yes'"),
+    ("tune-beta-without-trades", [*_TUNE, "--tune-beta", "true"], "pass method=trades"),
+    (
+        "tune-trades-beta-negative",
+        [*_TUNE, "--method", "trades", "--trades-beta", "-1"],
+        "trades_beta must be >= 0",
+    ),
 ]
 SECRET_URL = "postgresql+psycopg://robustlab:s3cret@127.0.0.1:1/optuna"  # never printed
 SECRET_CASES = [

@@ -203,3 +203,14 @@ def test_a_killed_workers_trial_is_retried(tracking, tmp_path):
     lost = MlflowClient().get_run(failed.user_attrs["mlflow_run_id"])
     assert lost.info.status == "FAILED" and lost.data.tags["robustlab.tune.worker_lost"] == "true"
     assert len(optuna.load_study(study_name="k", storage=cfg.storage).get_trials()) == 2
+
+
+@pytest.mark.slow
+def test_trades_beta_is_searched_beside_the_mixture(tracking, tmp_path):
+    cfg = _smoke(tmp_path, n_trials=1, study_name="trades", method="trades", tune_beta=True)
+    parent_id = run_tune(cfg)
+    [trial] = optuna.load_study(study_name="trades", storage=cfg.storage).get_trials()
+    assert trial.state == TrialState.COMPLETE and 1.0 <= trial.params["trades_beta"] <= 10.0
+    [child] = _children(parent_id)
+    assert child.data.params["method"] == "trades"
+    assert float(child.data.params["trades_beta"]) == pytest.approx(trial.params["trades_beta"])

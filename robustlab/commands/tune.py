@@ -40,6 +40,16 @@ def add_parser(sub: SubParsers) -> list[str]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tune-lr", type=flag, default=False, help="also search learning_rate")
     p.add_argument("--tune-warmup", type=flag, default=False, help="also search eps_warmup")
+    p.add_argument(
+        "--method", default="pgd", help="training method of the attacked rows: pgd | trades"
+    )
+    p.add_argument("--trades-beta", type=float, default=6.0, help="method=trades: KL weight")
+    p.add_argument(
+        "--tune-beta",
+        type=flag,
+        default=False,
+        help="method=trades: also search trades_beta (1..10)",
+    )
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--data-dir", type=optional, default=None)
     p.add_argument("--pruner", default="median", help=f"scalar mode: one of {list(TUNE_PRUNERS)}")
@@ -104,6 +114,9 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         tune_lr=bool(args.tune_lr),
         tune_warmup=bool(args.tune_warmup),
+        method=args.method,
+        trades_beta=args.trades_beta,
+        tune_beta=bool(args.tune_beta),
         eps=args.eps,
         data_dir=args.data_dir,
         pruner=args.pruner,

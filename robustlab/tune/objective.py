@@ -35,7 +35,7 @@ from robustlab.evaluation.validation import selection_validation
 from robustlab.launch.launcher import RUN_ATTR, Retry
 from robustlab.launch.storage import Heartbeat, redact_url
 from robustlab.regimes import make_regime
-from robustlab.tune.space import BUDGETS, suggest
+from robustlab.tune.space import BUDGETS, suggest, suggest_beta
 
 PARETO_METRICS = ("sel/clean_acc", "sel/pgd_acc", "sel/inv_bal_acc")
 CONSTRAINT = "clean_floor"
@@ -44,7 +44,17 @@ ATTR_CONFIG = "robustlab_config"
 DIRECTIONS = {"pareto": ["maximize"] * 3, "scalar": ["maximize"]}
 METRIC_NAMES = {"pareto": list(PARETO_METRICS), "scalar": [SCORE_METRIC]}
 # a resumed study must keep these (its trials must stay comparable)
-FIXED_KEYS = ("objective", "budget", "clean_floor", "eps", "seed", "tune_lr", "tune_warmup")
+FIXED_KEYS = (
+    "objective",
+    "budget",
+    "clean_floor",
+    "eps",
+    "seed",
+    "tune_lr",
+    "tune_warmup",
+    "method",
+    "tune_beta",
+)
 
 
 def stored_config(cfg: TuneConfig) -> dict:
@@ -156,13 +166,17 @@ class TunePlan:
             train_size=self.budget.train_size,  # the runner's cached MNIST: one copy in memory
         )
 
-    def run_config(self, lr: float, warmup: float, mix: MixConfig, resume: str | None) -> RunConfig:
+    def run_config(
+        self, lr: float, warmup: float, mix: MixConfig, resume: str | None, beta: float = 6.0
+    ) -> RunConfig:
         cfg, b = self.cfg, self.budget
         attack = AttackConfig(
             eps=cfg.eps,
             steps=b.attack_steps,
             step_size=pgd_step_size(cfg.eps, b.attack_steps),
             eps_warmup=warmup,
+            method=cfg.method,
+            trades_beta=beta,
         )
         train = TrainConfig(
             epochs=b.epochs,
@@ -184,7 +198,8 @@ class TunePlan:
         cfg, b = self.cfg, self.budget
         keras.backend.clear_session()
         mix, lr, warmup = suggest(trial, cfg)
-        run_cfg = self.run_config(lr, warmup, mix, retry.resume_run_id if retry else None)
+        beta = suggest_beta(trial, cfg)
+        run_cfg = self.run_config(lr, warmup, mix, retry.resume_run_id if retry else None, beta)
         ev = EvalConfig(
             eps=cfg.eps, eval_size=b.eval_size, autoattack_size=0, pgd_restarts=0, seed=cfg.seed
         )

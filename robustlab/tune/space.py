@@ -65,6 +65,18 @@ def simplex_point(u: np.ndarray) -> np.ndarray:
     return x / x.sum()
 
 
+BETA_RANGE = (1.0, 10.0)  # TRADES' beta: larger is more robust (Zhang et al. 2019)
+
+
+def suggest_beta(trial: optuna.Trial, cfg: TuneConfig) -> float:
+    """TRADES' beta: searched (log-uniform on BETA_RANGE) when `cfg.tune_beta`, else fixed."""
+    return (
+        trial.suggest_float("trades_beta", *BETA_RANGE, log=True)
+        if cfg.tune_beta
+        else cfg.trades_beta
+    )
+
+
 def suggest(trial: optuna.Trial, cfg: TuneConfig) -> tuple[MixConfig, float, float]:
     """The trial's (mixture, learning_rate, eps_warmup); the mixture is logged as user attrs."""
     u = [trial.suggest_float(f"u_{k}", U_LOW, 1.0) for k in MIX_KEYS]
