@@ -262,59 +262,41 @@ def _restarts(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
     ]
 
 
-def _autoattack(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
+def on_subset(cfg: EvalConfig, name: str, steps: int, **kw: Any) -> list[Stage]:
+    """An ART stage `name` (its attack, its own seed stream) on the AutoAttack subset, on the
+    survivors of the PGD chain there (`after_all`); none when the subset is empty."""
     if cfg.autoattack_size <= 0:
         return []
     return [
         Stage(
-            "autoattack",
-            "autoattack",
+            name,
+            name,
             float(cfg.eps),
-            steps=spec.autoattack_steps,
+            steps=steps,
             subset="autoattack",
             engine="art",
-            seed_stream="autoattack",
-            params=(("square_queries", spec.square_queries),),
-            after_all=cfg.early_exit,  # the old cost: AutoAttack on every clean-correct image
+            seed_stream=name,
+            after_all=cfg.early_exit,  # the old cost: every clean-correct image of the subset
+            **kw,
         )
     ]
+
+
+def _autoattack(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
+    params = (("square_queries", spec.square_queries),)
+    return on_subset(cfg, "autoattack", spec.autoattack_steps, params=params)
 
 
 def _square(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
-    if cfg.autoattack_size <= 0 or not cfg.square_alone:
+    if not cfg.square_alone:
         return []
-    return [
-        Stage(
-            "square",
-            "square",
-            float(cfg.eps),
-            steps=spec.square_queries,
-            subset="autoattack",
-            engine="art",
-            seed_stream="square",
-            params=(("restarts", 1),),
-            independent=True,
-            after_all=cfg.early_exit,
-        )
-    ]
+    params = (("restarts", 1),)
+    return on_subset(cfg, "square", spec.square_queries, params=params, independent=True)
 
 
 def _apgd_t(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
-    if cfg.autoattack_size <= 0:
-        return []
-    return [
-        Stage(
-            "apgd_t",
-            "apgd_t",
-            float(cfg.eps),
-            steps=spec.autoattack_steps,
-            subset="autoattack",
-            engine="art",
-            seed_stream="apgd_t",
-            independent=True,  # beside AutoAttack: the worst case over PGD and APGD-T alone
-            after_all=cfg.early_exit,
-        )
-    ]
+    # beside AutoAttack: the worst case over PGD and APGD-T alone
+    return on_subset(cfg, "apgd_t", spec.autoattack_steps, independent=True)
 
 
 def _curve(cfg: EvalConfig, spec: StageSpec) -> list[Stage]:
