@@ -45,8 +45,8 @@ def read_env_file(path: str | os.PathLike) -> dict[str, str]:
     mode = stat.S_IMODE(p.stat().st_mode)
     if mode & 0o077:
         raise ConfigError(
-            f"${SERVICES_ENV}={p} is readable by other users (mode {mode:03o}) and holds a "
-            f"password; chmod 600 {p}"
+            f"${SERVICES_ENV}={p} is readable by other users (mode {mode:03o}), and "
+            f"it is where connection passwords live; chmod 600 {p}"
         )
     try:
         lines = p.read_text().splitlines()
