@@ -20,6 +20,7 @@ from robustlab.experiment.budgets import BUDGETS, DEFAULT_REGIMES, check_budget,
 
 
 def add_parser(sub: SubParsers) -> list[str]:
+    """The `experiment` options, one declaration each (long because the options are many)."""
     p = sub.add_parser(
         "experiment", help="run regimes × seeds and write the thesis reproduction report"
     )

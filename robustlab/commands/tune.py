@@ -16,6 +16,7 @@ def _timeout(text: str) -> float | None:
 
 
 def add_parser(sub: SubParsers) -> list[str]:
+    """The `tune` options, one declaration each (long because the options are many)."""
     p = sub.add_parser(
         "tune", help="Optuna study over the joint regime's mixture (validation only)"
     )

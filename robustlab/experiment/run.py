@@ -151,7 +151,8 @@ def run_experiment(
     parent run and the study, train nothing. An existing study (same plan) is resumed: a new
     parent adopts its COMPLETE units and the missing ones are trained. `resume_run_id`: an
     earlier experiment's parent run (same budget, eps and folds) whose FINISHED children are
-    adopted instead of trained again.
+    adopted instead of trained again. (Long: it reads top to bottom as the experiment's steps,
+    each one call.)
     """
     o = options
     if o.workers < 1 or o.pairs_per_worker < 1:
@@ -179,22 +180,13 @@ def run_experiment(
     old_study = check_existing(store, plan) if o.study_name else None
     done = adoptable_children(o.resume_run_id, plan) if o.resume_run_id else {}
     configure_tracking()
-    pool, folds = setup.pool, setup.folds
-    print(  # every check passed: the folds, before anything trains
-        f"experiment: {pool.n} human-labelled examples ({int(pool.changed.sum())} label-changed) "
-        f"from {len(pool.sources)} MNIST sources in {folds.k} folds (seed {folds.seed}):\n"
-        + folds.describe(),
-        file=sys.stderr,
-        flush=True,
-    )
+    _print_folds(setup)  # every check passed: the folds, before anything trains
     study, token = elect(store, plan) if o.study_name else (None, None)
     if o.study_name and token is None:
         return _join(study, store, plan, url)
     tags = {"robustlab.kind": "experiment"}
-    if o.resume_run_id:
-        tags["robustlab.resumed_from"] = o.resume_run_id
-    if old_study is not None:
-        tags["robustlab.resumed_study"] = "true"
+    tags |= {"robustlab.resumed_from": o.resume_run_id} if o.resume_run_id else {}
+    tags |= {"robustlab.resumed_study": "true"} if old_study is not None else {}
     with parent_run(
         plan,
         store,
@@ -210,14 +202,7 @@ def run_experiment(
         plan.enqueue_missing(study)
         announce(study, parent)
         if o.create_only:
-            print(
-                f"experiment study {plan.study_name} created (parent run {parent.info.run_id}); "
-                f"train its units from any machine with: robustlab experiment-worker "
-                f"--study-name {plan.study_name} (the storage URL in ${STORAGE_ENV}), then "
-                "summarize with the same robustlab experiment command plus --study-name "
-                f"{plan.study_name}",
-                file=sys.stderr,
-            )
+            _print_created(plan.study_name, parent.info.run_id)
             return parent.info.run_id
         t0 = time.perf_counter()
         _drive(study, plan, url, o.workers, data_dir, o.pairs_per_worker)
@@ -227,6 +212,27 @@ def run_experiment(
         end_lost_runs(study, set(runs.values()), "robustlab.experiment.worker_lost")
         summarize(parent.info.run_id, plan, runs, wall)
         return parent.info.run_id
+
+
+def _print_folds(setup: Setup) -> None:
+    pool, folds = setup.pool, setup.folds
+    print(
+        f"experiment: {pool.n} human-labelled examples ({int(pool.changed.sum())} label-changed) "
+        f"from {len(pool.sources)} MNIST sources in {folds.k} folds (seed {folds.seed}):\n"
+        + folds.describe(),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _print_created(study_name: str, parent_id: str) -> None:
+    print(
+        f"experiment study {study_name} created (parent run {parent_id}); train its units from "
+        f"any machine with: robustlab experiment-worker --study-name {study_name} (the storage "
+        f"URL in ${STORAGE_ENV}), then summarize with the same robustlab experiment command "
+        f"plus --study-name {study_name}",
+        file=sys.stderr,
+    )
 
 
 def _params(setup: Setup) -> dict:

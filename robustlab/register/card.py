@@ -54,6 +54,41 @@ def figures_table(tags: Mapping[str, str], prefix: str = "robustlab.") -> list[s
     return ["| figure | value | 95% interval |", "|---|---|---|", *rows] if rows else []
 
 
+LIMITS = (
+    "## Known limits",
+    "",
+    "- MNIST digits only; robustness measured for L∞ ε as above; AutoAttack and Square run on "
+    "a seeded subset of the test images (see its n in the test run).",
+    "- Invariance accuracy rests on a few hundred human-labelled examples (ten raters for the "
+    "thesis set, published labels for Tramèr's), of which few change their label: read the "
+    "intervals.",
+    "- The selection set and the training pool are human-labelled L∞ and L0 examples; other "
+    "kinds of label-changing perturbation are untested.",
+)
+
+
+def _usage(name: str, version: str) -> list[str]:
+    """How to load, serve and re-evaluate the version."""
+    body = "$(python -c 'import json, numpy as np; print(json.dumps(np.zeros((1, 28, 28, 1)).tolist()))')"
+    return [
+        "## Load and serve",
+        "",
+        "```python",
+        "import mlflow, numpy as np",
+        f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
+        "logits = model.predict(np.zeros((1, 28, 28, 1), np.float32))  # float32 in [0, 1]",
+        "```",
+        "",
+        "```bash",
+        f"mlflow models serve -m models:/{name}/{version} --env-manager local --port 5002",
+        "curl -s localhost:5002/invocations -H 'Content-Type: application/json' \\",
+        f'  -d "{{\\"inputs\\": {body}}}"  # (N, 28, 28, 1) float32 -> (N, 10) logits',
+        f"robustlab evaluate --model-uri models:/{name}/{version}  # strong attacks again",
+        "```",
+        "",
+    ]
+
+
 def model_card(
     name: str,
     version: str,
@@ -113,30 +148,8 @@ def model_card(
         "",
         *figures_table(tags),
         "",
-        "## Load and serve",
-        "",
-        "```python",
-        "import mlflow, numpy as np",
-        f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
-        "logits = model.predict(np.zeros((1, 28, 28, 1), np.float32))  # float32 in [0, 1]",
-        "```",
-        "",
-        "```bash",
-        f"mlflow models serve -m models:/{name}@champion --env-manager local -p 5002",
-        "curl -s localhost:5002/invocations -H 'Content-Type: application/json' \\",
-        "  -d '{\"inputs\": [[[[0.0]]]]}'  # (N, 28, 28, 1) float32",
-        f"robustlab evaluate --model-uri models:/{name}/{version}  # strong attacks again",
-        "```",
-        "",
-        "## Known limits",
-        "",
-        "- MNIST digits only; robustness measured for L∞ ε as above; AutoAttack and Square run on "
-        "a seeded subset of the test images (see its n in the test run).",
-        "- Invariance accuracy rests on a few hundred human-labelled examples (ten raters for the "
-        "thesis set, published labels for Tramèr's), of which few change their label: read the "
-        "intervals.",
-        "- The selection set and the training pool are human-labelled L∞ and L0 examples; other "
-        "kinds of label-changing perturbation are untested.",
+        *_usage(name, version),
+        *LIMITS,
     ]
     return "\n".join(lines) + "\n"
 
