@@ -245,6 +245,9 @@ def test_a_corrupted_checkpoint_on_a_retried_trial_starts_afresh_and_says_why(li
     assert weights, "the checkpoint's weights were not found in the server's artifact store"
     for path in weights:
         path.write_bytes(b"not an HDF5 file")  # the retry must not continue from this
+    # a worker that starts within the grace period rightly samples a new trial (the lost one
+    # may still be alive); start the survivor once the lost trial's heartbeat is stale
+    time.sleep(float(HEARTBEAT[3]) + 1)
     survivor = worker(name, cwd_b, env_b)
     reap.append(survivor)
     assert survivor.wait(timeout=900) == 0, (cwd_b / "worker.log").read_text()[-3000:]
