@@ -216,7 +216,14 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
 
 def test_experiment_resume_reuses_finished_children(tracking, tmp_path):
     ensure_experiment("robustlab")
-    first = ("budget=smoke", "regimes=vanilla,invariance", f"data_dir={DATA_DIR}", *CV)
+    # one worker process for all of a run's units: the resume, not the start-ups, is under test
+    first = (
+        "budget=smoke",
+        "regimes=vanilla,invariance",
+        "pairs_per_worker=4",
+        f"data_dir={DATA_DIR}",
+        *CV,
+    )
     out = mlflow_run("experiment", tmp_path, "seeds=1", *first)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = _runs()
