@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -209,6 +213,15 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
     report = mlflow.artifacts.load_text(f"runs:/{pid}/report.md")
     for c in fig.claims:
         assert f"| {c.claim.text} | **{c.verdict}** |" in report
+    # ... and so does the command report.md prints, run by a shell in the downloaded tables
+    tables = mlflow.artifacts.download_artifacts(f"runs:/{pid}/tables", dst_path=str(tmp_path))
+    command = next(line for line in report.splitlines() if line.startswith("python -c "))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["bash", "-c", command], cwd=tables, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == repr(tags)
     names = {a.path for a in MlflowClient().list_artifacts(pid)}
     assert {"report.md", "forest_plot.png", "folds.csv", "folds.json", "tables"} <= names
     assert len({a.path for a in MlflowClient().list_artifacts(pid, "plots/curves")}) == 7

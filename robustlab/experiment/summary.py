@@ -3,6 +3,7 @@ them, report.md, the forest plot, validation curves, and tags with the claims' v
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -76,8 +77,8 @@ def _commands(plan: ExperimentPlan) -> list[str]:
         "python -c 'from robustlab.experiment.figures import compute_figures; "
         "from robustlab.experiment.tables import read_csv; "
         'fig = compute_figures(read_csv("inv_predictions.csv"), '
-        f'read_csv("test_outcomes.csv"), {list(plan.regimes)!r}, '
-        f"{list(range(plan.seeds))!r}); print(fig.claims)'",
+        f'read_csv("test_outcomes.csv"), {json.dumps(list(plan.regimes))}, '
+        f"{list(range(plan.seeds))}); print([c.verdict for c in fig.claims])'",
     ]
 
 
