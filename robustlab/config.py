@@ -215,6 +215,10 @@ class EvalConfig:
 
     eps: float = 0.3
     eval_size: int = 0  # 0 = whole test set minus excluded sources
+    # the PGD chain (and the AutoAttack and eps-curve subsets, drawn from within it) on a seeded
+    # subset of this many of the evaluated images (0 = all of them); clean accuracy always uses
+    # every evaluated image. The experiment sizes it by the precision its claims need
+    pgd_size: int = 0
     autoattack_size: int = 1000  # seeded subset for AutoAttack and Square
     pgd_restarts: int = 5  # random restarts of the PGD-100 attack (0 = PGD-40 only)
     seed: int = 0
@@ -251,8 +255,10 @@ class EvalConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must lie in [0, 2**32 - 1], got {self.seed}")
-        if self.eval_size < 0 or self.autoattack_size < 0 or self.curve_size < 0:
-            raise ConfigError("eval_size and autoattack_size must be >= 0 (0 = all / skip)")
+        if min(self.eval_size, self.autoattack_size, self.curve_size, self.pgd_size) < 0:
+            raise ConfigError(
+                "eval_size, pgd_size, autoattack_size and curve_size must be >= 0 (0 = all / skip)"
+            )
         if self.square_queries < 1:
             raise ConfigError(f"square_queries must be >= 1, got {self.square_queries}")
         if self.curve_points < 2:

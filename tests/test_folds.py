@@ -7,6 +7,7 @@ import pytest
 
 from robustlab.data.folds import (
     HUMAN_SETS,
+    MIN_TRAIN_CHANGED,
     assign_folds,
     fold_pools,
     load_human_pool,
@@ -43,11 +44,35 @@ def test_folds_are_deterministic_keep_sources_whole_and_spread_changed_examples(
     for source in np.unique(a.source):
         assert len(set(a.fold_of_example[a.source == source])) == 1  # a source never splits
     counts = a.counts()
-    assert sum(c["examples"] for c in counts) == pool.n
-    assert min(c["train_changed"] for c in counts) >= 100
-    changed = [c["changed"] for c in counts]
+    assert sum(c["held_examples"] for c in counts) == pool.n
+    changed = [c["held_changed"] for c in counts]
     assert max(changed) - min(changed) <= 3  # stratified: about 28 each
     assert "fold 4:" in a.describe() and "label-changed" in a.describe()
+
+
+def test_the_guard_counts_what_each_fold_model_trains_on_after_the_validation_carve(pool):
+    folds = assign_folds(pool, 5, 0)
+    for f, c in enumerate(folds.counts()):
+        pools, _ = fold_pools(pool, folds, f, "human")
+        trained = sum(int(s.label_changed.sum()) for s in pools.train)  # after the carve
+        validated = sum(int(s.label_changed.sum()) for s in pools.val)
+        assert c["train_changed"] == trained >= MIN_TRAIN_CHANGED
+        assert c["val_changed"] == validated > 0
+        assert trained + validated + c["held_changed"] == int(pool.changed.sum())
+
+
+def test_claim_one_regimes_train_on_the_same_thesis_examples_with_other_labels(pool):
+    folds = assign_folds(pool, 5, 0)
+    sets = ("thesis_linf_eps0.3",)
+    human, held_h = fold_pools(pool, folds, 2, "human", train_sets=sets)
+    target, held_t = fold_pools(pool, folds, 2, "target", train_sets=sets)
+    for a, b in ((human.train, target.train), (human.val, target.val)):
+        assert [s.name for s in a] == [s.name for s in b] == list(sets)
+        np.testing.assert_array_equal(a[0].ids, b[0].ids)
+    assert (human.train_pool().y != target.train_pool().y).any()  # only the labels differ
+    # both predict every held-out example of the whole pool
+    assert [len(s) for s in held_h] == [len(s) for s in held_t]
+    assert {s.name for s in held_h} == set(HUMAN_SETS)
 
 
 def test_every_example_is_held_out_exactly_once_and_never_trained_on_its_source(pool):
@@ -72,8 +97,8 @@ def test_every_example_is_held_out_exactly_once_and_never_trained_on_its_source(
     ("k", "fragment"),
     [
         (1, "inv_folds must be >= 2"),
-        (2, "leaves a training fold with"),
-        (3, "fewer than 100"),
+        (2, "leaves a fold model"),
+        (3, f"fewer than {MIN_TRAIN_CHANGED}"),
         (590, "more than the pool's 589 MNIST sources"),
     ],
 )
@@ -85,7 +110,7 @@ def test_fold_counts_that_cannot_work_are_one_line(pool, k, fragment):
 
 def test_small_folds_are_allowed_only_when_asked(pool):
     folds = assign_folds(pool, 2, 0, allow_small_folds=True)
-    assert min(c["train_changed"] for c in folds.counts()) < 100
+    assert min(c["train_changed"] for c in folds.counts()) < MIN_TRAIN_CHANGED
 
 
 def test_an_unknown_set_in_the_pool_is_one_line():

@@ -35,14 +35,13 @@ def add_parser(sub: SubParsers) -> list[str]:
         default=None,
         help="an interrupted experiment's parent run: reuse its finished regime × seed runs",
     )
-    p.add_argument(
-        "--workers", type=int, default=1, help="local worker processes (each pair: a fresh one)"
-    )
+    p.add_argument("--workers", type=int, default=1, help="local worker processes")
     p.add_argument(
         "--pairs-per-worker",
         type=int,
-        default=1,
-        help="pairs a local worker trains before it exits (1: bounded memory; more: less start-up)",
+        default=0,
+        help="units a local worker trains before a fresh process replaces it (0: no limit, one "
+        "start-up per worker; 1: bounded memory)",
     )
     p.add_argument(
         "--storage",
@@ -121,8 +120,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--eps must lie in (0, 1], got {args.eps}")
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    if args.pairs_per_worker < 1:
-        raise ConfigError(f"--pairs-per-worker must be >= 1, got {args.pairs_per_worker}")
+    if args.pairs_per_worker < 0:
+        raise ConfigError(
+            f"--pairs-per-worker must be >= 0 (0: no limit), got {args.pairs_per_worker}"
+        )
     check_sets(_names(args.inv_sets))
     check_fold_count(args.inv_folds, 10_000)  # the pool's source count is checked with the data
 

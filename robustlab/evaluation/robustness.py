@@ -206,6 +206,7 @@ class Evaluation:
         for name, acc in self.accs.items():
             out.update(acc.as_metrics(name))
         out["test/n_eval"] = float(len(self.test))
+        out["test/n_pgd"] = float(len(self.subsets["all"]))
         out["test/eval_seconds"] = self.seconds["total"]
         return out
 
@@ -256,12 +257,14 @@ def compute(
     curve_size = cfg.curve_size if curve_size is None else curve_size
     n, bs = len(test), int(cfg.batch_size)
     subset_seed = cfg.seed if cfg.subset_seed is None else cfg.subset_seed
+    chain = _subset_indices(n, cfg.pgd_size, subset_seed)  # the PGD chain's images ("all")
+    m = len(chain)
     subsets = {
-        "all": np.arange(n),
-        "autoattack": _subset_indices(n, min(cfg.autoattack_size, n), subset_seed)
+        "all": chain,
+        "autoattack": chain[_subset_indices(m, min(cfg.autoattack_size, m), subset_seed)]
         if cfg.autoattack_size > 0
         else np.arange(0),
-        "curve": _subset_indices(n, curve_size, subset_seed),
+        "curve": chain[_subset_indices(m, curve_size, subset_seed)],
     }
     t_start = time.perf_counter()
     clean_pred = _predict(model, test.x, bs)
@@ -293,7 +296,9 @@ def compute(
 def _accuracies(ev: Evaluation) -> None:
     """The metric of every stage entry that ran (registry order), the curve, masking warnings."""
     ev.accs["test/clean_acc"] = accuracy(ev.clean_ok)
-    pgd_ok = worst_case(ev.results, "all", ev.clean_ok)  # the strongest PGD chain on "all"
+    chain = ev.subsets["all"]
+    pgd_ok = np.zeros(len(ev.test), bool)  # the strongest PGD chain, on the chain's images
+    pgd_ok[chain] = worst_case(ev.results, "all", ev.clean_ok[chain])
     sub = ev.subsets["autoattack"]
     for r in ev.results:
         entry = stage_entry(r.stage)
@@ -305,7 +310,9 @@ def _accuracies(ev: Evaluation) -> None:
             ev.accs["test/pgd_subset_acc"] = accuracy(pgd_ok[sub])
     ev.curve_accs = [accuracy(r.robust) for r in ev.results if r.stage.subset == "curve"]
     aa, sq = ev.accs.get("test/autoattack_acc"), ev.accs.get("test/square_acc")
-    pgd_ref = ev.accs["test/pgd_subset_acc"].value if aa is not None else accuracy(pgd_ok).value
+    pgd_ref = (
+        ev.accs["test/pgd_subset_acc"].value if aa is not None else accuracy(pgd_ok[chain]).value
+    )
     ev.warnings = gradient_masking_warnings(
         pgd_ref,
         None if aa is None else aa.value,
@@ -319,7 +326,8 @@ def _md_summary(ev: Evaluation, info: dict[str, Any]) -> str:
     lines = [
         f"# Robustness evaluation (L-inf, eps = {info['eps']:g})",
         "",
-        f"{info['n_eval']} test images; AutoAttack/Square on {info['n_autoattack']}, "
+        f"{info['n_eval']} test images (PGD on {info['n_pgd']}); AutoAttack/Square on "
+        f"{info['n_autoattack']}, "
         f"eps-curve on {info['n_curve']}; PGD from {info['attacks']['pgd40']['library']}, "
         "AutoAttack and Square from ART; 95% Wilson intervals.",
         "",
@@ -360,6 +368,7 @@ def _info(ev: Evaluation) -> dict[str, Any]:
         "seed": cfg.seed,
         "subset_seed": cfg.seed if cfg.subset_seed is None else cfg.subset_seed,
         "n_eval": len(ev.test),
+        "n_pgd": len(ev.subsets["all"]),
         "n_autoattack": n_aa,
         "n_curve": n_curve,
         "pgd_restarts": int(cfg.pgd_restarts),

@@ -16,7 +16,7 @@ import numpy as np
 
 from robustlab.data.invariance import InvarianceSet
 from robustlab.data.mnist import Split
-from robustlab.data.pools import InvPools
+from robustlab.data.pools import InvPools, labels_for
 from robustlab.errors import ConfigError, DataError
 from robustlab.evaluation.stats import accuracy, predict_logits
 
@@ -88,16 +88,22 @@ def inv_accuracy(model, s: InvarianceSet, prefix: str) -> dict[str, float]:
 
 
 def inv_validation(pools: InvPools):
-    """Validator: val/inv_acc (agreement with human labels) on the validation pool."""
+    """Validator: val/inv_acc on the validation pool, scored against the labels the regime
+    trains on (`pools.label_source`: a target-label regime is selected on target labels); on
+    human labels it is the balanced accuracy (mean of label-changed and label-kept) when the
+    pool holds both, as the report judges it."""
     images = np.concatenate([s.images for s in pools.val])
-    human = np.concatenate([s.human_label for s in pools.val])
-    known = human >= 0  # a pool trained on target labels may include examples without one
+    labels = np.concatenate([labels_for(s, pools.label_source) for s in pools.val])
+    changed = np.concatenate([s.label_changed for s in pools.val])
+    balanced = pools.label_source == "human" and changed.any() and (~changed).any()
 
     def validate(model) -> dict[str, float]:
-        if not known.any():
+        if not len(labels):
             return {}
-        pred = np.argmax(predict_logits(model, images[known]), axis=1)
-        return {"val/inv_acc": float(np.mean(pred == human[known]))}
+        correct = np.argmax(predict_logits(model, images), axis=1) == labels
+        if balanced:
+            return {"val/inv_acc": float((correct[changed].mean() + correct[~changed].mean()) / 2)}
+        return {"val/inv_acc": float(correct.mean())}
 
     return validate
 

@@ -46,7 +46,7 @@ from robustlab.data.folds import (
 )
 from robustlab.errors import ConfigError, DataError
 from robustlab.evaluation.indices import indices_digest
-from robustlab.experiment.budgets import BUDGETS, Budget, regime_for
+from robustlab.experiment.budgets import BUDGETS, Budget, regime_for, train_sets_for
 from robustlab.launch import optuna_compat
 from robustlab.launch.launcher import (
     ATTR_EXPERIMENT,
@@ -85,6 +85,7 @@ def pair_configs(
     ev = EvalConfig(
         eps=eps,
         eval_size=b.eval_size,
+        pgd_size=b.pgd_size,
         autoattack_size=b.autoattack_size,
         pgd_restarts=b.pgd_restarts,
         seed=seed,
@@ -358,8 +359,12 @@ class ExperimentPlan:
         if fold == NO_FOLD:  # trains on no invariance example: predicts every one
             pools, predict = None, tuple(pool.sets.values())
         else:
-            pools, predict = fold_pools(pool, folds, fold, label_source)
+            pools, predict = fold_pools(
+                pool, folds, fold, label_source, train_sets=train_sets_for(label)
+            )
         cfg, ev = pair_configs(b, seed, self.data_dir, self.eps)
+        if fold not in (NO_FOLD, 0):  # the strong attack on one model per regime and seed
+            ev = replace(ev, autoattack_size=0)
         cfg = replace(
             cfg,
             train=replace(

@@ -23,10 +23,21 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from robustlab.data.folds import FoldAssignment, HumanPool, assign_folds, load_human_pool
+from robustlab.data.folds import (
+    FoldAssignment,
+    HumanPool,
+    assign_folds,
+    load_human_pool,
+    set_mask,
+)
 from robustlab.errors import ConfigError
 from robustlab.evaluation.indices import EVALUATED_ARTIFACT, indices_digest
-from robustlab.experiment.budgets import DEFAULT_REGIMES, check_budget, parse_regimes
+from robustlab.experiment.budgets import (
+    DEFAULT_REGIMES,
+    check_budget,
+    parse_regimes,
+    train_sets_for,
+)
 from robustlab.experiment.plan import (
     FOLD_ATTR,
     REGIME_ATTR,
@@ -67,7 +78,7 @@ class Options:
     """`robustlab experiment`'s options beyond the plan: where, how many workers, resumption."""
 
     workers: int = 1
-    pairs_per_worker: int = 1
+    pairs_per_worker: int = 0  # units per worker process (0: no limit)
     storage: str | None = None
     study_name: str | None = None
     create_only: bool = False
@@ -155,9 +166,10 @@ def run_experiment(
     each one call.)
     """
     o = options
-    if o.workers < 1 or o.pairs_per_worker < 1:
+    if o.workers < 1 or o.pairs_per_worker < 0:
         raise ConfigError(
-            f"workers and pairs_per_worker must be >= 1, got {o.workers} and {o.pairs_per_worker}"
+            f"workers must be >= 1 and pairs_per_worker >= 0 (0: no limit), got {o.workers} and "
+            f"{o.pairs_per_worker}"
         )
     from robustlab.data.folds import HUMAN_SETS
 
@@ -214,15 +226,30 @@ def run_experiment(
         return parent.info.run_id
 
 
+def fold_counts(setup: Setup) -> dict[str, list[dict[str, int]]]:
+    """Per-fold counts for the regimes that train on the whole pool and, where the plan has
+    them, for claim 1's matched regimes (one set only)."""
+    out = {"pool": setup.folds.counts()}
+    for sets in sorted({train_sets_for(r) for r in setup.plan.regimes} - {None}):
+        out["+".join(sets)] = setup.folds.counts(set_mask(setup.pool, sets))
+    return out
+
+
 def _print_folds(setup: Setup) -> None:
     pool, folds = setup.pool, setup.folds
-    print(
+    lines = [
         f"experiment: {pool.n} human-labelled examples ({int(pool.changed.sum())} label-changed) "
-        f"from {len(pool.sources)} MNIST sources in {folds.k} folds (seed {folds.seed}):\n"
-        + folds.describe(),
-        file=sys.stderr,
-        flush=True,
-    )
+        f"from {len(pool.sources)} MNIST sources in {folds.k} folds (seed {folds.seed}); "
+        f"{folds.val_fraction:.0%} of each fold model's training sources validate:",
+        folds.describe(),
+    ]
+    for sets in sorted({train_sets_for(r) for r in setup.plan.regimes} - {None}):
+        users = [r for r in setup.plan.regimes if train_sets_for(r) == sets]
+        lines += [
+            f"{', '.join(users)} train on {'+'.join(sets)} only:",
+            folds.describe(set_mask(pool, sets), f" [{'+'.join(sets)}]"),
+        ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _print_created(study_name: str, parent_id: str) -> None:
@@ -270,7 +297,13 @@ def _log_setup(setup: Setup) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifact(str(write_csv(rows, Path(tmp) / "folds.csv")))
     mlflow.log_dict(
-        {"k": folds.k, "seed": folds.seed, "digest": folds.digest, "folds": folds.counts()},
+        {
+            "k": folds.k,
+            "seed": folds.seed,
+            "digest": folds.digest,
+            "val_fraction": folds.val_fraction,
+            "folds": fold_counts(setup),
+        },
         "folds.json",
     )
 
