@@ -226,7 +226,7 @@ def human_pool_accuracy(
     label-kept and balanced accuracy with the experiment's interval (hierarchical bootstrap over
     sources), and the counts they rest on. The same frame the experiment's report uses."""
     from robustlab.data.folds import load_human_pool
-    from robustlab.evaluation.bootstrap import invariance_intervals
+    from robustlab.evaluation.intervals import invariance_intervals
 
     pool = load_human_pool(data_dir)
     sets = [s.take(np.flatnonzero(~np.isin(s.source_index, excluded))) for s in pool.sets.values()]

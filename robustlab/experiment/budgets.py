@@ -116,6 +116,14 @@ THESIS_SET = "thesis_linf_eps0.3"
 MATCHED_TRAIN_SETS = {"invariance": (THESIS_SET,), "invariance_target": (THESIS_SET,)}
 
 
+# A regime whose first phase is another regime's whole training: `sequential_ptb_inv`'s PGD phase
+# is the `perturbation` regime of the same seed (same data, epochs, attack and early stopping), so
+# its fold models fine-tune that seed's perturbation model on invariance examples instead of
+# training the PGD phase again once per fold; claim 2 then compares the retrained model with the
+# very model it started from.
+FIRST_PHASE_FROM = {"sequential_ptb_inv": "perturbation"}
+
+
 def train_sets_for(label: str) -> tuple[str, ...] | None:
     """The pool sets a regime trains on (None: every set of the pool)."""
     return MATCHED_TRAIN_SETS.get(label)

@@ -9,9 +9,10 @@ function, `compute_figures`, so that a reader can recompute any number from the 
   AutoAttack outcomes (AutoAttack only on the experiment's fixed subset); for a regime trained
   once per fold, each outcome is the share of its fold models that got the image right.
 
-Accuracies are means over examples and seeds with 95% hierarchical-bootstrap intervals
-(sources, then seeds); effects are paired per example (`robustlab.evaluation.bootstrap`); verdicts
-follow `robustlab.experiment.verdicts`.
+Accuracies are means over examples and seeds with 95% intervals that account for example
+sampling (clustered by source) and seeds; effects are paired per example
+(`robustlab.evaluation.intervals`); each part's planned MDE comes from the tables' sample sizes
+alone (`robustlab.experiment.design`); verdicts follow `robustlab.experiment.verdicts`.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robustlab.errors import RobustlabError
-from robustlab.evaluation.bootstrap import (
+from robustlab.evaluation.intervals import (
     Effect,
     Outcomes,
     accuracy_interval,
     effect,
     invariance_intervals,
 )
-from robustlab.experiment.verdicts import ClaimVerdict, comparisons, judge_claims
+from robustlab.experiment.design import Group, planned_mde
+from robustlab.experiment.verdicts import MARGINS, ClaimVerdict, comparisons, judge_claims
 
 ALL = "all"  # the per-set key of the whole pool
 TEST_METRICS = ("clean", "pgd40", "autoattack")
@@ -57,6 +59,8 @@ class Figures:
     inv: dict[str, dict[str, dict[str, Interval]]] = field(default_factory=dict)
     test: dict[str, dict[str, Interval]] = field(default_factory=dict)
     effects: dict[tuple[str, str, str], Effect] = field(default_factory=dict)
+    planned: dict[tuple[str, str, str], float] = field(default_factory=dict)  # planned MDEs
+    margins: dict[str, float] = field(default_factory=lambda: dict(MARGINS))
     claims: list[ClaimVerdict] = field(default_factory=list)
 
 
@@ -131,6 +135,22 @@ def _test_effect(metric: str, a: np.ndarray, b: np.ndarray, images: np.ndarray) 
     return effect(metric, [Outcomes(a[rows], b[rows], images[rows])])
 
 
+def _planned(metric: str, m: InvMatrix, n_pgd: int, seeds: int) -> float:
+    """The planned MDE of a comparison on `metric` (sample sizes only, no outcome)."""
+
+    def group(name: str, mask: np.ndarray) -> Group:
+        return Group(name, int(mask.sum()), len(np.unique(m.source[mask])))
+
+    changed, kept = group("changed", m.changed), group("kept", ~m.changed)
+    groups = {
+        "changed": [(1.0, changed)],
+        "kept": [(1.0, kept)],
+        "balanced": [(0.5, changed), (0.5, kept)],
+        "pgd40": [(1.0, Group("pgd40", n_pgd, n_pgd))],
+    }[metric]
+    return planned_mde(groups, seeds)
+
+
 def _inv_accuracies(m: InvMatrix) -> dict[str, dict[str, Interval]]:
     out: dict[str, dict[str, Interval]] = {}
     for name in [ALL, *sorted(set(m.set_name))]:
@@ -144,6 +164,7 @@ def compute_figures(
     test_rows: Iterable[dict],
     regimes: Sequence[str],
     seeds: Sequence[int],
+    margins: dict[str, float] = MARGINS,
 ) -> Figures:
     """Every number of the report from the two tables (see the module docstring): per-regime
     invariance accuracies (label-changed, label-kept, balanced; the whole pool and per set),
@@ -169,15 +190,17 @@ def compute_figures(
             if rows.any():
                 mean, low, high = accuracy_interval(values[rows], images[rows])
                 fig.test[regime][metric] = (mean, low, high, int(rows.sum()))
+    fig.margins = dict(margins)
     everything = np.ones(fig.n_examples, bool)
     for a, b, metric in comparisons():
         if a not in inv or b not in inv:
             continue
         if metric == "pgd40":
-            fig.effects[(a, b, metric)] = _test_effect(
-                metric, test[a]["pgd40"], test[b]["pgd40"], images
-            )
+            e = _test_effect(metric, test[a]["pgd40"], test[b]["pgd40"], images)
         else:
-            fig.effects[(a, b, metric)] = _inv_effect(metric, inv[a], inv[b], everything)
-    fig.claims = judge_claims(fig.effects)
+            e = _inv_effect(metric, inv[a], inv[b], everything)
+        fig.effects[(a, b, metric)] = e
+        n_pgd = e.n_examples if metric == "pgd40" else 0
+        fig.planned[(a, b, metric)] = _planned(metric, first, n_pgd, len(seeds))
+    fig.claims = judge_claims(fig.effects, fig.planned, fig.margins)
     return fig

@@ -46,7 +46,13 @@ from robustlab.data.folds import (
 )
 from robustlab.errors import ConfigError, DataError
 from robustlab.evaluation.indices import indices_digest
-from robustlab.experiment.budgets import BUDGETS, Budget, regime_for, train_sets_for
+from robustlab.experiment.budgets import (
+    BUDGETS,
+    FIRST_PHASE_FROM,
+    Budget,
+    regime_for,
+    train_sets_for,
+)
 from robustlab.launch import optuna_compat
 from robustlab.launch.launcher import (
     ATTR_EXPERIMENT,
@@ -333,6 +339,38 @@ class ExperimentPlan:
         )
         return seconds
 
+    def first_phase_run(self, study: optuna.Study, label: str, seed: int) -> str | None:
+        """The run whose model `label`'s fold models start from (`FIRST_PHASE_FROM`): the same
+        seed's unit of the base regime, waited for while a worker trains it; None when the plan
+        has no such regime or nobody is training it (the unit then trains every phase itself)."""
+        base = FIRST_PHASE_FROM.get(label)
+        b = BUDGETS[self.budget]
+        if base is None or base not in self.regimes:
+            return None
+        first, whole = regime_for(label, b)[0].phases[0], regime_for(base, b)[0].phases
+        if len(whole) != 1 or (first.mix, first.epochs) != (whole[0].mix, whole[0].epochs):
+            return None  # not the same training: train the phase here
+        announced = False
+        while True:
+            trials = [
+                t for t in study.get_trials(deepcopy=False) if unit_of(t) == (base, seed, NO_FOLD)
+            ]
+            done = [
+                t for t in trials if t.state == TrialState.COMPLETE and RUN_ATTR in t.user_attrs
+            ]
+            if done:
+                return done[0].user_attrs[RUN_ATTR]
+            if not any(t.state == TrialState.RUNNING for t in trials):
+                return None  # nobody trains it now (failed, or waits behind us): train it here
+            if not announced:
+                print(
+                    f"{label} seed {seed}: waiting for {base} seed {seed} (its first phase)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                announced = True
+            time.sleep(15)
+
     def cv(self) -> tuple[HumanPool, FoldAssignment]:
         return _checked_cv(
             self.data_dir,
@@ -365,12 +403,16 @@ class ExperimentPlan:
         cfg, ev = pair_configs(b, seed, self.data_dir, self.eps)
         if fold not in (NO_FOLD, 0):  # the strong attack on one model per regime and seed
             ev = replace(ev, autoattack_size=0)
+        base = self.first_phase_run(trial.study, label, seed)
+        if base is not None:  # start from that run's model; train the remaining phases
+            regime = replace(regime, phases=regime.phases[1:])
         cfg = replace(
             cfg,
             train=replace(
                 cfg.train,
                 epochs=regime.phases[0].epochs,
                 resume_run_id=retry.resume_run_id if retry else None,
+                init_model=f"runs:/{base}/model" if base else None,
             ),
         )
         tags = {
@@ -380,6 +422,8 @@ class ExperimentPlan:
             "robustlab.study": self.study_name,
             "robustlab.trial": str(trial.number),
         }
+        if base is not None:
+            tags["robustlab.first_phase_from"] = base
         if retry is not None:
             tags["robustlab.experiment.retry_of"] = str(retry.of)
             tags["robustlab.retry_note"] = retry.note

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from robustlab.evaluation.bootstrap import N_BOOT
+from robustlab.experiment import design
 from robustlab.experiment.figures import ALL, Figures
-from robustlab.experiment.verdicts import MARGINS, METRIC_NAMES, PartVerdict
+from robustlab.experiment.verdicts import MARGIN_REASONS, METRIC_NAMES, PartVerdict
 from robustlab.experiment.verdicts import __doc__ as RULE_DOC
 
 # The thesis's numbers (100 test images, single runs): clean / PGD-50 / INV (Tramèr L-inf 0.3).
@@ -21,7 +21,12 @@ THESIS = {
     "sequential_inv_ptb": ("inv→ptb", 0.99, 0.84, 0.27),
     "joint": ("simultaneous", 0.99, 0.73, 0.72),
 }
-COLORS = {"supported": "tab:green", "not supported": "tab:red", "inconclusive": "tab:gray"}
+COLORS = {
+    "supported": "tab:green",
+    "not supported": "tab:red",
+    "inconclusive": "tab:gray",
+    "no verdict": "tab:orange",
+}
 
 
 def _iv(v: tuple[float, float, float, int] | None, n: bool = True) -> str:
@@ -31,10 +36,10 @@ def _iv(v: tuple[float, float, float, int] | None, n: bool = True) -> str:
     return f"{text} (n={v[3]})" if n else text
 
 
-def _part_rows(parts: tuple[PartVerdict, ...]) -> list[str]:
+def _part_rows(parts: tuple[PartVerdict, ...], fig: Figures) -> list[str]:
     rows = [
-        "| part | claim | metric | effect [95% CI] | MDE (80% power) | margin | McNemar p (per "
-        "seed) | examples (label-changed) / sources | verdict | why |",
+        "| part | claim | metric | effect [95% CI] | SE: examples / seeds | planned MDE (80% "
+        "power) | margin | examples (label-changed) / sources / seeds | verdict | why |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pv in parts:
@@ -45,14 +50,40 @@ def _part_rows(parts: tuple[PartVerdict, ...]) -> list[str]:
                     f"**{pv.verdict}** | {pv.reason} |"
                 )
                 continue
-            ps = ", ".join(f"{p:.2g}" for p in e.mcnemar_p)
+            mde = fig.planned.get((pv.part.a, pv.part.b, e.metric), math.nan)
             rows.append(
                 f"| {pv.part.key} | {pv.part.text} | {METRIC_NAMES[e.metric]} | "
-                f"{e.estimate:+.3f} [{e.ci_low:+.3f}, {e.ci_high:+.3f}] | {e.mde:.3f} | "
-                f"{MARGINS[e.metric]:.2f} | {ps} | {e.n_examples} ({e.n_changed}) / "
-                f"{e.n_clusters} | **{pv.verdict}** | {pv.reason} |"
+                f"{e.estimate:+.3f} [{e.ci_low:+.3f}, {e.ci_high:+.3f}] | "
+                f"{e.se_examples:.3f} / {e.se_seeds:.3f} | {mde:.3f} | "
+                f"{fig.margins[e.metric]:.2f} | {e.n_examples} ({e.n_changed}) / "
+                f"{e.n_clusters} / {e.n_seeds} | **{pv.verdict}** | {pv.reason} |"
             )
     return rows
+
+
+def _design_lines(fig: Figures) -> list[str]:
+    lines = [
+        "## Margins and design (pre-registered: fixed before the run, the same after it)",
+        "",
+        "| metric | margin | why |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {METRIC_NAMES[k]} | {fig.margins[k]:.2f} | {MARGIN_REASONS[k]} |" for k in fig.margins
+    ]
+    d = ", ".join(f"{METRIC_NAMES[k]} {v:.2f}" for k, v in design.DISCORDANCE.items())
+    lines += [
+        "",
+        f"Planned MDE = {design.Z_POWER:.2f} × the planned standard error, from the planned "
+        "sample alone (examples, MNIST sources, seeds) under these assumptions: share of "
+        f"examples on which two regimes disagree — {d}; every example of a source fully "
+        f"correlated; a seed-to-seed standard deviation of {design.SEED_SD:.2f} per regime. "
+        "It qualifies an interval that straddles its threshold and never overrides a clear one. "
+        "The PGD-40 subset is sized so that the example part of its planned MDE is at most half "
+        f"the margin (≥ {design.pgd_size_for(fig.margins['pgd40'])} images at margin "
+        f"{fig.margins['pgd40']:.2f}).",
+    ]
+    return lines
 
 
 def write_report(path: Path, fig: Figures, meta: dict[str, str], reproduce: list[str]) -> None:
@@ -71,24 +102,31 @@ def write_report(path: Path, fig: Figures, meta: dict[str, str], reproduce: list
         "| claim | verdict |",
         "|---|---|",
     ]
-    lines += [f"| {c.claim.text} | **{c.verdict}** |" for c in fig.claims]
     for c in fig.claims:
-        lines += ["", f"### {c.claim.text}", "", f"**{c.verdict}**", ""]
-        lines += _part_rows(c.parts)
+        without = "".join(f"; without {k}: **{v}**" for k, v in c.without.items())
+        lines.append(f"| {c.claim.text} | **{c.verdict}**{without} |")
+    for c in fig.claims:
+        lines += ["", f"### {c.claim.text}", "", f"**{c.verdict}**"]
+        lines += [f"(without part {k}: **{v}**)" for k, v in c.without.items()]
+        lines += [""]
+        lines += _part_rows(c.parts, fig)
     lines += [
         "",
         "![forest plot](forest_plot.png)",
+        "",
+        *_design_lines(fig),
         "",
         "## The rule",
         "",
         RULE_DOC.strip(),
         "",
-        f"Intervals: hierarchical bootstrap ({N_BOOT} resamples of the MNIST sources, then of the "
-        "seeds); MDE = 2.80 × its standard error; McNemar: exact, per seed. Margins: "
-        + ", ".join(f"{METRIC_NAMES[k]} {v:.2f}" for k, v in MARGINS.items())
-        + ".",
+        "Intervals: estimate ± t × SE, SE² = the cluster-robust variance over MNIST sources of "
+        "the seed-averaged per-example differences + the between-seed variance of the per-seed "
+        "effects / seeds, t with Welch–Satterthwaite degrees of freedom "
+        "(`robustlab.evaluation.intervals`).",
         "",
-        "## Test accuracy (shared test images; fold models averaged)",
+        "## Test accuracy (shared test images; fold models averaged; PGD-40 on the fixed "
+        "subset, AutoAttack from each seed's fold-0 model)",
         "",
         "| regime | thesis run | thesis clean / PGD-50 / INV | clean | PGD-40 | AutoAttack |",
         "|---|---|---|---|---|---|",
@@ -147,7 +185,7 @@ def forest_plot(fig: Figures, path: Path) -> Path:
             color=colour,
             capsize=3,
         )
-        margin = MARGINS[e.metric]
+        margin = fig.margins[e.metric]
         t = -margin if (pv.part.kind == "keeps" or e.metric == "pgd40") else margin
         ax.plot([t, t], [y - 0.35, y + 0.35], color="black", linewidth=1.5)
         ax.text(
@@ -161,7 +199,7 @@ def forest_plot(fig: Figures, path: Path) -> Path:
         )
     ax.axvline(0, color="gray", linewidth=0.8, linestyle="--")
     ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=7)
-    ax.set_xlabel("paired effect A − B (95% hierarchical-bootstrap interval); black bar: margin")
+    ax.set_xlabel("paired effect A − B (95% interval: sources and seeds); black bar: margin")
     ax.set_title("Claim parts: effect, interval and margin")
     f.tight_layout()
     f.savefig(path, dpi=110)
