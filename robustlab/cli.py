@@ -28,6 +28,7 @@ COMMANDS = {
     "tune": "tune",
     "tune-worker": "tune",
     "register": "register",
+    "report": "report",
 }
 
 

@@ -230,8 +230,24 @@ EXPERIMENT_CASES = [
     (
         "experiment-folds-too-small",
         ["experiment", "--inv-folds", "3"],
-        "leaves a training fold with",
+        "leaves a fold model 75 label-changed examples to train on after its validation carve",
     ),
+    (
+        "experiment-verdicts-one-seed",
+        ["experiment", "--seeds", "2", "--verdicts", "true"],
+        "--verdicts true needs --seeds >= 3",
+    ),
+    (
+        "report-neither-tables-nor-run",
+        ["report"],
+        "give either --tables FOLDER or --run-id ID --out FOLDER",
+    ),
+    (
+        "report-tables-not-a-folder",
+        ["report", "--tables", "{tmp}/no-such-folder"],
+        "no-such-folder: no such folder",
+    ),
+    ("report-margin-not-a-number", ["report", "--margins", "pgd40=x"], "expected metric=number"),
     (
         "experiment-pool-set-unknown",
         ["experiment", "--inv-sets", "thesis_linf_eps0.3,mnist_c"],

@@ -192,6 +192,27 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
     assert any(excluded.values())  # the fold runs did exclude their training sources
     test = _table(pid, "test_outcomes")
     assert len(test) == 7 * 200 and {r["models"] for r in test if r["regime"] == "joint"} == {"2"}
+    # PGD-40 on the budget's fixed subset (smoke: 100 of the 200), the same images for all
+    attacked = {r["regime"]: set() for r in test}
+    for r in test:
+        if r["pgd40"] != "":
+            attacked[r["regime"]].add(r["source_index"])
+    assert {len(v) for v in attacked.values()} == {100} and len(
+        {frozenset(v) for v in attacked.values()}
+    ) == 1
+    # sequential_ptb_inv's fold models fine-tune the seed's perturbation model
+    by_regime = {}
+    for c in children:
+        by_regime.setdefault(c.data.tags["robustlab.experiment_regime"], []).append(c)
+    [ptb] = by_regime["perturbation"]
+    assert {
+        c.data.tags.get("robustlab.first_phase_from") for c in by_regime["sequential_ptb_inv"]
+    } == {ptb.info.run_id}
+    # claim 1's regimes train on the same thesis examples, with other labels
+    for label, source in (("invariance", "human"), ("invariance_target", "target")):
+        for c in by_regime[label]:
+            assert c.data.params["inv_pool"] == "thesis_linf_eps0.3"
+            assert c.data.params["inv_label_source"] == source
 
     # one test set for everything compared, disjoint from every invariance source
     from robustlab.experiment.plan import invariance_sources
@@ -213,15 +234,32 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
     report = mlflow.artifacts.load_text(f"runs:/{pid}/report.md")
     for c in fig.claims:
         assert f"| {c.claim.text} | **{c.verdict}** |" in report
-    # ... and so does the command report.md prints, run by a shell in the downloaded tables
-    tables = mlflow.artifacts.download_artifacts(f"runs:/{pid}/tables", dst_path=str(tmp_path))
-    command = next(line for line in report.splitlines() if line.startswith("python -c "))
+    # ... and so does the offline report: exported to a folder, then recomputed from its files
+    # alone by the commands report.md prints
+    folder = tmp_path / "published"
+    lines = report.splitlines()
+    commands = [ln for ln in lines if ln.startswith("robustlab report ")]
+    assert commands == [
+        f"robustlab report --run-id {pid} --out {commands[0].split()[-1]}",
+        f"robustlab report --tables {commands[0].split()[-1]}",
+    ]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    out = subprocess.run(
-        ["bash", "-c", command], cwd=tables, env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == repr(tags)
+    for args in (
+        ["--run-id", pid, "--out", str(folder)],
+        ["--tables", str(folder), "--out", str(tmp_path / "again")],
+    ):
+        out = subprocess.run(
+            ["robustlab", "report", *args], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert [ln.split(": ")[-1].split(" (")[0] for ln in out.stdout.splitlines()] == tags
+    assert {"run.json", "folds.csv", "inv_predictions.csv", "test_outcomes.csv"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert (tmp_path / "again" / "report.md").read_text() == (folder / "report.md").read_text()
+    run = json.loads((folder / "run.json").read_text())
+    assert run["seeds"] == [0] and set(run["unit_seconds"]) == set(regimes)
+    assert min(run["eval_share"].values()) > 0 and max(run["eval_share"].values()) < 1
     names = {a.path for a in MlflowClient().list_artifacts(pid)}
     assert {"report.md", "forest_plot.png", "folds.csv", "folds.json", "tables"} <= names
     assert len({a.path for a in MlflowClient().list_artifacts(pid, "plots/curves")}) == 7

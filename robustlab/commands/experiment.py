@@ -79,6 +79,12 @@ def add_parser(sub: SubParsers) -> list[str]:
         default=False,
         help=f"accept folds whose training part holds < {MIN_TRAIN_CHANGED} label-changed examples",
     )
+    p.add_argument(
+        "--verdicts",
+        type=flag,
+        default=False,
+        help="true: refuse fewer than 3 seeds (a verdict needs 3 training runs per regime)",
+    )
     p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds")
     p.add_argument(
         "--grace-period", type=int, default=180, help="seconds before a silent pair is retried"
@@ -116,6 +122,14 @@ def check_args(args: argparse.Namespace) -> None:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     parse_regimes(args.regimes)
+    if args.verdicts:
+        from robustlab.experiment.design import MIN_SEEDS
+
+        if args.seeds < MIN_SEEDS:
+            raise ConfigError(
+                f"--verdicts true needs --seeds >= {MIN_SEEDS} (a verdict needs {MIN_SEEDS} "
+                f"training runs per regime), got {args.seeds}"
+            )
     if not math.isfinite(args.eps) or not 0.0 < args.eps <= 1.0:
         raise ConfigError(f"--eps must lie in (0, 1], got {args.eps}")
     if args.workers < 1:

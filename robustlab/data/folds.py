@@ -32,7 +32,7 @@ TIE_POLICY = "drop"
 # Label-changed examples every fold model must train on, after its validation carve. The pool
 # holds 139; with K=5 a fold's training folds hold 111-112, and carving VAL_FRACTION of their
 # sources for early stopping (selection uses validation data only) leaves 89-98 to train on. The
-# guard refuses a K that would leave fewer (K=3: about 74); it does not bear on the verdicts'
+# guard refuses a K that would leave fewer (K=3: 75); it does not bear on the verdicts'
 # power, which rests on the 139 held-out examples every regime predicts.
 MIN_TRAIN_CHANGED = 85
 DEFAULT_FOLDS = 5

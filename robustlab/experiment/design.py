@@ -56,6 +56,31 @@ def planned_mde(groups: list[tuple[float, Group]], seeds: int) -> float:
     return Z_POWER * planned_se(groups, seeds)
 
 
+def metric_mde(metric: str, changed: Group, kept: Group, n_pgd: int, seeds: int) -> float:
+    """The planned MDE of a paired comparison on `metric` ("changed", "kept", "balanced",
+    "pgd40") from the planned groups."""
+    groups = {
+        "changed": [(1.0, changed)],
+        "kept": [(1.0, kept)],
+        "balanced": [(0.5, changed), (0.5, kept)],
+        "pgd40": [(1.0, Group("pgd40", n_pgd, n_pgd))],  # one test image per source
+    }[metric]
+    return planned_mde(groups, seeds)
+
+
+def describe(changed: Group, kept: Group, n_pgd: int, seeds: int) -> str:
+    """The planned MDEs as printed before anything trains."""
+    mdes = ", ".join(
+        f"{m} {metric_mde(m, changed, kept, n_pgd, seeds):.3f}"
+        for m in ("changed", "balanced", "pgd40")
+    )
+    return (
+        f"planned MDE at 80% power ({seeds} seed(s); {changed.n} label-changed examples from "
+        f"{changed.sources} sources, {kept.n} label-kept from {kept.sources}, {n_pgd} PGD "
+        f"images): {mdes}"
+    )
+
+
 def pgd_size_for(margin: float) -> int:
     """PGD images for which the example-sampling part of the paired PGD-40 comparison's planned
     MDE is at most half the margin: 2.80 sqrt(d / n) <= margin / 2 (the seed part, which more

@@ -30,7 +30,7 @@ from robustlab.evaluation.intervals import (
     effect,
     invariance_intervals,
 )
-from robustlab.experiment.design import Group, planned_mde
+from robustlab.experiment.design import Group, metric_mde
 from robustlab.experiment.verdicts import MARGINS, ClaimVerdict, comparisons, judge_claims
 
 ALL = "all"  # the per-set key of the whole pool
@@ -142,13 +142,7 @@ def _planned(metric: str, m: InvMatrix, n_pgd: int, seeds: int) -> float:
         return Group(name, int(mask.sum()), len(np.unique(m.source[mask])))
 
     changed, kept = group("changed", m.changed), group("kept", ~m.changed)
-    groups = {
-        "changed": [(1.0, changed)],
-        "kept": [(1.0, kept)],
-        "balanced": [(0.5, changed), (0.5, kept)],
-        "pgd40": [(1.0, Group("pgd40", n_pgd, n_pgd))],
-    }[metric]
-    return planned_mde(groups, seeds)
+    return metric_mde(metric, changed, kept, n_pgd, seeds)
 
 
 def _inv_accuracies(m: InvMatrix) -> dict[str, dict[str, Interval]]:

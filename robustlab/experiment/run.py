@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -32,6 +33,7 @@ from robustlab.data.folds import (
 )
 from robustlab.errors import ConfigError
 from robustlab.evaluation.indices import EVALUATED_ARTIFACT, indices_digest
+from robustlab.experiment import design
 from robustlab.experiment.budgets import (
     DEFAULT_REGIMES,
     check_budget,
@@ -249,6 +251,17 @@ def _print_folds(setup: Setup) -> None:
             f"{', '.join(users)} train on {'+'.join(sets)} only:",
             folds.describe(set_mask(pool, sets), f" [{'+'.join(sets)}]"),
         ]
+    b = check_budget(setup.plan.budget)
+    n_pgd = min(b.pgd_size or setup.plan.n_test, setup.plan.n_test)
+    src = pool.source
+    changed = design.Group("changed", int(pool.changed.sum()), len(np.unique(src[pool.changed])))
+    kept = design.Group("kept", int((~pool.changed).sum()), len(np.unique(src[~pool.changed])))
+    lines.append(design.describe(changed, kept, n_pgd, setup.plan.seeds))
+    if setup.plan.seeds < design.MIN_SEEDS:
+        lines.append(
+            f"note: {setup.plan.seeds} seed(s): the report will give effects but no verdict (a "
+            f"verdict needs {design.MIN_SEEDS} training runs per regime)"
+        )
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

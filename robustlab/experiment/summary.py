@@ -3,7 +3,6 @@ them, report.md, the forest plot, validation curves, and tags with the claims' v
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from robustlab.evaluation.plots import line_plot
 from robustlab.experiment.figures import ALL, Figures, compute_figures
 from robustlab.experiment.plan import NO_FOLD, ExperimentPlan, Unit
+from robustlab.experiment.published import conditions, meta_lines, reproduce_lines, unit_times
 from robustlab.experiment.report import forest_plot, write_report
 from robustlab.experiment.tables import INV_TABLE, TEST_TABLE, gather, log_tables
 
@@ -26,11 +26,30 @@ def summarize(parent_id: str, plan: ExperimentPlan, runs: dict[Unit, str], wall:
     and log the tables, report and plots on the (active) parent run."""
     inv_rows, test_rows = gather(runs)
     fig = compute_figures(inv_rows, test_rows, plan.regimes, list(range(plan.seeds)))
-    seconds = _seconds(runs, plan)
+    client = MlflowClient()
+    total, share, _ = unit_times([client.get_run(r) for r in runs.values()])
+    seconds = {label: total.get(label, 0.0) for label in plan.regimes}
+    record = {
+        **plan.record(),
+        "parent_run_id": parent_id,
+        "regimes": list(plan.regimes),
+        "seeds": list(range(plan.seeds)),
+        "inv_sets": list(plan.inv_sets),
+        "wall_seconds": wall,
+        "unit_seconds": seconds,
+        "eval_share": share,
+        "command": _command(plan),
+        **conditions(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         log_tables([(INV_TABLE, inv_rows), (TEST_TABLE, test_rows)], out)
-        write_report(out / "report.md", fig, _meta(parent_id, plan, wall, seconds), _commands(plan))
+        write_report(
+            out / "report.md",
+            fig,
+            meta_lines(record),
+            reproduce_lines(record, f"results/experiment-{parent_id[:8]}"),
+        )
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifact(str(forest_plot(fig, out / "forest_plot.png")))
         for path in _curves(runs, plan, out):
@@ -41,45 +60,13 @@ def summarize(parent_id: str, plan: ExperimentPlan, runs: dict[Unit, str], wall:
     print("\n".join(f"{c.claim.text}: {c.verdict}" for c in fig.claims), file=sys.stderr)
 
 
-def _seconds(runs: dict[Unit, str], plan: ExperimentPlan) -> dict[str, float]:
-    client = MlflowClient()
-    out = dict.fromkeys(plan.regimes, 0.0)
-    for (label, _, _), run_id in runs.items():
-        info = client.get_run(run_id).info
-        out[label] += ((info.end_time or info.start_time) - info.start_time) / 1000
-    return out
-
-
-def _meta(
-    parent_id: str, plan: ExperimentPlan, wall: float, seconds: dict[str, float]
-) -> dict[str, str]:
-    return {
-        "budget": plan.budget,
-        "seeds": str(plan.seeds),
-        "cross-validation": f"{plan.inv_folds} source-grouped folds (seed {plan.fold_seed}, "
-        f"digest {plan.fold_digest}) over {', '.join(plan.inv_sets)}",
-        "parent run": parent_id,
-        "wall time": f"{wall / 60:.1f} min",
-        "training + evaluation time per regime (all seeds and folds)": ", ".join(
-            f"{k} {v / 60:.1f} min" for k, v in seconds.items()
-        ),
-    }
-
-
-def _commands(plan: ExperimentPlan) -> list[str]:
+def _command(plan: ExperimentPlan) -> str:
     small = " --allow-small-folds true" if plan.allow_small_folds else ""
-    return [
+    return (
         f"robustlab experiment --budget {plan.budget} --seeds {plan.seeds} --eps {plan.eps} "
         f"--regimes {','.join(plan.regimes)} --inv-folds {plan.inv_folds} "
-        f"--inv-sets {','.join(plan.inv_sets)} --fold-seed {plan.fold_seed}{small}",
-        "# every figure above, from this run's tables/inv_predictions.csv and",
-        "# tables/test_outcomes.csv:",
-        "python -c 'from robustlab.experiment.figures import compute_figures; "
-        "from robustlab.experiment.tables import read_csv; "
-        'fig = compute_figures(read_csv("inv_predictions.csv"), '
-        f'read_csv("test_outcomes.csv"), {json.dumps(list(plan.regimes))}, '
-        f"{list(range(plan.seeds))}); print([c.verdict for c in fig.claims])'",
-    ]
+        f"--inv-sets {','.join(plan.inv_sets)} --fold-seed {plan.fold_seed}{small}"
+    )
 
 
 def _key_metrics(fig: Figures) -> dict[str, float]:

@@ -11,6 +11,7 @@ from them.
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 import tempfile
 from collections import defaultdict
@@ -30,7 +31,9 @@ TEST_COLUMNS = ("clean", "pgd40", "autoattack")
 
 
 def read_csv(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+    """Rows of a CSV file (`.csv.gz`: gzip-compressed)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         return list(csv.DictReader(f))
 
 
