@@ -7,9 +7,10 @@ by compare-and-set on its stored text (`optuna_compat.compare_and_set_study_attr
   simultaneous claims exactly one succeeds;
 - a beat replaces only the leader's own last record; its timestamp is taken for each attempt
   (after any retry), and a failed compare-and-set means another process took over;
-- the leader holds the lease while its last successful beat (measured before that write) is
-  younger than the grace period less one interval: a rival can claim only once that beat is
-  older than the grace period, so the two never overlap, whatever the database did meanwhile;
+- the leader holds the lease while its last successful beat (its clock read before that write)
+  is younger than the grace period: a rival can claim only once that beat's timestamp is older
+  than the grace period, so the two never overlap, whatever the database did meanwhile;
+- beating starts with the claim (`claim` returns a beating lease) and stops on release;
 - release (`__exit__`) zeroes the record only if it is still the leader's own.
 """
 
@@ -71,8 +72,7 @@ class Lease:
 
     def held(self) -> bool:
         """Whether no other process can lead now (our last beat is recent enough)."""
-        margin = self.heartbeat.grace_period - self.heartbeat.interval
-        return not self._lost and time.monotonic() - self._ok < margin
+        return not self._lost and time.monotonic() - self._ok < self.heartbeat.grace_period
 
     def beat(self) -> None:
         """One compare-and-set of our record; a database error skips it (the lease may then
@@ -100,9 +100,13 @@ class Lease:
             with contextlib.suppress(Exception):  # a database hiccup skips one beat
                 self.beat()
 
-    def __enter__(self) -> Lease:
-        self._thread.start()
+    def start(self) -> Lease:
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
         return self
+
+    def __enter__(self) -> Lease:
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -127,13 +131,13 @@ def claim(study: optuna.Study, heartbeat: Heartbeat) -> Lease | None:
         current = _parse(raw)
         if current.get("token") == token:  # an earlier attempt committed
             age = time.time() - float(current["beat"])
-            return Lease(study, heartbeat, token, raw, time.monotonic() - age)
+            return Lease(study, heartbeat, token, raw, time.monotonic() - age).start()
         if is_fresh(current, heartbeat):
             return None
         started = time.monotonic()
         text = json.dumps({"token": token, "beat": time.time()})
         if optuna_compat.compare_and_set_study_attr(storage, sid, ATTR_LEADER, raw, text):
-            return Lease(study, heartbeat, token, json.dumps(text), started)
+            return Lease(study, heartbeat, token, json.dumps(text), started).start()
         return None
 
     return with_db_retry(attempt)

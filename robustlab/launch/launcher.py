@@ -537,7 +537,7 @@ def finished_children(parent_id: str, what: str = "run") -> tuple[Run, list[Run]
         parent = client.get_run(parent_id)
     except MlflowException:
         raise ConfigError(
-            f"{what}={parent_id}: no such run in this tracking store ({client.tracking_uri}); "
+            f"{what}={parent_id}: no such run in this tracking store ({redact_url(client.tracking_uri)}); "
             "pass the run id of an experiment's parent run"
         ) from None
     children = client.search_runs(

@@ -85,9 +85,14 @@ def study_id(study: optuna.Study) -> int:
     return study._study_id
 
 
-def read_study_attr(storage: RDBStorage, sid: int, key: str) -> str | None:
+def _rdb(storage: BaseStorage) -> RDBStorage:
+    """The RDBStorage under Optuna's cache wrapper (`optuna.load_study` adds one)."""
+    return getattr(storage, "_backend", storage)
+
+
+def read_study_attr(storage: BaseStorage, sid: int, key: str) -> str | None:
     """The stored JSON text of a study user attribute (None: not set), read fresh."""
-    with orm.Session(storage.engine) as session:
+    with orm.Session(_rdb(storage).engine) as session:
         row = (
             session.query(models.StudyUserAttributeModel.value_json)
             .filter_by(study_id=sid, key=key)
@@ -97,13 +102,13 @@ def read_study_attr(storage: RDBStorage, sid: int, key: str) -> str | None:
 
 
 def compare_and_set_study_attr(
-    storage: RDBStorage, sid: int, key: str, expected: str | None, value: object
+    storage: BaseStorage, sid: int, key: str, expected: str | None, value: object
 ) -> bool:
     """Set a study user attribute to `value` only if its stored JSON text is still `expected`
     (None: not set); one statement, so of two concurrent writers at most one succeeds."""
     new = json.dumps(value)
     table = models.StudyUserAttributeModel.__table__
-    with storage.engine.begin() as conn:
+    with _rdb(storage).engine.begin() as conn:
         if expected is None:
             try:
                 conn.execute(table.insert().values(study_id=sid, key=key, value_json=new))
