@@ -469,6 +469,7 @@ def _auth_env(svc: Services) -> dict[str, str]:
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
         "MLFLOW_AUTH_ADMIN_PASSWORD": svc.mlflow_password(),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": svc._secret("flask_secret_key", "none"),
     }
 
 

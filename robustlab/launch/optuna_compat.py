@@ -64,7 +64,8 @@ class StaleAwareRDBStorage(RDBStorage):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
         grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
-        cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+        now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+        cutoff = now - datetime.timedelta(seconds=grace)  # the column holds naive UTC
         with orm.Session(self.engine) as session:
             rows = (
                 session.query(models.TrialModel.trial_id)
@@ -75,7 +76,7 @@ class StaleAwareRDBStorage(RDBStorage):
                 .filter(models.TrialModel.study_id == study_id)
                 .filter(models.TrialModel.state == TrialState.RUNNING)
                 .filter(models.TrialHeartbeatModel.trial_id.is_(None))
-                .filter(models.TrialModel.datetime_start < cutoff)
+                .filter(models.TrialModel._datetime_start_utc < cutoff)
                 .all()
             )
         return stale + [r[0] for r in rows if r[0] not in stale]
