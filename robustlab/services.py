@@ -121,13 +121,14 @@ class Services:
         """$ROBUSTLAB_PG_PASSWORD, else one generated on first start and kept (mode 600)."""
         if os.environ.get(PASSWORD_ENV):
             return os.environ[PASSWORD_ENV]
-        return self._secret("pg_password", PASSWORD_ENV)
+        return self.secret("pg_password", PASSWORD_ENV)
 
     def mlflow_password(self) -> str:
         """The MLflow login of the workers (the auth app's admin), generated and kept."""
-        return self._secret("mlflow_password", "MLFLOW_TRACKING_PASSWORD")
+        return self.secret("mlflow_password", "MLFLOW_TRACKING_PASSWORD")
 
-    def _secret(self, name: str, env: str) -> str:
+    def secret(self, name: str, env: str) -> str:
+        """The secret kept in `name` under the services folder (mode 600), made on first use."""
         path = self.root / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -469,7 +470,7 @@ def _auth_env(svc: Services) -> dict[str, str]:
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
         "MLFLOW_AUTH_ADMIN_PASSWORD": svc.mlflow_password(),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": svc._secret("flask_secret_key", "none"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": svc.secret("flask_secret_key", "none"),
     }
 
 
