@@ -49,8 +49,10 @@ tune: setup
 	source $(BIN)/activate && robustlab tracking-init && \
 	  mlflow run . -e tune --env-manager local --experiment-name robustlab $(TUNE_ARGS)
 
+# the storage URL (it may carry a password) reaches the dashboard through its environment only
+dashboard: export ROBUSTLAB_OPTUNA_STORAGE := $(OPTUNA_STORAGE)
 dashboard: setup
-	mkdir -p tracking && $(BIN)/optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port $(DASHBOARD_PORT)
+	@mkdir -p tracking && $(BIN)/robustlab dashboard --port $(DASHBOARD_PORT)
 
 server: setup
 	@echo "runs: http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning"

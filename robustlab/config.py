@@ -283,6 +283,35 @@ TUNE_PRUNERS = ("median", "hyperband", "none")
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """A worker beats every `interval` s; a trial silent for `grace_period` s is retried (with
+    its parameters) up to `max_retry` times; a leader silent that long is replaced."""
+
+    interval: int = 60
+    grace_period: int = 180
+    max_retry: int = 2
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Heartbeat:
+        """From a stored record: `{"interval", ...}` or the flat `heartbeat_interval`,
+        `grace_period`, `max_retry` keys of earlier versions."""
+        if isinstance(record.get("heartbeat"), dict):
+            return cls(**record["heartbeat"])
+        keys = (("interval", "heartbeat_interval"), ("grace_period",) * 2, ("max_retry",) * 2)
+        return cls(**{mine: record[theirs] for mine, theirs in keys if theirs in record})
+
+    def validate(self) -> Heartbeat:
+        if self.interval < 1 or self.grace_period <= self.interval:
+            raise ConfigError(
+                "heartbeat_interval must be >= 1 s and grace_period longer than it, got "
+                f"{self.interval} and {self.grace_period}"
+            )
+        if self.max_retry < 0:
+            raise ConfigError(f"max_retry must be >= 0, got {self.max_retry}")
+        return self
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """An Optuna study over the joint regime's batch mixture (`robustlab tune`)."""
 
@@ -304,9 +333,7 @@ class TuneConfig:
     eps: float = 0.3
     data_dir: str | None = None
     pruner: str = "median"  # scalar mode only
-    heartbeat_interval: int = 60  # seconds; a worker silent for grace_period has its trial retried
-    grace_period: int = 180
-    max_retry: int = 2
+    heartbeat: Heartbeat = field(default_factory=lambda: Heartbeat())
     threads: int = 0  # TensorFlow intra/inter-op threads per worker (0 = TensorFlow's default)
     pin_cpus: bool = False  # pin worker i to CPU core i (taskset), e.g. for scaling benchmarks
     precision: str = (
@@ -340,13 +367,9 @@ class TuneConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if not (0.0 <= self.eps <= 1.0) or math.isnan(self.eps):
             raise ConfigError(f"eps must lie in [0, 1], got {self.eps}")
-        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
-            raise ConfigError(
-                "heartbeat_interval must be >= 1 s and grace_period longer than it, got "
-                f"{self.heartbeat_interval} and {self.grace_period}"
-            )
-        if self.max_retry < 0 or self.threads < 0:
-            raise ConfigError("max_retry and threads must be >= 0")
+        self.heartbeat.validate()
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
         check_precision(self.precision)
         AttackConfig(method=self.method, trades_beta=self.trades_beta).validate()
         if self.tune_beta and self.method != "trades":

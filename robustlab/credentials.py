@@ -17,21 +17,44 @@ from robustlab.errors import ConfigError, SecretError
 
 STORAGE_ENV = "ROBUSTLAB_OPTUNA_STORAGE"
 SERVICES_ENV = "ROBUSTLAB_SERVICES_ENV"
-ENV_KEYS = ("MLFLOW_TRACKING_URI", STORAGE_ENV)
+ENV_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    STORAGE_ENV,
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+
+
+SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword", "passfile", "token"})
+
+
+def _parsed(url: str):
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        return None
 
 
 def redact_url(url: str) -> str:
-    """The URL without a password (`scheme://user@host/...`)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':', 1)[0]}@{host}"
-    return url
+    """The URL without a password: SQLAlchemy's rendering with the password hidden, and query
+    keys that carry one (`password`, `sslpassword`, ...) dropped. A URL it cannot parse is
+    shown as its scheme only when it might hold a secret."""
+    parsed = _parsed(url)
+    if parsed is None:
+        return url.split("://", 1)[0] + "://***" if "@" in url or "password" in url else url
+    query = {k: v for k, v in parsed.query.items() if k.lower() not in SECRET_QUERY_KEYS}
+    return parsed.set(query=query).render_as_string(hide_password=True)
 
 
 def has_password(url: str) -> bool:
-    """Whether `url` carries a password (`scheme://user:password@host/...`)."""
-    return redact_url(url) != url
+    """Whether `url` carries a password (in its user part or as a query key)."""
+    parsed = _parsed(url)
+    if parsed is None:
+        return "@" in url and ":" in url.split("://", 1)[-1].split("@", 1)[0]
+    return parsed.password is not None or any(k.lower() in SECRET_QUERY_KEYS for k in parsed.query)
 
 
 def read_env_file(path: str | os.PathLike) -> dict[str, str]:

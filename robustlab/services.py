@@ -3,20 +3,30 @@
 `robustlab services start` (`make services`) starts, idempotently:
 
 - PostgreSQL (Debian's `postgresql` binaries; `initdb`/`pg_ctl` run as the `postgres` user when
-  we are root) with its data under `tracking/services/pg`, listening on 127.0.0.1 only, password
-  authentication over TCP for the role `robustlab`, and two databases: `mlflow` and `optuna`;
+  we are root) with its data under `tracking/services/pg`. Who may connect: the superuser only
+  through its 0700 socket, by peer authentication (it has no password); the role `robustlab`,
+  by SCRAM password, only to its two databases `mlflow` and `optuna`, over loopback, and over
+  the network only when the operator names an address ($ROBUSTLAB_SERVICES_HOST; then from
+  the same subnet). The role's password is set as a SCRAM verifier with statement logging off,
+  so neither it nor the verifier reaches postgres.log;
 - an MLflow tracking server on the `mlflow` database (schema upgraded with `mlflow db upgrade`),
   serving artifacts from `tracking/services/artifacts` (`--artifacts-destination`), bound to
-  127.0.0.1 with `--allowed-hosts`, its background job runner off.
+  127.0.0.1 (or the named address, then behind MLflow's basic-auth app) with `--allowed-hosts`,
+  its background job runner off.
 
-It writes `tracking/services.env` (`MLFLOW_TRACKING_URI=…`, `ROBUSTLAB_OPTUNA_STORAGE=…`) for
-workers to source. `robustlab services stop` stops both; `status` reports them.
+It writes `tracking/services.env` (mode 600: `MLFLOW_TRACKING_URI=…`, `ROBUSTLAB_OPTUNA_STORAGE=…`
+and, with authentication, `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`) for workers to
+source. `robustlab services stop` stops both; `status` reports them.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import getpass
 import hashlib
+import hmac
+import ipaddress
 import os
 import secrets
 import shutil
@@ -30,6 +40,7 @@ import urllib.request
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import quote
 
 from robustlab.errors import RobustlabError
 from robustlab.tracking import tracking_dir
@@ -37,9 +48,11 @@ from robustlab.tracking import tracking_dir
 PG_PORT_ENV = "ROBUSTLAB_PG_PORT"
 MLFLOW_PORT_ENV = "ROBUSTLAB_SERVICES_PORT"
 PASSWORD_ENV = "ROBUSTLAB_PG_PASSWORD"
+HOST_ENV = "ROBUSTLAB_SERVICES_HOST"  # an address beyond loopback to listen on (default none)
 DATABASES = ("mlflow", "optuna")
 ROLE = "robustlab"
 HOST = "127.0.0.1"
+MLFLOW_USER = "robustlab"
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,12 @@ class Services:
     root: Path
     pg_port: int = 5433
     mlflow_port: int = 5001
+    host: str = HOST  # where both listen besides loopback; clients connect to it
+
+    @property
+    def public(self) -> bool:
+        """Whether the services listen beyond loopback (then MLflow requires a login)."""
+        return not ipaddress.ip_address(self.host).is_loopback
 
     @classmethod
     def from_env(cls) -> Services:
@@ -58,7 +77,14 @@ class Services:
             if not text.isdigit() or not 1 <= int(text) <= 65535:
                 raise RobustlabError(f"{env}={text!r} is not a port number; use 1..65535")
             ports[env] = int(text)
-        return cls(tracking_dir() / "services", ports[PG_PORT_ENV], ports[MLFLOW_PORT_ENV])
+        host = os.environ.get(HOST_ENV) or HOST
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise RobustlabError(
+                f"{HOST_ENV}={host!r} is not an IP address; name one of this machine's addresses"
+            ) from None
+        return cls(tracking_dir() / "services", ports[PG_PORT_ENV], ports[MLFLOW_PORT_ENV], host)
 
     @cached_property
     def pg_root(self) -> Path:
@@ -95,7 +121,15 @@ class Services:
         """$ROBUSTLAB_PG_PASSWORD, else one generated on first start and kept (mode 600)."""
         if os.environ.get(PASSWORD_ENV):
             return os.environ[PASSWORD_ENV]
-        path = self.root / "pg_password"
+        return self.secret("pg_password", PASSWORD_ENV)
+
+    def mlflow_password(self) -> str:
+        """The MLflow login of the workers (the auth app's admin), generated and kept."""
+        return self.secret("mlflow_password", "MLFLOW_TRACKING_PASSWORD")
+
+    def secret(self, name: str, env: str) -> str:
+        """The secret kept in `name` under the services folder (mode 600), made on first use."""
+        path = self.root / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             write_secret(path, secrets.token_urlsafe(18))
@@ -107,18 +141,29 @@ class Services:
             why = "it is empty"
         if not text:
             raise RobustlabError(
-                f"cannot read the PostgreSQL password from {path} ({why}); make it a file of "
-                f"yours with mode 600 holding the password, or set ${PASSWORD_ENV}"
+                f"cannot read the password from {path} ({why}); make it a file of "
+                f"yours with mode 600 holding the password, or set ${env}"
             )
         return text
 
+    @property
+    def connect_host(self) -> str:
+        """The address clients use: the named one, or loopback."""
+        return HOST if self.host in ("0.0.0.0", "::") else self.host
+
     def db_url(self, db: str) -> str:
         """The database's URL with its password (for the mode-600 services.env only)."""
-        return f"postgresql+psycopg://{ROLE}:{self.password()}@{HOST}:{self.pg_port}/{db}"
+        pw = quote(self.password(), safe="")
+        return f"postgresql+psycopg://{ROLE}:{pw}@{self.connect_host}:{self.pg_port}/{db}"
 
     def db_url_without_password(self, db: str) -> str:
         """The URL for command lines: libpq takes the password from $PGPASSWORD instead."""
         return f"postgresql+psycopg://{ROLE}@{HOST}:{self.pg_port}/{db}"
+
+    @property
+    def superuser(self) -> str:
+        """The cluster's superuser: the OS user initdb runs as (peer authentication)."""
+        return "postgres" if os.geteuid() == 0 else getpass.getuser()
 
     def password_env(self) -> dict[str, str]:
         """The environment that hands the password to libpq (never a command line)."""
@@ -126,7 +171,7 @@ class Services:
 
     @property
     def tracking_uri(self) -> str:
-        return f"http://{HOST}:{self.mlflow_port}"
+        return f"http://{self.connect_host}:{self.mlflow_port}"
 
 
 def _pg_bin(name: str) -> str:
@@ -153,11 +198,13 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 
 
 def write_secret(path: Path, text: str) -> None:
-    """Write `text` to a new file readable by its owner only (mode 600 from its creation)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write `text` to a new file readable by its owner only: created here (never through a
+    link or into a file someone else made) with mode 600 from its creation; an existing file
+    of ours is replaced."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(path, 0o600)
 
 
 def _run(
@@ -202,30 +249,24 @@ def start_postgres(svc: Services) -> None:
         svc.pgdata.mkdir(parents=True, exist_ok=True)
         svc.pgdata.chmod(0o700)
         _chown_postgres(svc.pgdata)
-        pwfile = svc.pg_root / "pwfile"
-        try:  # mode 600 from its creation, removed whatever initdb does
-            write_secret(pwfile, svc.password() + "\n")
-            _chown_postgres(pwfile)
-            _run(
-                _as_postgres(
-                    [
-                        _pg_bin("initdb"),
-                        "-D",
-                        str(svc.pgdata),
-                        "-U",
-                        "postgres",
-                        "--auth-local=trust",
-                        "--auth-host=scram-sha-256",
-                        f"--pwfile={pwfile}",
-                    ]
-                ),
-                "initdb",
-            )
-        finally:
-            pwfile.unlink(missing_ok=True)
+        _run(  # no superuser password: the superuser connects by peer through the socket
+            _as_postgres(
+                [
+                    _pg_bin("initdb"),
+                    "-D",
+                    str(svc.pgdata),
+                    "-U",
+                    svc.superuser,
+                    "--auth-local=peer",
+                    "--auth-host=scram-sha-256",
+                ]
+            ),
+            "initdb",
+        )
+    _write_hba(svc)
     svc.socket_dir.mkdir(parents=True, exist_ok=True)
+    svc.socket_dir.chmod(0o700)
     _chown_postgres(svc.socket_dir, svc.pg_root)
-    opts = f"-p {svc.pg_port} -k {svc.socket_dir} -c listen_addresses={HOST}"
     _run(
         _as_postgres(
             [
@@ -233,7 +274,7 @@ def start_postgres(svc: Services) -> None:
                 "-D",
                 str(svc.pgdata),
                 "-o",
-                opts,
+                _pg_options(svc),
                 "-l",
                 str(svc.pg_root / "postgres.log"),
                 "-w",
@@ -247,19 +288,56 @@ def start_postgres(svc: Services) -> None:
     _ensure_databases(svc)
 
 
+def _pg_options(svc: Services) -> str:
+    listen = HOST if not svc.public else f"{HOST},{svc.host}"
+    return (
+        f"-p {svc.pg_port} -k {svc.socket_dir} -c listen_addresses={listen} "
+        "-c unix_socket_permissions=0700"
+    )
+
+
+def _write_hba(svc: Services) -> None:
+    """pg_hba.conf: the superuser by peer on the socket; `robustlab` by SCRAM to its two
+    databases, over loopback, and from the named address's subnet when there is one."""
+    dbs = ",".join(DATABASES)
+    lines = [
+        f"local all {svc.superuser} peer",
+        f"local {dbs} {ROLE} scram-sha-256",
+        f"host {dbs} {ROLE} 127.0.0.1/32 scram-sha-256",
+        f"host {dbs} {ROLE} ::1/128 scram-sha-256",
+    ]
+    if svc.public:
+        lines.append(f"host {dbs} {ROLE} samenet scram-sha-256")
+    hba = svc.pgdata / "pg_hba.conf"
+    text = "# written by robustlab services (see robustlab/services.py)\n" + "\n".join(lines)
+    _run(_as_postgres(["tee", str(hba)]), "writing pg_hba.conf", stdin=text + "\n")
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """PostgreSQL's SCRAM-SHA-256 verifier of `password` (what it stores; RFC 5803 form)."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored = hashlib.sha256(client_key).digest()
+    server = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server)}"
+
+
 def _psql(svc: Services, sql: str, db: str = "postgres") -> str:
     """Run `sql` through psql's standard input (a password in it never reaches a command line)."""
-    cmd = [_pg_bin("psql"), "-h", str(svc.socket_dir), "-p", str(svc.pg_port), "-U", "postgres"]
+    cmd = [_pg_bin("psql"), "-h", str(svc.socket_dir), "-p", str(svc.pg_port), "-U", svc.superuser]
     cmd += ["-d", db, "-v", "ON_ERROR_STOP=1", "-tA", "-f", "-"]
     return _run(_as_postgres(cmd), "psql", stdin=sql)
 
 
 def _ensure_databases(svc: Services) -> None:
-    pw = svc.password().replace("'", "''")
+    verifier = scram_verifier(svc.password())  # the server never sees the password itself
+    quiet = "SET log_statement = 'none'; SET log_min_error_statement = 'panic';\n"
     if not _psql(svc, f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'").strip():
-        _psql(svc, f"CREATE ROLE {ROLE} LOGIN PASSWORD '{pw}'")
+        _psql(svc, quiet + f"CREATE ROLE {ROLE} LOGIN PASSWORD '{verifier}'")
     else:
-        _psql(svc, f"ALTER ROLE {ROLE} PASSWORD '{pw}'")
+        _psql(svc, quiet + f"ALTER ROLE {ROLE} PASSWORD '{verifier}'")
     for db in DATABASES:
         if not _psql(svc, f"SELECT 1 FROM pg_database WHERE datname = '{db}'").strip():
             _psql(svc, f"CREATE DATABASE {db} OWNER {ROLE}")
@@ -267,7 +345,6 @@ def _ensure_databases(svc: Services) -> None:
 
 def restart_postgres(svc: Services) -> None:
     """`pg_ctl restart` (fast mode: open connections are cut, as after a crash or a failover)."""
-    opts = f"-p {svc.pg_port} -k {svc.socket_dir} -c listen_addresses={HOST}"
     _run(
         _as_postgres(
             [
@@ -275,7 +352,7 @@ def restart_postgres(svc: Services) -> None:
                 "-D",
                 str(svc.pgdata),
                 "-o",
-                opts,
+                _pg_options(svc),
                 "-l",
                 str(svc.pg_root / "postgres.log"),
                 "-m",
@@ -309,12 +386,15 @@ def _healthy(uri: str) -> bool:
 
 
 def _server_pid(svc: Services) -> int | None:
+    """The MLflow server's PID from the PID file, only when that process is still an
+    `mlflow server` (a stale file may name a recycled PID of another program)."""
     try:
         pid = int(svc.pid_file.read_text())
-        os.kill(pid, 0)
-        return pid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
+    words = [Path(a.decode(errors="replace")).name for a in argv]
+    return pid if "mlflow" in words and "server" in words else None
 
 
 def start_mlflow(svc: Services, timeout: float = 90.0) -> None:
@@ -331,7 +411,12 @@ def start_mlflow(svc: Services, timeout: float = 90.0) -> None:
     _run([mlflow_bin, "db", "upgrade", db], "mlflow db upgrade", env=svc.password_env())
     svc.artifacts.mkdir(parents=True, exist_ok=True)
     hosts = f"{HOST}:{svc.mlflow_port},localhost:{svc.mlflow_port}"
+    auth: list[str] = []
     env = {**svc.password_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if svc.public:
+        hosts += f",{svc.connect_host}:{svc.mlflow_port}"
+        auth = ["--app-name", "basic-auth"]
+        env |= _auth_env(svc)
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(svc.root / "mlflow.log", "ab")  # noqa: SIM115 - handed to the server process
     proc = subprocess.Popen(
@@ -343,13 +428,14 @@ def start_mlflow(svc: Services, timeout: float = 90.0) -> None:
             "--artifacts-destination",
             str(svc.artifacts),
             "--host",
-            HOST,
+            svc.host,
             "--port",
             str(svc.mlflow_port),
             "--allowed-hosts",
             hosts,
             "--workers",
             "2",
+            *auth,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -368,6 +454,24 @@ def start_mlflow(svc: Services, timeout: float = 90.0) -> None:
     raise RobustlabError(
         f"the MLflow server did not come up on {svc.tracking_uri}; see {svc.root / 'mlflow.log'}"
     )
+
+
+def _auth_env(svc: Services) -> dict[str, str]:
+    """The basic-auth app's configuration: its user store under the services' folder, the
+    workers' login as its admin (the password only in the environment)."""
+    ini = svc.root / "basic_auth.ini"
+    db = f"sqlite:///{svc.root / 'basic_auth.db'}"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = {db}\nadmin_username = {MLFLOW_USER}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": svc.mlflow_password(),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": svc.secret("flask_secret_key", "none"),
+    }
 
 
 def stop_mlflow(svc: Services) -> bool:
@@ -393,6 +497,9 @@ def write_env(svc: Services) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": svc.tracking_uri,
         "ROBUSTLAB_OPTUNA_STORAGE": svc.db_url("optuna"),
     }
+    if svc.public:
+        values["MLFLOW_TRACKING_USERNAME"] = MLFLOW_USER
+        values["MLFLOW_TRACKING_PASSWORD"] = svc.mlflow_password()
     write_secret(svc.env_file, "".join(f"{k}={v}\n" for k, v in values.items()))
     return values
 

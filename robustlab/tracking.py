@@ -14,6 +14,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from robustlab.credentials import redact_url
 from robustlab.errors import ConfigError, RobustlabError, TrackingError
 
 TRACKING_DIR_ENV = "ROBUSTLAB_TRACKING_DIR"
@@ -53,17 +54,17 @@ def configure_tracking() -> str:
                 ok = resp.status == 200
         except urllib.error.HTTPError as exc:
             raise TrackingError(
-                f"MLFLOW_TRACKING_URI={uri} answered /health with HTTP {exc.code}: it is not an "
+                f"MLFLOW_TRACKING_URI={redact_url(uri)} answered /health with HTTP {exc.code}: it is not an "
                 "MLflow tracking server; check the host and port"
             ) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(
-                f"MLFLOW_TRACKING_URI={uri} is unreachable ({reason}); start the server (make server) or unset the variable"
+                f"MLFLOW_TRACKING_URI={redact_url(uri)} is unreachable ({reason}); start the server (make server) or unset the variable"
             ) from None
         if not ok:
             raise TrackingError(
-                f"MLFLOW_TRACKING_URI={uri} answered /health with an error; check the server"
+                f"MLFLOW_TRACKING_URI={redact_url(uri)} answered /health with an error; check the server"
             )
         check_mlflow_server(uri)
     elif uri.startswith("sqlite:///"):
@@ -97,7 +98,7 @@ def check_mlflow_server(uri: str) -> None:
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             raise TrackingError(
-                f"MLFLOW_TRACKING_URI={uri} refused our credentials (HTTP {exc.code}); set "
+                f"MLFLOW_TRACKING_URI={redact_url(uri)} refused our credentials (HTTP {exc.code}); set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
             ) from None
         body = None
@@ -105,7 +106,7 @@ def check_mlflow_server(uri: str) -> None:
         body = None
     if not isinstance(body, dict):
         raise TrackingError(
-            f"MLFLOW_TRACKING_URI={uri} answers /health but is not an MLflow tracking server "
+            f"MLFLOW_TRACKING_URI={redact_url(uri)} answers /health but is not an MLflow tracking server "
             "(no MLflow REST API at /api/2.0/mlflow); check the host and port"
         )
 
@@ -251,7 +252,7 @@ def check_model_uri(model_uri: str, what: str = "model URI") -> None:
         except MlflowException:
             raise ConfigError(
                 f"{what} {model_uri!r}: no run {run_id} in this tracking store "
-                f"({mlflow.get_tracking_uri()}); check the run id"
+                f"({redact_url(mlflow.get_tracking_uri())}); check the run id"
             ) from None
     elif scheme == "models":
         name = rest.lstrip("/").split("@", 1)[0].split("/", 1)[0]

@@ -216,3 +216,52 @@ def test_no_password_on_a_command_line_in_a_study_a_param_or_a_tag(svc_env, tmp_
         assert password not in json.dumps({**run.data.params, **run.data.tags}), run.info.run_id
     pg_root = Services(Path(svc_env["ROBUSTLAB_TRACKING_DIR"]) / "services").pg_root
     assert not (pg_root / "pwfile").exists()  # initdb's password file is gone
+
+
+def _own_address() -> str | None:
+    """One of this machine's non-loopback IPv4 addresses (None: it has none)."""
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True)
+    found = [a for a in out.stdout.split() if "." in a and not a.startswith("127.")]
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"), reason="needs root")
+def test_another_local_user_cannot_connect_and_mlflow_beyond_loopback_needs_a_login(svc_env):
+    import secrets
+    import urllib.error
+    import urllib.request
+
+    host = _own_address()
+    if host is None:
+        pytest.skip("this machine has no address beyond loopback")
+    env = {**svc_env, "ROBUSTLAB_SERVICES_HOST": host}
+    assert services("start", env).returncode == 0
+    folder = Path(svc_env["ROBUSTLAB_TRACKING_DIR"])
+    values = _read_env(folder / "services.env")
+    assert values["MLFLOW_TRACKING_URI"] == f"http://{host}:{svc_env['ROBUSTLAB_SERVICES_PORT']}"
+    api = values["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(api, timeout=10)
+    assert refused.value.code == 401
+
+    user = "rlprobe" + secrets.token_hex(3)
+    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", user], check=True)
+    try:
+        svc = Services(folder / "services", int(env["ROBUSTLAB_PG_PORT"]))
+        psql = str(next(Path("/usr/lib/postgresql").glob("*/bin/psql")))
+        port = env["ROBUSTLAB_PG_PORT"]
+        for target in (str(svc.socket_dir), "127.0.0.1", host):
+            for role in ("postgres", "robustlab", user):
+                conn = f"host={target} port={port} user={role} dbname=optuna connect_timeout=5"
+                out = subprocess.run(
+                    ["runuser", "-u", user, "--", psql, "-w", conn, "-c", "select 1"],
+                    capture_output=True,
+                    text=True,
+                    env={"PATH": os.environ["PATH"]},
+                    timeout=30,
+                )
+                assert out.returncode != 0, (target, role, out.stdout)
+        out = subprocess.run(["runuser", "-u", user, "--", "cat", str(folder / "services.env")])
+        assert out.returncode != 0
+    finally:
+        subprocess.run(["userdel", user], check=False)

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from robustlab.cli import main
-from robustlab.config import TuneConfig
+from robustlab.config import Heartbeat, TuneConfig
 from robustlab.data.pools import load_inv_pools
 from robustlab.data.selection import selection_sources, tramer_source_split
 from robustlab.tune.space import simplex_point
@@ -166,7 +166,7 @@ def test_scalar_mode_prunes_a_worse_trial_and_ends_its_run(tracking, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_retried(tracking, tmp_path):
-    cfg = _smoke(tmp_path, n_trials=1, study_name="k", heartbeat_interval=1, grace_period=3)
+    cfg = _smoke(tmp_path, n_trials=1, study_name="k", heartbeat=Heartbeat(1, 3))
     # the parent run and the study as `robustlab tune` makes them; its own worker stops at once
     run_tune(replace(cfg, timeout=1e-9))
     study = optuna.load_study(study_name="k", storage=cfg.storage)
@@ -187,7 +187,7 @@ def test_a_killed_workers_trial_is_retried(tracking, tmp_path):
         pytest.fail("the worker never reached its first epoch")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    time.sleep(cfg.grace_period + 1)
+    time.sleep(cfg.heartbeat.grace_period + 1)
     subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
     trials = optuna.load_study(study_name="k", storage=cfg.storage).get_trials()
     states = [t.state for t in trials]

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from robustlab.commands import SubParsers, flag, optional
+from robustlab.commands.launch_args import add_launch_args, heartbeat_of
 from robustlab.credentials import STORAGE_ENV, refuse_password_argument
 from robustlab.data.folds import (
     DEFAULT_FOLDS,
@@ -35,31 +36,12 @@ def add_parser(sub: SubParsers) -> list[str]:
         default=None,
         help="an interrupted experiment's parent run: reuse its finished regime × seed runs",
     )
-    p.add_argument("--workers", type=int, default=1, help="local worker processes")
     p.add_argument(
         "--pairs-per-worker",
         type=int,
         default=0,
         help="units a local worker trains before a fresh process replaces it (0: no limit, one "
         "start-up per worker; 1: bounded memory)",
-    )
-    p.add_argument(
-        "--storage",
-        type=optional,
-        default=None,
-        help="RDB URL of the study (default $ROBUSTLAB_OPTUNA_STORAGE, then tracking/optuna.db)",
-    )
-    p.add_argument(
-        "--study-name",
-        type=optional,
-        default=None,
-        help="default experiment-<parent run id>; an existing one is resumed and summarized",
-    )
-    p.add_argument(
-        "--create-only",
-        type=flag,
-        default=False,
-        help="create the parent run and the study, train nothing (workers: experiment-worker)",
     )
     p.add_argument(
         "--inv-folds",
@@ -85,11 +67,11 @@ def add_parser(sub: SubParsers) -> list[str]:
         default=False,
         help="true: refuse fewer than 3 seeds (a verdict needs 3 training runs per regime)",
     )
-    p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds")
-    p.add_argument(
-        "--grace-period", type=int, default=180, help="seconds before a silent pair is retried"
+    add_launch_args(
+        p,
+        study_default="default experiment-<parent run id>; an existing one is resumed",
+        workers_help="local worker processes",
     )
-    p.add_argument("--max-retry", type=int, default=2)
     p.set_defaults(func=run)
     w = sub.add_parser(
         "experiment-worker",
@@ -151,7 +133,6 @@ def run(args: argparse.Namespace) -> None:
     resolve_mnist_path(args.data_dir)
     configure_tracking()
     from robustlab.experiment.run import Options, run_experiment
-    from robustlab.launch.storage import Heartbeat
 
     run_id = run_experiment(
         args.budget,
@@ -167,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
             create_only=bool(args.create_only),
             resume_run_id=args.resume_run_id,
         ),
-        heartbeat=Heartbeat(args.heartbeat_interval, args.grace_period, args.max_retry),
+        heartbeat=heartbeat_of(args),
         inv_folds=args.inv_folds,
         inv_sets=_names(args.inv_sets),
         fold_seed=args.fold_seed,

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from robustlab.commands import SubParsers
+from robustlab.credentials import redact_url
 
 
 def add_parser(sub: SubParsers) -> list[str]:
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> None:
     if args.action == "start":
         values = services.start(svc)
         for key, value in values.items():
-            shown = value.replace(svc.password(), "***") if "postgresql" in value else value
+            shown = "***" if key.endswith("PASSWORD") else redact_url(value)
             print(f"{key}={shown}")
         print(f"written to {svc.env_file} (source it in every worker: set -a; . {svc.env_file})")
     elif args.action == "stop":

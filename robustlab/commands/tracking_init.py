@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from robustlab.commands import SubParsers
+from robustlab.credentials import redact_url
 from robustlab.tracking import DEFAULT_EXPERIMENT, configure_tracking, ensure_experiment
 
 
@@ -20,4 +21,4 @@ def add_parser(sub: SubParsers) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     uri = configure_tracking()
     exp_id = ensure_experiment(args.experiment)
-    print(f"tracking URI {uri}, experiment {args.experiment!r} (id {exp_id})")
+    print(f"tracking URI {redact_url(uri)}, experiment {args.experiment!r} (id {exp_id})")

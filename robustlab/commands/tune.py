@@ -7,6 +7,7 @@ import os
 import sys
 
 from robustlab.commands import SubParsers, flag, optional
+from robustlab.commands.launch_args import add_launch_args, heartbeat_of
 from robustlab.config import TUNE_BUDGETS, TUNE_OBJECTIVES, TUNE_PRUNERS, TUNE_SAMPLERS
 from robustlab.credentials import STORAGE_ENV, refuse_password_argument
 
@@ -25,17 +26,7 @@ def add_parser(sub: SubParsers) -> list[str]:
     p.add_argument(
         "--timeout", type=_timeout, default=None, help="seconds per worker (empty: none)"
     )
-    p.add_argument(
-        "--study-name", type=optional, default=None, help="default tune-<objective>-<budget>"
-    )
-    p.add_argument(
-        "--storage",
-        type=optional,
-        default=None,
-        help="RDB URL (default $ROBUSTLAB_OPTUNA_STORAGE, then sqlite tracking/optuna.db)",
-    )
     p.add_argument("--sampler", default="tpe", help=f"one of {list(TUNE_SAMPLERS)}")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on the study")
     p.add_argument("--budget", default="default", help=f"one of {list(TUNE_BUDGETS)}")
     p.add_argument("--clean-floor", type=float, default=0.9, help="min validation clean accuracy")
     p.add_argument("--seed", type=int, default=0)
@@ -54,11 +45,6 @@ def add_parser(sub: SubParsers) -> list[str]:
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--data-dir", type=optional, default=None)
     p.add_argument("--pruner", default="median", help=f"scalar mode: one of {list(TUNE_PRUNERS)}")
-    p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds")
-    p.add_argument(
-        "--grace-period", type=int, default=180, help="seconds before a silent trial is retried"
-    )
-    p.add_argument("--max-retry", type=int, default=2)
     p.add_argument(
         "--threads", type=int, default=0, help="TensorFlow threads per worker (0: default)"
     )
@@ -68,11 +54,8 @@ def add_parser(sub: SubParsers) -> list[str]:
         default="auto",
         help="trials' training precision: auto (bf16 where the CPU has it), float32, mixed_bfloat16",
     )
-    p.add_argument(
-        "--create-only",
-        type=flag,
-        default=False,
-        help="create the study and its parent run, run no trial (workers join with tune-worker)",
+    add_launch_args(
+        p, study_default="default tune-<objective>-<budget>", workers_help="worker processes"
     )
     p.set_defaults(func=run)
     w = sub.add_parser(
@@ -121,9 +104,7 @@ def run(args: argparse.Namespace) -> None:
         eps=args.eps,
         data_dir=args.data_dir,
         pruner=args.pruner,
-        heartbeat_interval=args.heartbeat_interval,
-        grace_period=args.grace_period,
-        max_retry=args.max_retry,
+        heartbeat=heartbeat_of(args),
         threads=args.threads,
         pin_cpus=bool(args.pin_cpus),
         precision=args.precision,

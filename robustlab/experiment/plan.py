@@ -54,13 +54,15 @@ from robustlab.experiment.budgets import (
     train_sets_for,
 )
 from robustlab.launch import optuna_compat
+from robustlab.launch.election import ATTR_LEADER
 from robustlab.launch.launcher import (
-    ATTR_EXPERIMENT,
     ATTR_KIND,
-    ATTR_LEADER,
     ATTR_PARENT,
     RUN_ATTR,
     Retry,
+    RunOnTrial,
+    parent_ids,
+    retry_tags,
 )
 from robustlab.launch.storage import Heartbeat
 
@@ -267,6 +269,12 @@ class ExperimentPlan:
                 f"study {study.study_name!r} is not a robustlab experiment study{hint}"
             )
         p = json.loads(attrs[ATTR_PLAN])
+        ids = parent_ids(study)
+        if ids is None:
+            raise ConfigError(
+                f"study {study.study_name!r} has no parent run yet; start it with robustlab "
+                "experiment"
+            )
         return cls(
             budget=p["budget"],
             eps=float(p["eps"]),
@@ -279,11 +287,11 @@ class ExperimentPlan:
             fold_digest=p["fold_digest"],
             test_indices_sha=p["test_indices_sha"],
             n_test=int(p["n_test"]),
-            heartbeat=Heartbeat(p["heartbeat_interval"], p["grace_period"], p["max_retry"]),
+            heartbeat=Heartbeat.from_record(p),
             study_name=study.study_name,
             data_dir=data_dir,
-            parent_run_id=attrs[ATTR_PARENT],
-            experiment_id=attrs[ATTR_EXPERIMENT],
+            parent_run_id=ids[0],
+            experiment_id=ids[1],
         )
 
     # ---- the leader side ----------------------------------------------------------------
@@ -313,6 +321,12 @@ class ExperimentPlan:
         return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     # ---- the worker side ----------------------------------------------------------------
+
+    def worker_setup(self) -> dict:
+        return {}
+
+    def after_trial(self) -> None:
+        release()
 
     def next_trial(self, study: optuna.Study) -> optuna.Trial | None:
         return optuna_compat.pop_waiting_trial(study)  # never a new (sampled) trial
@@ -385,7 +399,6 @@ class ExperimentPlan:
         self, label: str, seed: int, fold: int, trial: optuna.Trial, retry: Retry | None
     ) -> str:
         """Train and evaluate one unit as a child of the experiment's parent run."""
-        import mlflow
         import psutil
 
         from robustlab.train.runner import Extras, run_training
@@ -424,16 +437,7 @@ class ExperimentPlan:
         }
         if base is not None:
             tags["robustlab.first_phase_from"] = base
-        if retry is not None:
-            tags["robustlab.experiment.retry_of"] = str(retry.of)
-            tags["robustlab.retry_note"] = retry.note
-        seen: list[str] = []
-
-        def on_epoch(metrics: dict[str, float], step: int) -> None:
-            if not seen:  # the run id on the trial as soon as the run exists (a lost run is found)
-                seen.append(mlflow.active_run().info.run_id)
-                trial.set_user_attr(RUN_ATTR, seen[0])
-
+        tags |= retry_tags(retry, KIND)
         started = time.time() - psutil.Process().create_time()  # imports, data, test set
         print(
             f"== experiment: {label} seed {seed} fold {fold} ({started:.1f} s since the worker "
@@ -456,7 +460,7 @@ class ExperimentPlan:
                 experiment_id=self.experiment_id,
                 tags=tags,
                 test_indices=test_indices,
-                on_epoch=on_epoch,
+                on_epoch=RunOnTrial(trial),
             ),
         )
 

@@ -9,12 +9,9 @@ experiment` started on the same study while a leader is alive joins it as a work
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -48,30 +45,16 @@ from robustlab.experiment.plan import (
     ExperimentPlan,
     Unit,
     pair_configs,
-    release,
     shared_test_indices,
     unit_distributions,
     unit_of,
 )
 from robustlab.experiment.summary import summarize
 from robustlab.experiment.tables import write_csv
-from robustlab.launch.launcher import (
-    RUN_ATTR,
-    announce,
-    check_existing,
-    complete_runs,
-    drive,
-    elect,
-    end_lost_runs,
-    finished_children,
-    open_study,
-    parent_run,
-    wait_for_leader,
-    work,
-    worker_command,
-    worker_env,
-)
-from robustlab.launch.storage import STORAGE_ENV, Heartbeat, open_storage, storage_url
+from robustlab.launch.launcher import RUN_ATTR, complete_runs, end_lost_runs, finished_children
+from robustlab.launch.leader import Workers, lead
+from robustlab.launch.leader import run_worker as launch_worker
+from robustlab.launch.storage import STORAGE_ENV, Heartbeat, storage_url
 from robustlab.tracking import configure_tracking
 
 
@@ -121,7 +104,7 @@ def build_plan(
     pool = load_human_pool(data_dir, inv_sets)
     folds = assign_folds(pool, inv_folds, fold_seed, allow_small_folds=allow_small_folds)
     test_indices = shared_test_indices(b.eval_size, data_dir)
-    plan = ExperimentPlan(
+    plan = LeadingPlan(
         budget,
         eps,
         tuple(labels),
@@ -137,7 +120,8 @@ def build_plan(
         study_name=study_name or "",
         data_dir=data_dir,
     )
-    return Setup(plan, pool, folds, test_indices)
+    plan.setup = Setup(plan, pool, folds, test_indices)
+    return plan.setup
 
 
 def run_experiment(
@@ -189,43 +173,55 @@ def run_experiment(
         study_name=o.study_name,
     )
     plan = setup.plan
+    plan.resume_run_id = o.resume_run_id
     url = storage_url(o.storage)
-    store = open_storage(url)
-    old_study = check_existing(store, plan) if o.study_name else None
-    done = adoptable_children(o.resume_run_id, plan) if o.resume_run_id else {}
-    configure_tracking()
-    _print_folds(setup)  # every check passed: the folds, before anything trains
-    study, token = elect(store, plan) if o.study_name else (None, None)
-    if o.study_name and token is None:
-        return _join(study, store, plan, url)
-    tags = {"robustlab.kind": "experiment"}
-    tags |= {"robustlab.resumed_from": o.resume_run_id} if o.resume_run_id else {}
-    tags |= {"robustlab.resumed_study": "true"} if old_study is not None else {}
-    with parent_run(
-        plan,
-        store,
-        url,
-        study=study,
-        token=token,
-        run_name=f"experiment-{budget}",
-        params=_params(setup),
-        tags=tags,
-    ) as (parent, study):
-        _log_setup(setup)
-        _adopt_resumed(study, plan, done, o.resume_run_id, parent.info.run_id)
-        plan.enqueue_missing(study)
-        announce(study, parent)
-        if o.create_only:
-            _print_created(plan.study_name, parent.info.run_id)
-            return parent.info.run_id
-        t0 = time.perf_counter()
-        _drive(study, plan, url, o.workers, data_dir, o.pairs_per_worker)
-        wall = time.perf_counter() - t0
+    args = ["--max-trials", str(o.pairs_per_worker)] + (
+        ["--data-dir", data_dir] if data_dir else []
+    )
+    workers = Workers(
+        count=o.workers,
+        command="experiment-worker",
+        args=lambda _i: args,
+        join=lambda name: run_worker(name, url, data_dir),
+        max_failures=2 * len(plan.units),
+    )
+    return lead(plan, url, workers, o.create_only)
+
+
+@dataclass
+class LeadingPlan(ExperimentPlan):
+    """The experiment plan as its leader runs it: the set-up it computed and the earlier
+    experiment it resumes."""
+
+    setup: Setup | None = None
+    resume_run_id: str | None = None
+    adoptable: dict[Unit, Run] = field(default_factory=dict)
+
+    def check(self, existing: optuna.Study | None) -> None:
+        if self.resume_run_id:
+            self.adoptable = adoptable_children(self.resume_run_id, self)
+        configure_tracking()
+        _print_folds(self.setup)  # every check passed: the folds, before anything trains
+
+    def parent(self, resumed: bool) -> tuple[str, dict, dict[str, str]]:
+        tags = {"robustlab.kind": "experiment"}
+        tags |= {"robustlab.resumed_from": self.resume_run_id} if self.resume_run_id else {}
+        tags |= {"robustlab.resumed_study": "true"} if resumed else {}
+        return f"experiment-{self.budget}", _params(self.setup), tags
+
+    def prepare(self, study: optuna.Study, parent: Run) -> None:
+        _log_setup(self.setup)
+        _adopt_resumed(study, self, self.adoptable, self.resume_run_id, parent.info.run_id)
+        self.enqueue_missing(study)
+
+    def created(self, parent_id: str) -> None:
+        _print_created(self.study_name, parent_id)
+
+    def summarize(self, study: optuna.Study, parent_id: str, wall: float) -> None:
         mlflow.log_metrics({"experiment/wall_seconds": wall, **_peak_rss_mb()})
         runs = complete_runs(study, unit_of)
         end_lost_runs(study, set(runs.values()), "robustlab.experiment.worker_lost")
-        summarize(parent.info.run_id, plan, runs, wall)
-        return parent.info.run_id
+        summarize(parent_id, self, runs, wall)
 
 
 def fold_counts(setup: Setup) -> dict[str, list[dict[str, int]]]:
@@ -321,24 +317,6 @@ def _log_setup(setup: Setup) -> None:
     )
 
 
-def _join(study: optuna.Study, store, plan: ExperimentPlan, url: str) -> str:
-    """Another `robustlab experiment` leads this study: train its units as a worker, then exit."""
-    parent = wait_for_leader(study, store)
-    print(
-        f"experiment: study {plan.study_name} is led by another robustlab experiment (parent "
-        f"run {parent}); joining it as a worker",
-        file=sys.stderr,
-        flush=True,
-    )
-    n = run_worker(plan.study_name, url, plan.data_dir)
-    print(
-        f"experiment: this worker trained {n} unit(s); the leading process summarizes the "
-        f"experiment on parent run {parent}",
-        file=sys.stderr,
-    )
-    return parent
-
-
 def _adopt_resumed(
     study: optuna.Study,
     plan: ExperimentPlan,
@@ -378,31 +356,6 @@ def _adopt_resumed(
                 },
             )
         )
-
-
-def _drive(
-    study: optuna.Study,
-    plan: ExperimentPlan,
-    url: str,
-    workers: int,
-    data_dir: str | None,
-    pairs_per_worker: int,
-) -> None:
-    """Keep up to `workers` worker processes (each exits after `pairs_per_worker` units) busy
-    until every unit is COMPLETE."""
-    env = worker_env(url)
-    args = ["--max-trials", str(pairs_per_worker)]
-    if data_dir:
-        args += ["--data-dir", data_dir]
-    cmd = worker_command("experiment-worker", plan.study_name, *args)
-    drive(
-        study,
-        plan,
-        lambda _i: subprocess.Popen(cmd, env=env),
-        workers=workers,
-        demand=plan.demand,
-        max_failures=2 * len(plan.units),
-    )
 
 
 def _peak_rss_mb() -> dict[str, float]:
@@ -452,13 +405,10 @@ def adoptable_children(parent_id: str, plan: ExperimentPlan) -> dict[Unit, Run]:
 
 def run_worker(study_name: str, url: str, data_dir: str | None = None, max_trials: int = 0) -> int:
     """Train WAITING units until none is left (or `max_trials` were done); the number done."""
-    study = open_study(
-        url,
+    return launch_worker(
         study_name,
+        url,
+        lambda study: ExperimentPlan.from_study(study, data_dir),
         "create it with robustlab experiment --create-only true (or check the storage URL)",
+        max_trials=max_trials,
     )
-    plan = ExperimentPlan.from_study(study, data_dir)
-    os.environ.pop("MLFLOW_RUN_ID", None)  # it would override the child runs' parent
-    configure_tracking()
-    study = optuna.load_study(study_name=study_name, storage=open_storage(url, plan.heartbeat))
-    return work(study, plan, max_trials=max_trials, after_trial=release)

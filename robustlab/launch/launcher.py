@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from robustlab.errors import ConfigError, RobustlabError
 from robustlab.launch import optuna_compat
+from robustlab.launch.election import Lease, claim, is_fresh, leader_record
 from robustlab.launch.storage import (
     STORAGE_ENV,
     Heartbeat,
@@ -58,11 +56,15 @@ from robustlab.tracking import start_run
 ATTR_KIND = "robustlab_kind"  # "tune" | "experiment"
 ATTR_PARENT = "mlflow_parent_run_id"
 ATTR_EXPERIMENT = "mlflow_experiment_id"
-ATTR_LEADER = "robustlab_leader"  # JSON {"token", "beat"}: the leading process's heartbeat
+ATTR_PARENT_TOKEN = "robustlab_parent_leader"  # the lease token of the parent run's leader
+LEADER_LOST_TAG = "robustlab.leader_lost"  # on a parent run whose leader died
+DEAD_LEADER_REASON = (
+    "its leading process stopped beating for longer than the grace period (it died or lost the "
+    "database); a new leader took over the study"
+)
 RUN_ATTR = "mlflow_run_id"  # a trial's child run
 FAIL_REASON = "robustlab_fail_reason"  # on a trial that failed; study attr `<this>_<n>` if stale
 LOST_TAG = "robustlab.trial_lost"  # on the run of a trial declared lost while it still ran
-SETTLE_S = 2.0  # a leadership claim stands if it is still there after this many seconds
 JOIN_WAIT_S = 120.0  # how long a joiner waits for the leader's parent run
 
 
@@ -90,6 +92,24 @@ class Plan(Protocol):
     def run_trial(self, trial: optuna.Trial, retry: Retry | None) -> float | Sequence[float] | None:
         """Train the trial's child run; its objective value(s), or None to end it FAIL unrun."""
 
+    def demand(self, study: optuna.Study) -> int:
+        """How many more workers the study can use now."""
+
+    def worker_setup(self) -> dict[str, Any]:
+        """Prepare this process to run trials; keyword arguments for `optuna.load_study`
+        (sampler, pruner)."""
+
+    def after_trial(self) -> None:
+        """Release what one trial left behind in a worker process."""
+
+
+def parent_ids(study: optuna.Study) -> tuple[str, str] | None:
+    """(parent run id, experiment id) the study's leader published, or None."""
+    attrs = study.user_attrs
+    if ATTR_PARENT not in attrs or ATTR_EXPERIMENT not in attrs:
+        return None
+    return attrs[ATTR_PARENT], attrs[ATTR_EXPERIMENT]
+
 
 @dataclass(frozen=True)
 class Retry:
@@ -98,6 +118,27 @@ class Retry:
     of: int  # the lost trial's number
     resume_run_id: str | None  # the lost run, when it left an intact checkpoint to continue
     note: str  # one line: continuing, or starting afresh and why
+
+    def tags(self, kind: str) -> dict[str, str]:
+        """The retry's tags on its run (`robustlab.<kind>.retry_of`, the note)."""
+        return {f"robustlab.{kind}.retry_of": str(self.of), "robustlab.retry_note": self.note}
+
+
+def retry_tags(retry: Retry | None, kind: str) -> dict[str, str]:
+    return {} if retry is None else retry.tags(kind)
+
+
+class RunOnTrial:
+    """An `on_epoch` hook that puts the active MLflow run's id on the trial at its first epoch
+    (as soon as the run exists: a lost run is found and its checkpoint continued)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial, self.run_id = trial, None
+
+    def __call__(self, metrics: dict[str, float] | None = None, step: int = 0) -> None:
+        if self.run_id is None:
+            self.run_id = mlflow.active_run().info.run_id
+            self.trial.set_user_attr(RUN_ATTR, self.run_id)
 
 
 # ---- election and the parent run ---------------------------------------------------------
@@ -128,18 +169,6 @@ def check_existing(storage: RDBStorage, plan: Plan) -> optuna.Study | None:
     return study
 
 
-def _leader(study: optuna.Study) -> dict[str, Any]:
-    try:
-        return json.loads(study.user_attrs.get(ATTR_LEADER, "{}"))
-    except (TypeError, ValueError):
-        return {}
-
-
-def _fresh(record: dict[str, Any], heartbeat: Heartbeat) -> bool:
-    beat = record.get("beat")
-    return isinstance(beat, int | float) and time.time() - beat < heartbeat.grace_period
-
-
 def _create_or_load(storage: RDBStorage, plan: Plan) -> optuna.Study:
     for attempt in range(5):
         try:
@@ -156,32 +185,33 @@ def _create_or_load(storage: RDBStorage, plan: Plan) -> optuna.Study:
     raise AssertionError("unreachable")
 
 
-def elect(storage: RDBStorage, plan: Plan) -> tuple[optuna.Study, str | None]:
-    """(study, token): a token when this process leads, None when a live leader exists.
-
-    The study is created if missing. A leader is alive while its beat on the study is younger
-    than the grace period; otherwise this process claims leadership, waits SETTLE_S and leads
-    if its claim still stands (the last of several simultaneous claims wins)."""
+def elect(storage: RDBStorage, plan: Plan) -> tuple[optuna.Study, Lease | None]:
+    """(study, lease): a Lease when this process leads, None while a live leader exists (its
+    beat is younger than the grace period). The study is created if missing; of any number of
+    simultaneous claims exactly one wins (`election.claim`)."""
     study = _create_or_load(storage, plan)
-    if _fresh(_leader(study), plan.heartbeat):
-        return study, None
-    token = uuid.uuid4().hex
-    with contextlib.suppress(Exception):  # a concurrent claim may win the write
-        study.set_user_attr(ATTR_LEADER, json.dumps({"token": token, "beat": time.time()}))
-    time.sleep(SETTLE_S)
-    study = optuna.load_study(study_name=plan.study_name, storage=storage)
-    return study, (token if _leader(study).get("token") == token else None)
+    return study, claim(study, plan.heartbeat)
 
 
-def wait_for_leader(study: optuna.Study, storage: RDBStorage, timeout: float = JOIN_WAIT_S) -> str:
-    """The parent run of the live leader, once it is RUNNING (a joiner waits for the leader to
-    finish setting the study up); RobustlabError after `timeout` seconds."""
+def join_wait(heartbeat: Heartbeat) -> float:
+    """How long a joiner waits for the leader's parent run: longer than the grace period."""
+    return max(JOIN_WAIT_S, 3.0 * heartbeat.grace_period)
+
+
+def wait_for_leader(study: optuna.Study, storage: RDBStorage, heartbeat: Heartbeat) -> str | None:
+    """The live leader's parent run once it is RUNNING (a joiner waits for the leader to finish
+    setting the study up); None when that leader died meanwhile (elect again); RobustlabError
+    after `join_wait` seconds."""
     client = MlflowClient()
+    timeout = join_wait(heartbeat)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        record = leader_record(study)
+        if not is_fresh(record, heartbeat):
+            return None
         attrs = optuna.load_study(study_name=study.study_name, storage=storage).user_attrs
         parent = attrs.get(ATTR_PARENT)
-        if parent:
+        if parent and attrs.get(ATTR_PARENT_TOKEN) == record.get("token"):
             with contextlib.suppress(MlflowException):
                 if client.get_run(parent).info.status == "RUNNING":
                     return parent
@@ -192,34 +222,30 @@ def wait_for_leader(study: optuna.Study, storage: RDBStorage, timeout: float = J
     )
 
 
-class _LeaderBeat:
-    """Refreshes the leader's beat on the study from a daemon thread."""
+def end_dead_parent(study: optuna.Study) -> str | None:
+    """The parent run of a leader that died, ended FAILED with the reason (called by the new
+    leader, which holds the lease: no other leader is alive); its id, or None."""
+    old = study.user_attrs.get(ATTR_PARENT)
+    if not old:
+        return None
+    client = MlflowClient()
+    with contextlib.suppress(MlflowException):
+        if client.get_run(old).info.status == "RUNNING":
+            client.set_tag(old, LEADER_LOST_TAG, DEAD_LEADER_REASON)
+            client.set_terminated(old, "FAILED")
+            print(f"note: parent run {old}: {DEAD_LEADER_REASON}", file=sys.stderr, flush=True)
+            return old
+    return None
 
-    def __init__(self, study: optuna.Study, token: str, heartbeat: Heartbeat) -> None:
-        self.study, self.token, self.every = study, token, max(1, heartbeat.interval // 2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def beat(self) -> None:
-        with contextlib.suppress(Exception):  # a database hiccup skips one beat
-            self.study.set_user_attr(
-                ATTR_LEADER, json.dumps({"token": self.token, "beat": time.time()})
-            )
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.beat()
-
-    def __enter__(self) -> _LeaderBeat:
-        self.beat()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        with contextlib.suppress(Exception):  # the study is no longer led: a new command leads
-            self.study.set_user_attr(ATTR_LEADER, json.dumps({"token": self.token, "beat": 0}))
+def check_lease(lease: Lease | None, plan: Plan) -> None:
+    """RobustlabError once this process may no longer lead (another process may lead now)."""
+    if lease is not None and not lease.held():
+        raise RobustlabError(
+            f"lost the leadership of study {plan.study_name} (the database was unreachable for "
+            "longer than the grace period, or another process took over); the new leader "
+            "finishes it, or run the same command again"
+        )
 
 
 @contextlib.contextmanager
@@ -229,22 +255,28 @@ def parent_run(
     url: str,
     *,
     study: optuna.Study | None = None,
-    token: str | None = None,
+    lease: Lease | None = None,
     run_name: str,
     params: dict[str, Any],
     tags: dict[str, str],
-) -> Iterator[tuple[Run, optuna.Study]]:
-    """The leader's (parent run, study): the study's kind and plan attributes written, the
-    earlier parent's COMPLETE runs adopted and the leader's beat kept fresh; the run ends FAILED
-    if the body raises. The body calls `announce` once the study is ready for workers.
+) -> Iterator[tuple[Run, optuna.Study, Lease]]:
+    """The leader's (parent run, study, lease): a dead leader's parent ended FAILED, the
+    study's kind and plan attributes written, the earlier parent's runs adopted and the lease
+    beaten; the run ends FAILED if the body raises. The body calls `announce` once the study is
+    ready for workers.
 
     `study` is the elected study (`elect`); None creates a fresh one named
     `<kind>-<parent run id>` once the run exists (a plan with an empty `study_name`)."""
+    if study is not None:
+        end_dead_parent(study)
     with start_run(run_name, params=params, tags=tags) as parent:
         if study is None:
             plan.study_name = plan.study_name or f"{plan.kind}-{parent.info.run_id}"
-            study, token = _create_or_load(storage, plan), uuid.uuid4().hex
-        with _LeaderBeat(study, token, plan.heartbeat):
+            study = _create_or_load(storage, plan)
+            lease = claim(study, plan.heartbeat)
+        if lease is None:
+            raise RobustlabError(f"study {plan.study_name} was claimed by another leader")
+        with lease:
             study.set_metric_names(list(plan.metric_names))
             for key, value in {ATTR_KIND: plan.kind, **plan.study_attrs()}.items():
                 study.set_user_attr(key, value)
@@ -252,13 +284,14 @@ def parent_run(
             mlflow.set_tags(
                 {"robustlab.study": plan.study_name, "robustlab.optuna_storage": redact_url(url)}
             )
-            yield parent, study
+            yield parent, study, lease
 
 
-def announce(study: optuna.Study, parent: Run) -> None:
+def announce(study: optuna.Study, parent: Run, lease: Lease) -> None:
     """Publish the parent run on the study: joiners and workers nest their runs under it."""
     study.set_user_attr(ATTR_EXPERIMENT, parent.info.experiment_id)
     study.set_user_attr(ATTR_PARENT, parent.info.run_id)
+    study.set_user_attr(ATTR_PARENT_TOKEN, lease.token)
 
 
 def adopt_runs(study: optuna.Study, parent_id: str) -> None:
@@ -333,12 +366,17 @@ def fail_stale(study: optuna.Study, heartbeat: Heartbeat) -> list[int]:
 def _tell(study: optuna.Study, trial: optuna.Trial, values) -> bool:
     """Tell `values` unless the trial was declared lost meanwhile (its worker was cut off from
     the database longer than the grace period and another process failed it): then its run is
-    ended FAILED with the reason, and False (the retry trial runs the point again)."""
+    ended FAILED with the reason, and False (the retry trial runs the point again). A tell whose
+    write committed although its answer was lost (a retried write then finds the trial
+    finished) is recognised by the trial's state: a COMPLETE trial is never declared lost."""
     frozen = study.get_trials(deepcopy=False)[trial.number]
     if frozen.state == TrialState.RUNNING:
         with contextlib.suppress(ValueError, RuntimeError):  # lost between the check and now
             study.tell(trial, values)
             return True
+        frozen = study.get_trials(deepcopy=False)[trial.number]
+    if frozen.state == TrialState.COMPLETE:
+        return True
     reason = (
         f"trial {trial.number} was declared lost while it still ran (no heartbeat reached the "
         "database for longer than the grace period); its retry trial runs the point again"
@@ -424,6 +462,7 @@ def drive(
     demand: Callable[[optuna.Study], int],
     max_failures: int,
     deadline: float | None = None,
+    lease: Lease | None = None,
 ) -> None:
     """Keep up to `workers` worker processes (`spawn(i)`) busy until the plan is done and no
     trial runs; `demand(study)` is how many more workers the study can use now.
@@ -437,6 +476,7 @@ def drive(
             for p in [p for p in procs if p.poll() is not None]:
                 procs.remove(p)
                 failures += p.returncode != 0
+            check_lease(lease, plan)
             fail_stale(study, plan.heartbeat)
             running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if plan.done(study) and not procs and not running:
@@ -466,9 +506,11 @@ def drive(
             p.wait()
 
 
-def wait_for_running(study: optuna.Study, heartbeat: Heartbeat) -> None:
+def wait_for_running(study: optuna.Study, plan: Plan, lease: Lease | None = None) -> None:
     """Block while trials of this study run elsewhere (stale ones are failed and requeued)."""
+    heartbeat = plan.heartbeat
     while True:
+        check_lease(lease, plan)
         fail_stale(study, heartbeat)
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
@@ -495,7 +537,7 @@ def finished_children(parent_id: str, what: str = "run") -> tuple[Run, list[Run]
         parent = client.get_run(parent_id)
     except MlflowException:
         raise ConfigError(
-            f"{what}={parent_id}: no such run in this tracking store ({client.tracking_uri}); "
+            f"{what}={parent_id}: no such run in this tracking store ({redact_url(client.tracking_uri)}); "
             "pass the run id of an experiment's parent run"
         ) from None
     children = client.search_runs(

@@ -11,38 +11,19 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
 import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+from robustlab.config import Heartbeat
 from robustlab.credentials import STORAGE_ENV, has_password, redact_url
 from robustlab.errors import ConfigError
+from robustlab.launch.optuna_compat import StaleAwareRDBStorage
 from robustlab.tracking import tracking_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """A worker beats every `interval` s; a trial silent for `grace_period` s is retried (with
-    its parameters) up to `max_retry` times."""
-
-    interval: int = 60
-    grace_period: int = 180
-    max_retry: int = 2
-
-    def validate(self) -> Heartbeat:
-        if self.interval < 1 or self.grace_period <= self.interval:
-            raise ConfigError(
-                "heartbeat_interval must be >= 1 s and grace_period longer than it, got "
-                f"{self.interval} and {self.grace_period}"
-            )
-        if self.max_retry < 0:
-            raise ConfigError(f"max_retry must be >= 0, got {self.max_retry}")
-        return self
 
 
 def storage_url(explicit: str | None = None) -> str:
@@ -89,11 +70,17 @@ def with_db_retry(fn, *args, **kwargs):
             delay = min(5.0, delay * 2)
 
 
-class TolerantRDBStorage(RDBStorage):
-    """An RDBStorage that rides out a database outage: every call a worker makes is retried
-    while the database is unreachable (`with_db_retry`), and the heartbeat skips a beat instead
-    of dying (Optuna's heartbeat thread dies on the first failed write, which would get a live
-    trial retried)."""
+class TolerantRDBStorage(StaleAwareRDBStorage):
+    """An RDBStorage that rides out a database outage: its idempotent calls are retried while
+    the database is unreachable (`with_db_retry`), and the heartbeat skips a beat instead of
+    dying (Optuna's heartbeat thread dies on the first failed write, which would get a live
+    trial retried).
+
+    Two writes are not idempotent and are reconciled instead: a retried `create_new_trial`
+    (or a pop whose RUNNING write committed before the connection broke) may leave a RUNNING
+    trial that nobody works on; it never beats, so it is stale once the grace period has passed
+    (`StaleAwareRDBStorage`) and is failed and re-queued like a dead worker's trial. A retried
+    `tell` is reconciled by the launcher (`_tell`)."""
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -104,7 +91,7 @@ class TolerantRDBStorage(RDBStorage):
 
 
 def _retried(name: str):
-    original = getattr(RDBStorage, name)
+    original = getattr(StaleAwareRDBStorage, name)
 
     def method(self, *args, **kwargs):
         return with_db_retry(original, self, *args, **kwargs)

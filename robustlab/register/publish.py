@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from robustlab.evaluation.selection import RULE, Candidate
 from robustlab.provenance import VERSION_EXCLUDED_TAG, decode_indices, encode_indices, model_info
 
 ALIAS = "champion"
+CROWN_SETTLE_S = 1.0  # a concurrent register's alias move shows within this pause
 DEFAULT_NAME = "robustlab-mnist"
 CRITERION_TAG = "robustlab.criterion"
 SOURCE_TAG = "robustlab.source_run_id"
@@ -95,6 +97,22 @@ def check_champion(
             f"is better than run {cand.run_id} (criterion {ours[0]:.4f}, clean "
             f"{ours[1]:.4f}); nothing registered; pass force=true to move the alias anyway"
         )
+
+
+def crown(
+    client: MlflowClient, name: str, version: str, cand: Candidate, force: bool, floor: float
+) -> None:
+    """Point `champion` at `version`, the champion check repeated right before each move and
+    the move checked after a pause: of concurrent registers, the better model ends champion
+    (a worse one that moved the alias meanwhile is overtaken again). ConfigError when the
+    current champion is better."""
+    for _ in range(5):
+        check_champion(client, name, cand, force, floor)
+        client.set_registered_model_alias(name, ALIAS, version)
+        time.sleep(CROWN_SETTLE_S)
+        champ = current_champion(client, name)
+        if champ is not None and champ.version == version:
+            return
 
 
 def version_tags(
@@ -203,7 +221,14 @@ def publish(
         name, source, run_id=cand.run_id, tags=tags, model_id=info.model_id
     )
     _write_card(client, name, mv.version, tags, cand)
-    client.set_registered_model_alias(name, ALIAS, mv.version)
+    try:
+        crown(client, name, mv.version, cand, force, clean_floor)
+    except ConfigError as exc:  # a concurrent register crowned a better model meanwhile
+        print(
+            f"register: {name} version {mv.version} registered, not champion: {exc}",
+            file=sys.stderr,
+        )
+        return Outcome(mv.version, True, False, test_run_id)
     print(
         f"register: {name} version {mv.version} <- run {cand.run_id} "
         f"(criterion {cand.score(clean_floor):.4f}); {name}@{ALIAS} -> {mv.version}; test run {test_run_id}",

@@ -8,6 +8,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from robustlab.credentials import redact_url
 from robustlab.errors import ConfigError
 from robustlab.tracking import configure_tracking
 
@@ -37,7 +38,7 @@ def resumable_run(resume_run_id: str, regime: str) -> Run:
         old = MlflowClient().get_run(resume_run_id)
     except Exception:  # noqa: BLE001 - MLflow raises several types for an unknown id
         raise ConfigError(
-            f"resume_run_id={resume_run_id}: no such run in {mlflow.get_tracking_uri()}; "
+            f"resume_run_id={resume_run_id}: no such run in {redact_url(mlflow.get_tracking_uri())}; "
             "pass the id of the interrupted run"
         ) from None
     ran = old.data.tags.get("robustlab.regime")

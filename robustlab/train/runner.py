@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 
 from robustlab.config import EvalConfig, RunConfig
+from robustlab.credentials import redact_url
 from robustlab.data.invariance import InvarianceSet
 from robustlab.data.leakage import excluded_test_indices
 from robustlab.data.mnist import Mnist, load_mnist, subsample
@@ -205,7 +206,7 @@ def lost_server_error(run_id: str, exc: BaseException) -> TrackingError:
     else:
         kept = "no epoch had finished, so there is no checkpoint; start a fresh run"
     return TrackingError(
-        f"lost the tracking server {mlflow.get_tracking_uri()} during run {run_id} (still down "
+        f"lost the tracking server {redact_url(mlflow.get_tracking_uri())} during run {run_id} (still down "
         f"after MLflow's retries, {type(exc).__name__}); {kept}"
     )
 

@@ -8,6 +8,7 @@ rule's score (`sel/score`, the same rule `register` chooses by). Both set the co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -32,7 +33,7 @@ from robustlab.config import (
 from robustlab.errors import ConfigError
 from robustlab.evaluation.selection import SCORE_METRIC, SelectionData, selection_score
 from robustlab.evaluation.validation import selection_validation
-from robustlab.launch.launcher import RUN_ATTR, Retry
+from robustlab.launch.launcher import RUN_ATTR, Retry, RunOnTrial, parent_ids, retry_tags
 from robustlab.launch.storage import Heartbeat, redact_url
 from robustlab.regimes import make_regime
 from robustlab.tune.space import BUDGETS, suggest, suggest_beta
@@ -66,11 +67,13 @@ def stored_config(cfg: TuneConfig) -> dict:
 
 @dataclass
 class TunePlan:
-    """The tune study as a launcher plan; `parent_run_id`/`experiment_id` come from the study."""
+    """The tune study as a launcher plan; `parent_run_id`/`experiment_id` come from the study;
+    `worker` seeds a worker's sampler."""
 
     cfg: TuneConfig
     parent_run_id: str = ""
     experiment_id: str = ""
+    worker: int = 0
     kind: str = field(default="tune", init=False)
 
     @property
@@ -87,8 +90,7 @@ class TunePlan:
 
     @property
     def heartbeat(self) -> Heartbeat:
-        c = self.cfg
-        return Heartbeat(c.heartbeat_interval, c.grace_period, c.max_retry)
+        return self.cfg.heartbeat
 
     def study_attrs(self) -> dict:
         return {
@@ -116,17 +118,18 @@ class TunePlan:
         return None
 
     @classmethod
-    def from_study(cls, study: optuna.Study, storage_url: str) -> TunePlan:
+    def from_study(cls, study: optuna.Study, storage_url: str, worker: int = 0) -> TunePlan:
         """A worker's plan, read from the study's attributes (ConfigError when they are not a
         tune study's or do not match its directions)."""
-        from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_PARENT
-
-        attrs = study.user_attrs
-        if ATTR_PARENT not in attrs or ATTR_CONFIG not in attrs:
+        ids = parent_ids(study)
+        if ids is None or ATTR_CONFIG not in study.user_attrs:
             raise ConfigError(f"study {study.study_name!r} was not created by robustlab tune")
-        stored = json.loads(attrs[ATTR_CONFIG])
-        cfg = TuneConfig(**{**stored, "storage": storage_url})
-        plan = cls(cfg, attrs[ATTR_PARENT], attrs[ATTR_EXPERIMENT])
+        stored = json.loads(study.user_attrs[ATTR_CONFIG])
+        fields = {f.name for f in dataclasses.fields(TuneConfig)}
+        known = {k: v for k, v in stored.items() if k in fields}
+        known["heartbeat"] = Heartbeat.from_record(stored)
+        cfg = TuneConfig(**{**known, "storage": storage_url})
+        plan = cls(cfg, *ids, worker=worker)
         wanted = [optuna.study.StudyDirection.MAXIMIZE] * len(plan.directions)
         if list(study.directions) != wanted:
             raise ConfigError(
@@ -138,6 +141,19 @@ class TunePlan:
         return plan
 
     # ---- the worker side ---------------------------------------------------------------
+
+    def worker_setup(self) -> dict:
+        from robustlab.tune.samplers import make_pruner, make_sampler
+
+        if self.cfg.threads:
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(self.cfg.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(self.cfg.threads)
+        return {"sampler": make_sampler(self.cfg, self.worker), "pruner": make_pruner(self.cfg)}
+
+    def after_trial(self) -> None:
+        pass
 
     def next_trial(self, study: optuna.Study) -> optuna.Trial:
         return study.ask()  # a retried (WAITING) trial first, else the sampler's next point
@@ -211,9 +227,7 @@ class TunePlan:
             "robustlab.study": self.study_name,
             "robustlab.trial": str(trial.number),
         }
-        if retry is not None:
-            tags["robustlab.tune.retry_of"] = str(retry.of)
-            tags["robustlab.retry_note"] = retry.note
+        tags |= retry_tags(retry, "tune")
         extras = Extras(
             all_curves=True,
             robust_eval=False,
@@ -256,12 +270,16 @@ class _TrialHooks:
     plan: TunePlan
     trial: optuna.Trial
     final: dict[str, float]
-    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        self.on_run = RunOnTrial(self.trial)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.on_run.run_id
 
     def on_epoch(self, metrics: dict[str, float], step: int) -> None:
-        if self.run_id is None:  # the run id on the trial as soon as the run exists
-            self.run_id = mlflow.active_run().info.run_id
-            self.trial.set_user_attr(RUN_ATTR, self.run_id)
+        self.on_run(metrics, step)
         cfg = self.plan.cfg
         if cfg.objective != "scalar":
             return
