@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 
 from robustlab import services
 from robustlab.config import TuneConfig
-from robustlab.tune.study import run_tune
+from robustlab.tune.run import run_tune
 
 
 def free_port() -> int:

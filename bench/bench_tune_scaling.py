@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from robustlab.config import TuneConfig
-from robustlab.tune.study import run_tune
+from robustlab.tune.run import run_tune
 
 
 def _study(cfg: TuneConfig) -> tuple[float, int]:

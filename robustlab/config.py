@@ -278,7 +278,7 @@ class EvalConfig:
 
 TUNE_OBJECTIVES = ("pareto", "scalar")
 TUNE_SAMPLERS = ("tpe", "nsgaii", "random", "gp")
-TUNE_BUDGETS = ("smoke", "default")  # see robustlab.tune.space.BUDGETS
+TUNE_BUDGETS = ("smoke", "default")  # see robustlab.tune.budgets.BUDGETS
 TUNE_PRUNERS = ("median", "hyperband", "none")
 
 

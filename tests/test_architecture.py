@@ -144,7 +144,7 @@ def test_the_command_line_and_the_leaders_import_no_tensorflow():
 
     code = (
         "import sys, robustlab.cli as c; c.build_parser()\n"
-        "import robustlab.experiment.run, robustlab.tune.study, robustlab.register.candidates\n"
+        "import robustlab.experiment.run, robustlab.tune.run, robustlab.register.candidates\n"
         "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

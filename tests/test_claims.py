@@ -17,7 +17,7 @@ from scipy.stats import norm
 
 from robustlab.errors import RobustlabError
 from robustlab.evaluation.intervals import Outcomes, effect
-from robustlab.experiment.figures import compute_figures
+from robustlab.experiment.estimates import compute_figures
 from robustlab.experiment.verdicts import (
     INCONCLUSIVE,
     NO_VERDICT,

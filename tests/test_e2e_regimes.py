@@ -226,7 +226,7 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
         assert report["subset_seed"] == 0  # the curve subset is fixed per experiment
 
     # every figure is recomputed from the two tables; the verdicts match the tags and report
-    from robustlab.experiment.figures import compute_figures
+    from robustlab.experiment.estimates import compute_figures
 
     fig = compute_figures(inv, test, regimes, [0])
     tags = [parent.data.tags[f"robustlab.claim{i}"] for i in (1, 2, 3)]

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from robustlab.cli import main
 from robustlab.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from robustlab.data.pools import load_inv_pools
-from robustlab.data.selection import selection_sources, tramer_source_split
+from robustlab.data.tramer_halves import selection_sources, tramer_source_split
 from robustlab.evaluation.selection import Candidate, choose
 from robustlab.provenance import VERSION_EXCLUDED_TAG, decode_indices, read_provenance
 from robustlab.regimes import make_regime
@@ -275,7 +275,7 @@ def test_chain_smoke_study_register_evaluate_through_alias_and_serve(tracking, t
     """What CI runs end to end: a two-worker smoke study (>= 3 tiny trials) -> register ->
     evaluate through models:/robustlab-mnist@champion with exclusions intact -> serve."""
     from robustlab.config import TuneConfig
-    from robustlab.tune.study import run_tune
+    from robustlab.tune.run import run_tune
     from tests.conftest import DATA_DIR
     from tests.test_serve import serve_and_predict
 

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from robustlab.cli import main
 from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_PARENT
-from robustlab.tune.objective import ATTR_CONFIG
+from robustlab.tune.plan import ATTR_CONFIG
 from tests.conftest import DATA_DIR, free_port
 from tests.scale_support import (
     machine,

@@ -7,7 +7,7 @@ import pytest
 
 from robustlab.data.invariance import load_invariance_set
 from robustlab.data.pools import load_inv_pools
-from robustlab.data.selection import (
+from robustlab.data.tramer_halves import (
     selection_sets,
     selection_sources,
     split_record,

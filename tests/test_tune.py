@@ -21,9 +21,9 @@ from optuna.trial import TrialState
 from robustlab.cli import main
 from robustlab.config import Heartbeat, TuneConfig
 from robustlab.data.pools import load_inv_pools
-from robustlab.data.selection import selection_sources, tramer_source_split
-from robustlab.tune.space import simplex_point
-from robustlab.tune.study import run_tune
+from robustlab.data.tramer_halves import selection_sources, tramer_source_split
+from robustlab.tune.budgets import simplex_point
+from robustlab.tune.run import run_tune
 from tests.conftest import DATA_DIR, REPO
 
 SEL_METRICS = ("sel/clean_acc", "sel/pgd_acc", "sel/inv_acc", "sel/inv_bal_acc")

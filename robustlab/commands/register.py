@@ -75,7 +75,7 @@ def selection_sources(data_dir: str | None) -> np.ndarray:
     """MNIST test images used for model selection (the selection set's sources): Tramèr's
     selection half and the thesis pool's sources. A registered model is never scored on them."""
     from robustlab.data.pools import load_inv_pools
-    from robustlab.data.selection import selection_sources as sources
+    from robustlab.data.tramer_halves import selection_sources as sources
 
     return sources(data_dir, load_inv_pools(data_dir))
 

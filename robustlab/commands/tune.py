@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
         pin_cpus=bool(args.pin_cpus),
         precision=args.precision,
     ).validate()
-    from robustlab.tune.study import run_tune
+    from robustlab.tune.run import run_tune
 
     run_id = run_tune(cfg, create_only=bool(args.create_only))
     if args.create_only:
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    from robustlab.tune.study import run_worker as work
+    from robustlab.tune.run import run_worker as work
 
     refuse_password_argument(args.storage)
     if args.timeout is not None and not args.timeout > 0:

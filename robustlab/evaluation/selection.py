@@ -4,7 +4,7 @@ Selection metrics (`sel/*`), all on validation data (the MNIST test set is never
 - `sel/clean_acc`: clean accuracy on the 5,000-image validation split;
 - `sel/pgd_acc`: PGD-10 accuracy at the training eps on a fixed, seeded validation subset;
 - `sel/inv_bal_acc`: balanced invariance accuracy (mean of label-changed and label-kept
-  agreement with human labels) on the selection set (`robustlab.data.selection`), beside the
+  agreement with human labels) on the selection set (`robustlab.data.tramer_halves`), beside the
   plain `sel/inv_acc`.
 
 The rule (tune's scalar objective, register's criterion and the README all use it):
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from robustlab.data.mnist import load_mnist, subsample
 from robustlab.data.pools import InvPools, load_inv_pools
-from robustlab.data.selection import selection_sets, selection_sources
+from robustlab.data.tramer_halves import selection_sets, selection_sources
 from robustlab.errors import RobustlabError
 from robustlab.evaluation.validation import (
     VAL_ATTACK_SIZE,

@@ -112,7 +112,7 @@ def selection_validation(
     sets: list[InvarianceSet], prefix: str = "val/sel"
 ) -> Callable[[object], dict[str, float]]:
     """Validator: plain and balanced invariance accuracy on a selection set (see
-    robustlab.data.selection): `<prefix>_inv_acc`, `<prefix>_inv_bal_acc`."""
+    robustlab.data.tramer_halves): `<prefix>_inv_acc`, `<prefix>_inv_bal_acc`."""
     sets = [s.take(np.flatnonzero(s.human_label >= 0)) for s in sets]
     images = np.concatenate([s.images for s in sets])
     human = np.concatenate([s.human_label for s in sets])

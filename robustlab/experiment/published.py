@@ -5,7 +5,7 @@ folds and `run.json`, and the report recomputed from them with no MLflow.
   host CPU, versions, wall time, per-regime unit times and evaluation share, seeds, K), tables
   over `COMPRESS_OVER` bytes gzip-compressed, then `render` into the same folder.
 - `load(folder)`: the files, checked (missing, truncated or inconsistent tables are one line).
-- `render(results, out)`: every figure and verdict (`robustlab.experiment.figures`), report.md and
+- `render(results, out)`: every figure and verdict (`robustlab.experiment.estimates`), report.md and
   the forest plot. `robustlab report --tables <folder>` runs `load` + `render`, so the committed
   report.md is what anyone recomputes from the committed tables.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from robustlab.errors import ConfigError
 from robustlab.experiment.design import MIN_SEEDS
-from robustlab.experiment.figures import Figures, compute_figures
+from robustlab.experiment.estimates import Figures, compute_figures
 from robustlab.experiment.report import forest_plot, write_report
 from robustlab.experiment.tables import INV_TABLE, TEST_TABLE, read_csv
 from robustlab.experiment.verdicts import MARGINS, check_margins

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from robustlab.experiment import design
-from robustlab.experiment.figures import ALL, Figures
+from robustlab.experiment.estimates import ALL, Figures
 from robustlab.experiment.verdicts import MARGIN_REASONS, METRIC_NAMES, PartVerdict
 from robustlab.experiment.verdicts import __doc__ as RULE_DOC
 

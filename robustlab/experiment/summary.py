@@ -12,7 +12,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from robustlab.evaluation.plots import line_plot
-from robustlab.experiment.figures import ALL, Figures, compute_figures
+from robustlab.experiment.estimates import ALL, Figures, compute_figures
 from robustlab.experiment.plan import NO_FOLD, ExperimentPlan, Unit
 from robustlab.experiment.published import conditions, meta_lines, reproduce_lines, unit_times
 from robustlab.experiment.report import forest_plot, write_report

@@ -4,7 +4,7 @@ Every child run logs `inv_predictions.csv` (its out-of-fold predictions on the h
 examples it never trained or selected on) and `per_example.csv` (its outcome on every shared
 test image). The parent joins them into the invariance table (one row per example, regime and
 seed) and the test table (one row per test image, regime and seed; the fold models of a regime
-trained once per fold are averaged, AutoAttack coming from the fold-0 model alone). See `robustlab.experiment.figures` for what is computed
+trained once per fold are averaged, AutoAttack coming from the fold-0 model alone). See `robustlab.experiment.estimates` for what is computed
 from them.
 """
 

@@ -146,7 +146,7 @@ def test_evaluation(
     (`evaluate_and_log`), plus plain and balanced invariance accuracy on Tramèr's test half.
     """
     from robustlab.data.mnist import load_mnist, subsample
-    from robustlab.data.selection import test_half_sets
+    from robustlab.data.tramer_halves import test_half_sets
     from robustlab.evaluation.robustness import evaluate_and_log
     from robustlab.evaluation.validation import balanced_inv_accuracy, human_pool_accuracy
     from robustlab.provenance import log_excluded_sources

@@ -32,7 +32,7 @@ def check_gp_available() -> None:
 
 
 def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
-    from robustlab.tune.space import BUDGETS
+    from robustlab.tune.budgets import BUDGETS
 
     b = BUDGETS[cfg.budget]
     if cfg.objective != "scalar" or cfg.pruner == "none":

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from robustlab.config import TuneConfig
 from robustlab.evaluation.selection import SCORE_METRIC
 from robustlab.launch.launcher import RUN_ATTR, end_lost_runs
-from robustlab.tune.objective import CONSTRAINT, PARETO_METRICS
+from robustlab.tune.plan import CONSTRAINT, PARETO_METRICS
 
 ATTR_COLUMNS = (
     "mix_clean",

@@ -36,7 +36,7 @@ from robustlab.evaluation.validation import selection_validation
 from robustlab.launch.launcher import RUN_ATTR, Retry, RunOnTrial, parent_ids, retry_tags
 from robustlab.launch.storage import Heartbeat, redact_url
 from robustlab.regimes import make_regime
-from robustlab.tune.space import BUDGETS, suggest, suggest_beta
+from robustlab.tune.budgets import BUDGETS, suggest, suggest_beta
 
 PARETO_METRICS = ("sel/clean_acc", "sel/pgd_acc", "sel/inv_bal_acc")
 CONSTRAINT = "clean_floor"

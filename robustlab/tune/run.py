@@ -21,9 +21,9 @@ from robustlab.launch.leader import Workers, lead, random_worker_index
 from robustlab.launch.leader import run_worker as launch_worker
 from robustlab.launch.optuna_compat import storage_of
 from robustlab.launch.storage import storage_url
-from robustlab.tune.objective import TunePlan, stored_config
-from robustlab.tune.plots import summarize
+from robustlab.tune.plan import TunePlan, stored_config
 from robustlab.tune.samplers import make_sampler
+from robustlab.tune.summary import summarize
 
 
 def run_tune(cfg: TuneConfig, create_only: bool = False) -> str:
@@ -68,7 +68,7 @@ class LeadingTunePlan(TunePlan):
     split: dict | None = field(default=None, init=False)
 
     def check(self, existing: optuna.Study | None) -> None:
-        from robustlab.data.selection import split_record
+        from robustlab.data.tramer_halves import split_record
 
         self.split = split_record(self.cfg.data_dir)  # checks the data before any run exists
 
