@@ -32,9 +32,10 @@ def _named_modules() -> set[str]:
     backticks (`pkg/module`, `module.py`) and in the diagram's package rows."""
     names = set()
     for token in re.findall(r"`([a-z_]+(?:/[a-z_]+)*(?:\.py)?)`", ARCH):
-        if "/" in token or token.endswith(".py"):
+        if ("/" in token or token.endswith(".py")) and not token.startswith("tests/"):
             names.add(token.removesuffix(".py").removeprefix("robustlab/"))
     diagram = ARCH.split("```")[1]
+    names |= set(re.findall(r"\b([a-z_]+)\.py\b", diagram))
     for line in diagram.splitlines():
         m = re.match(r"\s*([a-z_]+)/\s+(.*?)(?:\s{2,}|$)", line)
         if m and m.group(1) in _packages():
