@@ -130,7 +130,7 @@ class Attack:
     stages: tuple[StageEntry, ...] = ()
 
     def params(self, eps: float, given: Mapping[str, Any]) -> Params:
-        """`given` (robustlab or ART spelling) over the defaults, checked; ConfigError (one line)."""
+        """`given` (robustlab or ART spelling) over the defaults, checked (one-line ConfigError)."""
         out: Params = {}
         for key, value in given.items():
             art_key = ALIASES.get(key, key) if ALIASES.get(key) in self.defaults else key

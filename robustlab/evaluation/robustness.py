@@ -295,9 +295,7 @@ def compute(
 def _accuracies(ev: Evaluation) -> None:
     """The metric of every stage entry that ran (registry order), the curve, masking warnings."""
     ev.accs["test/clean_acc"] = accuracy(ev.clean_ok)
-    chain = ev.subsets["all"]
-    pgd_ok = np.zeros(len(ev.test), bool)  # the strongest PGD chain, on the chain's images
-    pgd_ok[chain] = worst_case(ev.results, "all", ev.clean_ok[chain])
+    pgd_ok = pgd_flags(ev)
     sub = ev.subsets["autoattack"]
     for r in ev.results:
         entry = stage_entry(r.stage)
@@ -309,13 +307,22 @@ def _accuracies(ev: Evaluation) -> None:
             ev.accs["test/pgd_subset_acc"] = accuracy(pgd_ok[sub])
     ev.curve_accs = [accuracy(r.robust) for r in ev.results if r.stage.subset == "curve"]
     ev.warnings = gradient_masking_warnings(
-        masking_checks(ev, pgd_ok), list(ev.spec.eps_grid), [a.value for a in ev.curve_accs]
+        masking_checks(ev), list(ev.spec.eps_grid), [a.value for a in ev.curve_accs]
     )
 
 
-def masking_checks(ev: Evaluation, pgd_ok: np.ndarray) -> list[tuple[str, float, float]]:
+def pgd_flags(ev: Evaluation) -> np.ndarray:
+    """Per test image: robust after the strongest PGD chain (False off the chain's images)."""
+    chain = ev.subsets["all"]
+    pgd_ok = np.zeros(len(ev.test), bool)
+    pgd_ok[chain] = worst_case(ev.results, "all", ev.clean_ok[chain])
+    return pgd_ok
+
+
+def masking_checks(ev: Evaluation) -> list[tuple[str, float, float]]:
     """(label, accuracy, PGD's accuracy on the same examples) of every stage that ran whose
-    registry entry has `masking_check`; `pgd_ok`: the PGD chain's flags per test image."""
+    registry entry has `masking_check`."""
+    pgd_ok = pgd_flags(ev)
     out = []
     for r in ev.results:
         entry = stage_entry(r.stage)

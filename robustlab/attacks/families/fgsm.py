@@ -1,4 +1,4 @@
-"""FGSM: one signed-gradient step of size eps from an optional random start (no evaluation stage)."""
+"""FGSM: one signed-gradient step of size eps from an optional random start (no stage)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def build_fgsm(classifier, *, eps: float, num_random_init: int, batch_size: int)
 ATTACK = Attack(
     name="fgsm",
     label="FGSM",
-    paper="Goodfellow, Shlens & Szegedy 2015, Explaining and Harnessing Adversarial Examples (ICLR)",
+    paper=(
+        "Goodfellow, Shlens & Szegedy 2015, Explaining and Harnessing Adversarial Examples (ICLR)"
+    ),
     defaults={"num_random_init": 0, "batch_size": 500},
     build=build_fgsm,
     position=10,
