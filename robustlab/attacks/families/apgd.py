@@ -63,24 +63,16 @@ def build_apgd(
     return apgd
 
 
+# APGD's parameters and their checks, shared by the attacks built on it (APGD-T, AutoAttack)
+DEFAULTS = {"max_iter": 100, "eps_step": eps_step, "num_random_init": 1, "batch_size": 500}
+CHECKS = (check_steps, check_step_size, check_batch_size, restarts_at_least(1))
+
 ATTACK = Attack(
     name="apgd",
     label="APGD",
     paper=PAPER,
-    defaults={
-        "max_iter": 100,
-        "eps_step": eps_step,
-        "num_random_init": 1,
-        "batch_size": 500,
-        "loss_type": "cross_entropy",
-    },
+    defaults={**DEFAULTS, "loss_type": "cross_entropy"},
     build=build_apgd,
     position=30,
-    checks=(
-        check_steps,
-        check_step_size,
-        check_batch_size,
-        restarts_at_least(1),
-        one_of("loss_type", LOSS_TYPES),
-    ),
+    checks=(*CHECKS, one_of("loss_type", LOSS_TYPES)),
 )

@@ -10,12 +10,8 @@ from robustlab.attacks.attack import (
     Attack,
     Params,
     StageEntry,
-    check_batch_size,
-    check_step_size,
-    check_steps,
-    eps_step,
-    restarts_at_least,
 )
+from robustlab.attacks.families import apgd
 from robustlab.attacks.families.apgd import PAPER, build_apgd
 from robustlab.attacks.stage import Stage, StageSpec, on_subset
 from robustlab.config import EvalConfig
@@ -68,16 +64,10 @@ ATTACK = Attack(
     name="apgd_t",
     label="APGD-T",
     paper=PAPER,
-    defaults={
-        "max_iter": 100,
-        "eps_step": eps_step,
-        "num_random_init": 1,
-        "batch_size": 500,
-        "targets": 9,
-    },
+    defaults={**apgd.DEFAULTS, "targets": 9},
     build=TargetedAPGD,
     position=60,
-    checks=(check_steps, check_step_size, check_batch_size, restarts_at_least(1), _check_targets),
+    checks=(*apgd.CHECKS, _check_targets),
     stages=(
         StageEntry(
             name="apgd_t",

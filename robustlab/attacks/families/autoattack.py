@@ -15,13 +15,9 @@ from robustlab.attacks.attack import (
     Attack,
     Params,
     StageEntry,
-    check_batch_size,
-    check_step_size,
-    check_steps,
-    eps_step,
     one_of,
-    restarts_at_least,
 )
+from robustlab.attacks.families import apgd
 from robustlab.attacks.families.apgd import PAPER, build_apgd
 from robustlab.attacks.families.square import build_square
 from robustlab.attacks.stage import Stage, StageSpec, on_subset
@@ -120,21 +116,11 @@ ATTACK = Attack(
     name="autoattack",
     label="AutoAttack",
     paper=PAPER,
-    defaults={
-        "max_iter": 100,
-        "eps_step": eps_step,
-        "num_random_init": 1,
-        "batch_size": 500,
-        "square_queries": 5000,
-        "version": "standard",
-    },
+    defaults={**apgd.DEFAULTS, "square_queries": 5000, "version": "standard"},
     build=build_autoattack,
     position=40,
     checks=(
-        check_steps,
-        check_step_size,
-        check_batch_size,
-        restarts_at_least(1),
+        *apgd.CHECKS,
         one_of("version", ("standard", "art")),
         _check_square_queries,
     ),
