@@ -30,7 +30,8 @@ def configure(verbose: bool = False) -> None:
         os.environ[VERBOSE_ENV] = "1"
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # for processes it starts
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # imported already by the parser
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="PyTorch not found")
