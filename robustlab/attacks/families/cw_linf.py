@@ -4,6 +4,12 @@ stage on the AutoAttack subset's PGD survivors, beside AutoAttack like APGD-T).
 ART's `CarliniLInfMethod` searches the smallest L∞ perturbation that misclassifies, whatever ε:
 its result may lie outside the ε-ball. `ClippedCarliniLInf` projects it onto the ball around x
 and [0, 1], so an example counts as broken only if it is misclassified within ε.
+
+Cost and strength: ART runs it one example at a time, eagerly (a few seconds per example per
+iteration on a 2-core CPU), and optimises in tanh space, where MNIST's many pixels at exactly 0
+or 1 hardly move: on the tests' FGSM-RS-trained model it found no adversarial at any L∞ size
+for 4 clean test images (up to 10 iterations, learning rate up to 0.5). It is an extra,
+independent check, not a stronger attack than AutoAttack.
 """
 
 from __future__ import annotations
