@@ -10,6 +10,7 @@ from typing import NoReturn
 
 from robustlab.credentials import apply_services_env, redact_url, refuse_password_argument
 from robustlab.errors import RobustlabError, SecretError
+from robustlab.quiet import configure as configure_output
 
 # sub-command name -> module in robustlab.commands exposing `add_parser(subparsers)`
 COMMANDS = {
@@ -49,6 +50,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="robustlab", description=__doc__)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show TensorFlow's, MLflow's and Keras' own log lines and progress bars",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     added: set[str] = set()
     for module_name in dict.fromkeys(COMMANDS.values()):
@@ -140,7 +146,6 @@ def purge_mlflow_run(command: str, value: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = sys.argv[1:] if argv is None else argv
     secret = refused_secret(argv)
     if secret is not None:  # first thing, whatever else is wrong with the command
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 2
     args = build_parser().parse_args(argv)
+    configure_output(verbose=args.verbose)  # before TensorFlow or MLflow is imported
     try:
         apply_services_env()
         args.func(args)

@@ -309,7 +309,8 @@ def test_unknown_pgd_engine_is_refused():
 def test_gradient_masking_rules(pgd, aa, square, curve, expected):
     from robustlab.evaluation.robustness import gradient_masking_warnings
 
-    got = gradient_masking_warnings(pgd, aa, square, [0.0, 0.1, 0.2], curve)
+    checks = [(n, a, pgd) for n, a in (("AutoAttack", aa), ("Square", square)) if a is not None]
+    got = gradient_masking_warnings(checks, [0.0, 0.1, 0.2], curve)
     assert len(got) == len(expected)
     for message, fragment in zip(got, expected, strict=True):
         assert fragment in message

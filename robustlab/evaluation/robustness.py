@@ -49,9 +49,9 @@ from robustlab.attacks.registry import (
     StageSpec,
     build_stages,
     check_eval_config,
-    pgd_stage,
     stage_entry,
 )
+from robustlab.attacks.stage import pgd_stage
 from robustlab.config import EvalConfig
 from robustlab.data.mnist import Split
 from robustlab.data.validate import check_images, check_labels
@@ -151,25 +151,24 @@ def pgd_restarts(
 
 
 def gradient_masking_warnings(
-    pgd_acc: float,
-    autoattack_acc: float | None,
-    square_acc: float | None,
+    checks: Sequence[tuple[str, float, float]],
     curve_eps: Sequence[float],
     curve_acc: Sequence[float],
     *,
     margin: float = MASKING_MARGIN,
     rise_tol: float = CURVE_RISE_TOL,
 ) -> list[str]:
-    """Signs of gradient masking; `pgd_acc` must be measured on the same examples as AA/Square.
+    """Signs of gradient masking. `checks`: (attack label, its accuracy, PGD's accuracy on the
+    same examples) of every stage whose registry entry has `masking_check` (`masking_checks`).
 
-    - AutoAttack more than `margin` below PGD: PGD's gradients were misleading.
-    - Square (gradient-free) more than `margin` below PGD: same, and a strong sign.
+    - such an attack (AutoAttack, gradient-free Square, ...) more than `margin` below PGD:
+      PGD's gradients were misleading.
     - robust accuracy rising with eps by more than `rise_tol`: the attack is not finding the
       optimum (a larger ball contains the smaller one).
     """
     out: list[str] = []
-    for name, acc in (("AutoAttack", autoattack_acc), ("Square", square_acc)):
-        if acc is not None and not math.isnan(acc) and acc < pgd_acc - margin:
+    for name, acc, pgd_acc in checks:
+        if not math.isnan(acc) and acc < pgd_acc - margin:
             out.append(
                 f"{name} accuracy {acc:.3f} is more than {margin:.2f} below PGD's {pgd_acc:.3f}"
             )
@@ -296,9 +295,7 @@ def compute(
 def _accuracies(ev: Evaluation) -> None:
     """The metric of every stage entry that ran (registry order), the curve, masking warnings."""
     ev.accs["test/clean_acc"] = accuracy(ev.clean_ok)
-    chain = ev.subsets["all"]
-    pgd_ok = np.zeros(len(ev.test), bool)  # the strongest PGD chain, on the chain's images
-    pgd_ok[chain] = worst_case(ev.results, "all", ev.clean_ok[chain])
+    pgd_ok = pgd_flags(ev)
     sub = ev.subsets["autoattack"]
     for r in ev.results:
         entry = stage_entry(r.stage)
@@ -309,27 +306,46 @@ def _accuracies(ev: Evaluation) -> None:
         if "test/pgd_subset_acc" in entry.extra_metrics:
             ev.accs["test/pgd_subset_acc"] = accuracy(pgd_ok[sub])
     ev.curve_accs = [accuracy(r.robust) for r in ev.results if r.stage.subset == "curve"]
-    aa, sq = ev.accs.get("test/autoattack_acc"), ev.accs.get("test/square_acc")
-    pgd_ref = (
-        ev.accs["test/pgd_subset_acc"].value if aa is not None else accuracy(pgd_ok[chain]).value
-    )
     ev.warnings = gradient_masking_warnings(
-        pgd_ref,
-        None if aa is None else aa.value,
-        None if sq is None else sq.value,
-        list(ev.spec.eps_grid),
-        [a.value for a in ev.curve_accs],
+        masking_checks(ev), list(ev.spec.eps_grid), [a.value for a in ev.curve_accs]
     )
+
+
+def pgd_flags(ev: Evaluation) -> np.ndarray:
+    """Per test image: robust after the strongest PGD chain (False off the chain's images)."""
+    chain = ev.subsets["all"]
+    pgd_ok = np.zeros(len(ev.test), bool)
+    pgd_ok[chain] = worst_case(ev.results, "all", ev.clean_ok[chain])
+    return pgd_ok
+
+
+def masking_checks(ev: Evaluation) -> list[tuple[str, float, float]]:
+    """(label, accuracy, PGD's accuracy on the same examples) of every stage that ran whose
+    registry entry has `masking_check`."""
+    pgd_ok = pgd_flags(ev)
+    out = []
+    for r in ev.results:
+        entry = stage_entry(r.stage)
+        idx = ev.subsets[r.stage.subset]
+        if entry.masking_check and len(idx):
+            out.append((entry.label(ev.cfg), accuracy(r.robust).value, accuracy(pgd_ok[idx]).value))
+    return out
 
 
 def _md_summary(ev: Evaluation, info: dict[str, Any]) -> str:
+    on_subset = list(
+        dict.fromkeys(
+            stage_entry(r.stage).label(ev.cfg) for r in ev.results if r.stage.subset == "autoattack"
+        )
+    )
+    art = f"{', '.join(on_subset)} from ART; " if on_subset else ""
     lines = [
         f"# Robustness evaluation (L-inf, eps = {info['eps']:g})",
         "",
-        f"{info['n_eval']} test images (PGD on {info['n_pgd']}); AutoAttack/Square on "
-        f"{info['n_autoattack']}, "
+        f"{info['n_eval']} test images (PGD on {info['n_pgd']}); "
+        f"{'/'.join(on_subset) or 'AutoAttack'} on {info['n_autoattack']}, "
         f"eps-curve on {info['n_curve']}; PGD from {info['attacks']['pgd40']['library']}, "
-        "AutoAttack and Square from ART; 95% Wilson intervals.",
+        f"{art}95% Wilson intervals.",
         "",
         "| metric | accuracy | 95% interval | n |",
         "|---|---|---|---|",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from robustlab.attacks.art_factory import make_classifier
-from robustlab.attacks.registry import Stage, make_attack, stage_seeds
+from robustlab.attacks.registry import Stage, check_stage, make_attack, stage_seeds
 from robustlab.attacks.tf_attacks import pgd_attack
 from robustlab.config import pgd_step_size
 from robustlab.errors import ConfigError
@@ -143,7 +143,7 @@ def run_stages(
     alive_all = np.asarray(clean_ok, dtype=bool).copy()  # survivors of chain "all", per image
     results: list[StageResult] = []
     for stage in stages:
-        stage.validate()
+        check_stage(stage)
         if stage.subset not in subsets:
             raise ConfigError(f"stage {stage.name}: no subset {stage.subset!r} given")
         idx = subsets[stage.subset]

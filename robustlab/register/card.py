@@ -4,17 +4,13 @@ from what the version's tags, its source run and its model's provenance say."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
+from robustlab.attacks.registry import card_rows
 from robustlab.evaluation.selection import RULE
 
-TEST_ROWS = (  # (metric, label) in the order a reader wants them
-    ("test/clean_acc", "clean accuracy"),
-    ("test/pgd40_acc", "PGD-40"),
-    ("test/autoattack_acc", "AutoAttack (APGD-CE, APGD-DLR, Square)"),
-    ("test/square_acc", "Square (gradient-free)"),
-    ("test/apgd_t_acc", "APGD-T"),
+CLEAN_ROW = ("test/clean_acc", "clean accuracy")
+HUMAN_ROWS = (  # after the attacks' rows (the attack registry's, in its order)
     ("test/human_pool_acc_changed", "human-labelled invariance examples, label changed"),
     ("test/human_pool_acc_kept", "human-labelled invariance examples, label kept"),
     ("test/human_pool_bal_acc", "human-labelled invariance examples, balanced"),
@@ -39,16 +35,8 @@ def _row(tags: Mapping[str, str], metric: str, label: str, prefix: str = "robust
 
 
 def figures_table(tags: Mapping[str, str], prefix: str = "robustlab.") -> list[str]:
-    restarts = sorted(  # test/pgd{S}x{R}_acc: the worst case over PGD-40 and R restarts
-        k.removeprefix(prefix)
-        for k in tags
-        if re.fullmatch(re.escape(prefix) + r"test/pgd\d+x\d+_acc", k)
-    )
-    named = [
-        *TEST_ROWS[:2],
-        *((m, f"PGD-{m[8:-4]} (restarts, worst case with PGD-40)") for m in restarts),
-        *TEST_ROWS[2:],
-    ]
+    metrics = [k.removeprefix(prefix) for k in tags if k.startswith(prefix)]
+    named = [CLEAN_ROW, *card_rows(metrics), *HUMAN_ROWS]
     rows = [_row(tags, m, label, prefix) for m, label in named]
     rows = [r for r in rows if r]
     return ["| figure | value | 95% interval |", "|---|---|---|", *rows] if rows else []

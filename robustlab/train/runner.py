@@ -53,6 +53,7 @@ from robustlab.provenance import (
     metadata_for_run,
     require_provenance,
 )
+from robustlab.quiet import quiet_keras
 from robustlab.regimes import Phase, Regime
 from robustlab.seeding import seed_everything
 from robustlab.tracking import (
@@ -560,7 +561,8 @@ def _log_model(model: keras.Model, example: np.ndarray, metadata: dict | None = 
         mlflow.keras.save_model(path=path, **kwargs)
 
     keras_flavour = types.SimpleNamespace(__name__="mlflow.keras", save_model=save_model)
-    with warnings.catch_warnings():
+    # MLflow checks the input example with Keras' predict (a progress bar): quiet unless verbose
+    with warnings.catch_warnings(), quiet_keras():
         warnings.simplefilter("ignore")
         # exactly what mlflow.keras.log_model does (Model.log with the keras flavour module)
         Model.log(
