@@ -1,5 +1,6 @@
-"""The champion run: TRADES on small_cnn with SGD and a schedule, found again and resumed by
-`--auto-resume` after an interruption, refused when resumed with other arguments or finished."""
+"""The champion run (`make champion`): TRADES on small_cnn with SGD and a step schedule, found
+again and resumed by `--auto-resume` after an interruption, refused when resumed with other
+arguments or once finished."""
 
 from __future__ import annotations
 
@@ -10,27 +11,23 @@ from mlflow.tracking import MlflowClient
 from robustlab import cli
 from robustlab.train import runner
 from robustlab.train.curves import CURVES_ARTIFACT
+from tests.conftest import REPO
 
-# the champion recipe of the Makefile, shrunk to seconds: 2 epochs of 2 batches, TRADES-2
-ARGV = [
-    "perturbation",
-    "--model", "small_cnn",
-    "--method", "trades",
-    "--trades-beta", "6",
-    "--attack-steps", "2",
-    "--optimizer", "sgd",
-    "--learning-rate", "0.01",
-    "--lr-schedule", "cosine",
-    "--epochs", "2",
-    "--patience", "0",
-    "--eps-warmup", "0",
-    "--train-size", "256",
-    "--eval-size", "100",
-    "--robust-eval", "false",
-    "--precision", "float32",
-    "--run-name", "champ-test",
-    "--auto-resume",
-]  # fmt: skip
+
+def champion_args() -> list[str]:
+    """`make champion`'s arguments (CHAMPION_ARGS in the Makefile)."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    [line] = [ln for ln in text.splitlines() if ln.startswith("CHAMPION_ARGS :=")]
+    return line.split(":=", 1)[1].split()
+
+
+# the champion's command shrunk to seconds: 4 epochs of 2 batches, TRADES-2, another run name
+SMALL = {"--epochs": "4", "--attack-steps": "2", "--run-name": "champ-test"}
+ARGV = ["perturbation"]
+for _arg, _next in zip(champion_args(), [*champion_args()[1:], ""], strict=True):
+    if _arg.startswith("--"):
+        ARGV += [_arg] if _next.startswith("--") or not _next else [_arg, SMALL.get(_arg, _next)]
+ARGV += ["--train-size", "256", "--eval-size", "100", "--robust-eval", "false"]
 
 
 def _runs() -> list:
@@ -74,9 +71,9 @@ def test_auto_resume_continues_the_interrupted_run_and_refuses_other_arguments(
     assert done.data.tags["robustlab.resumed_after_epoch"] == "0"
     client = MlflowClient()
     lr = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/learning_rate"))
-    np.testing.assert_allclose([v for _, v in lr], [0.01, 0.005], rtol=1e-6)  # cosine, SGD
+    np.testing.assert_allclose([v for _, v in lr], [0.01] * 3 + [0.001], rtol=1e-6)  # step
     for key in ("val/clean_acc", "val/pgd_acc"):
-        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1], key
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1, 2, 3], key
     plots = [a.path for a in client.list_artifacts(run_id, "plots")]
     assert CURVES_ARTIFACT in plots
     assert mlflow.pyfunc.load_model(f"runs:/{run_id}/model") is not None
