@@ -547,13 +547,12 @@ def _log_model(model: keras.Model, example: np.ndarray, metadata: dict | None = 
     """Log `model` as the run's MLflow LoggedModel `model` (keras flavour, tensor signature)."""
     import types
 
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.models import Model
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
-    )
+    from robustlab.model_folder import model_requirements
+    from robustlab.model_folder import signature as model_signature
+
+    signature = model_signature()
 
     def save_model(path: str, **kwargs) -> None:
         # mlflow 3.17's keras flavour writes the input example before it creates the model folder
@@ -572,13 +571,6 @@ def _log_model(model: keras.Model, example: np.ndarray, metadata: dict | None = 
             model=model,
             signature=signature,
             input_example=example.astype(np.float32),
-            pip_requirements=_model_requirements(),
+            pip_requirements=model_requirements(),
             metadata=metadata,
         )
-
-
-def _model_requirements() -> list[str]:
-    """Pinned serving requirements (MLflow's inference would re-import the model in a subprocess)."""
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "keras", "tensorflow-cpu", "numpy")]
