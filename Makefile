@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 BUDGET ?= default
 SEEDS ?= 3
 
-.PHONY: setup test run experiment server ui lint bench clean services services-stop tune dashboard
+.PHONY: setup test run experiment champion server ui lint bench clean services services-stop tune dashboard
 
 setup: $(STAMP)
 
@@ -39,6 +39,20 @@ experiment: setup
 	source $(BIN)/activate && robustlab tracking-init && \
 	  mlflow run . -e experiment --env-manager local --experiment-name robustlab \
 	    -P budget=$(BUDGET) -P seeds=$(SEEDS)
+
+# The champion (issue 27): TRADES' MNIST recipe on TRADES' SmallCNN (small_cnn): 100 epochs of
+# SGD (lr 0.01, momentum 0.9, x0.1 from epoch 75, x0.01 from epoch 90), batch 128, beta 6, the
+# inner maximisation 40 steps of 0.01 in the eps 0.3 ball, float32; the epoch kept is the one
+# with the best validation PGD accuracy (validation data only). Resumable: after an interruption
+# the same `make champion` continues the unfinished `champion` run from its last checkpoint; it
+# refuses (one line, exit 2) other arguments, and a finished run.
+CHAMPION_ARGS := --model small_cnn --method trades --trades-beta 6 --eps 0.3 --attack-steps 40 \
+  --step-size 0.01 --eps-warmup 0 --optimizer sgd --learning-rate 0.01 --lr-schedule step \
+  --batch-size 128 --epochs 100 --patience 0 --precision float32 --seed 0 \
+  --run-name champion --auto-resume
+
+champion: setup
+	source $(BIN)/activate && robustlab tracking-init && robustlab perturbation $(CHAMPION_ARGS)
 
 # Optuna tuning of the joint mixture (make tune TUNE_ARGS="-P budget=smoke -P n_trials=3")
 OPTUNA_STORAGE ?= $(or $(ROBUSTLAB_OPTUNA_STORAGE),sqlite:///$(CURDIR)/tracking/optuna.db)

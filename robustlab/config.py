@@ -111,11 +111,16 @@ class MixConfig:
             )
 
 
-LR_SCHEDULES = ("constant", "step")
+LR_SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZERS = ("adam", "sgd")  # sgd: momentum 0.9 (TRADES', Madry's)
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """The learning rate's factor in epoch `epoch` (0-based) of `epochs` under `schedule`."""
+    """The learning rate's factor in epoch `epoch` (0-based) of `epochs` under `schedule`:
+    constant 1; step 1, then 0.1 from 75% of the epochs, 0.01 from 90%; cosine
+    (1 + cos(pi * epoch / epochs)) / 2, from 1 down towards 0 in the last epoch."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
     if schedule == "constant" or epoch < 0.75 * epochs:
         return 1.0
     return 0.1 if epoch < 0.9 * epochs else 0.01
@@ -135,9 +140,10 @@ class TrainConfig:
     # training precision: float32 | mixed_bfloat16 | auto (bf16 where the CPU has it natively);
     # evaluation and the logged model are always float32 (robustlab.precision)
     precision: str = "auto"
-    # learning rate over each phase's epochs: constant, or step (x0.1 from 75% of the epochs,
-    # x0.01 from 90%, as in Madry's and TRADES' schedules)
+    # learning rate over each phase's epochs: constant, step (x0.1 from 75% of the epochs,
+    # x0.01 from 90%, as in Madry's and TRADES' schedules) or cosine (see `lr_factor`)
     lr_schedule: str = "constant"
+    optimizer: str = "adam"  # adam, or sgd (momentum 0.9)
 
     def validate(self, check_model: bool = True) -> None:
         """`check_model=False` skips the model-name check, which imports Keras."""
@@ -156,6 +162,10 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(
                 f"unknown lr_schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}"
             )
         if not check_model:
             return

@@ -280,9 +280,14 @@ def run_id_of(model_uri: str) -> str | None:
 
 
 def load_keras_model(model_uri: str):
-    """Load a logged Keras model and check it takes (28, 28, 1) images and outputs 10 logits."""
+    """Load a logged Keras model and check it takes (28, 28, 1) images and outputs 10 logits;
+    a local model folder's signature and recorded weights digests are checked first."""
     import keras
 
+    from robustlab.model_folder import check_model_folder, is_model_folder
+
+    if is_model_folder(model_uri):
+        check_model_folder(model_uri)
     try:
         # safe_mode: never deserialize Python code (Lambda layers) from a model file
         model = mlflow.keras.load_model(model_uri, load_model_kwargs={"safe_mode": True})

@@ -441,3 +441,54 @@ def test_a_shared_test_set_holding_an_excluded_source_is_refused_before_the_run(
     client = MlflowClient(tracking_uri=tracking)
     experiments = client.search_experiments()
     assert client.search_runs([e.experiment_id for e in experiments]) == []
+
+
+def test_each_stage_is_logged_as_it_ends_and_survives_a_stopped_evaluation(
+    model_and_test, tracking, tmp_path
+):
+    """Every stage's figure (with its interval) reaches the run as the stage ends and equals the
+    final figure; an evaluation stopped after its first attack stage keeps that stage's number."""
+    import mlflow
+
+    from robustlab.evaluation.robustness import evaluate_and_log
+    from robustlab.tracking import start_run
+
+    model, test = model_and_test
+    test = subsample(test, 80, seed=4)
+    cfg = EvalConfig(eps=0.1, autoattack_size=20, pgd_restarts=1, batch_size=80)
+    small = dict(eps_grid=(0.0, 0.1), curve_size=20, square_queries=20, autoattack_steps=5)
+    seen: dict[str, dict[str, float]] = {}
+    metrics = evaluate_and_log(
+        model,
+        test,
+        cfg,
+        out_dir=tmp_path / "full",
+        log=False,
+        on_stage=lambda name, figures, step: seen.setdefault(name, figures),
+        **small,
+    )
+    assert list(seen)[:5] == ["clean", "pgd40", "pgd100x1", "autoattack", "square"]
+    staged = {
+        k: v for name, f in seen.items() if not name.startswith("curve") for k, v in f.items()
+    }
+    assert staged == {k: pytest.approx(metrics[k]) for k in staged}
+    assert {"test/pgd40_acc_ci_low", "test/pgd_subset_acc", "test/square_acc_ci_high"} <= set(
+        staged
+    )
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_pgd40(name, figures, step):
+        if name == "pgd40":
+            raise Stopped
+
+    with pytest.raises(Stopped), start_run("stopped", system_metrics=False) as run:
+        evaluate_and_log(
+            model, test, cfg, out_dir=tmp_path / "stopped", on_stage=stop_after_pgd40, **small
+        )
+    stored = mlflow.get_run(run.info.run_id).data.metrics
+    for name in ("test/clean_acc", "test/pgd40_acc"):
+        for key in (name, f"{name}_ci_low", f"{name}_ci_high"):
+            assert stored[key] == pytest.approx(metrics[key]), key
+    assert "test/autoattack_acc" not in stored and "test/n_eval" not in stored

@@ -318,3 +318,22 @@ def test_chain_smoke_study_register_evaluate_through_alias_and_serve(tracking, t
     x = load_mnist().test.x[:4]
     expected = np.asarray(mlflow.pyfunc.load_model(uri).predict(x))
     np.testing.assert_allclose(serve_and_predict(uri, x, tracking, tmp_path), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("params", "shown", "absent"),
+    [
+        ({"method": "pgd", "trades_beta": "6.0"}, "method `pgd`,", "TRADES β"),
+        ({"method": "trades", "trades_beta": "3.0"}, "method `trades` (TRADES β 3.0)", "β 6"),
+        (
+            {"model": "small_cnn", "method": "trades", "trades_beta": "6"},
+            "`small_cnn` (TRADES'",
+            "5×5",
+        ),
+    ],
+)
+def test_model_card_names_trades_beta_only_for_trades_and_the_model_trained(params, shown, absent):
+    from robustlab.register.card import model_card
+
+    card = model_card(NAME, "1", {}, {"regime": "perturbation", **params}, {}, 0)
+    assert shown in card and absent not in card

@@ -11,6 +11,11 @@ run and excluded test images, evaluated on the test set minus every image used a
 its training or selection (PGD-40, PGD-100 x restarts, AutoAttack, Square, balanced invariance
 accuracy on Tramèr's test half) in its own MLflow run, and those results are tagged on the
 version. `champion` never moves to a model that is worse on the criterion unless --force.
+
+Shipped models: `--model-uri URI --export pretrained/<name>` writes the model as a small MLflow
+model folder (float32 weights, their SHA-256, exclusions, source run, data digest) with its
+card CARD.md and registers nothing; `--from pretrained/<name>` registers such a folder as
+<name>@champion with its card (see `robustlab.register.pretrained`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,22 @@ def add_parser(sub: SubParsers) -> list[str]:
     )
     p.add_argument("--experiment-run-id", type=optional, default=None, help="experiment parent run")
     p.add_argument("--model-uri", type=optional, default=None, help="one model to register")
+    p.add_argument(
+        "--export",
+        type=optional,
+        default=None,
+        metavar="DIR",
+        help="with --model-uri: write it to DIR (e.g. pretrained/<name>) as a shipped model "
+        "folder with CARD.md (at most 4 MB); nothing is registered",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_dir",
+        type=optional,
+        default=None,
+        metavar="DIR",
+        help="register a shipped model folder (pretrained/<name>) as <name>@champion with its card",
+    )
     p.add_argument("--name", default="robustlab-mnist", help="registered model name")
     p.add_argument(
         "--force", type=flag, nargs="?", const=True, default=False, help="move champion anyway"
@@ -60,11 +81,15 @@ def add_parser(sub: SubParsers) -> list[str]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    given = [x for x in (args.study_name, args.experiment_run_id, args.model_uri) if x]
+    sources = (args.study_name, args.experiment_run_id, args.model_uri, args.from_dir)
+    given = [x for x in sources if x]
     if len(given) != 1:
         raise ConfigError(
-            f"pass exactly one of study_name, experiment_run_id or model_uri (got {len(given)})"
+            "pass exactly one of study_name, experiment_run_id, model_uri or from "
+            f"(got {len(given)})"
         )
+    if args.export and not args.model_uri:
+        raise ConfigError("--export writes the model --model-uri names; pass --model-uri")
     if not args.name or not args.name.strip():
         raise ConfigError("name is empty; pass a registered model name, e.g. robustlab-mnist")
     if args.clean_floor is not None and not 0.0 <= args.clean_floor <= 1.0:
@@ -83,6 +108,8 @@ def selection_sources(data_dir: str | None) -> np.ndarray:
 def run(args: argparse.Namespace):
     _check_args(args)
     refuse_password_argument(args.storage)
+    if args.export or args.from_dir:
+        return _shipped(args)
     cfg = eval_config(args)
     from robustlab.evaluation.selection import choose
     from robustlab.provenance import require_provenance
@@ -123,3 +150,17 @@ def run(args: argparse.Namespace):
         data_dir=args.data_dir,
         clean_floor=floor,
     )
+
+
+def _shipped(args: argparse.Namespace):
+    """--export (write a shipped model folder) or --from (register one)."""
+    from pathlib import Path
+
+    from robustlab.register import pretrained
+    from robustlab.tracking import check_model_uri, configure_tracking
+
+    configure_tracking()
+    if args.export:
+        check_model_uri(args.model_uri, "--model-uri")
+        return pretrained.export(args.model_uri, Path(args.export), args.data_dir)
+    return pretrained.register_from(Path(args.from_dir), args.name, bool(args.force))

@@ -53,8 +53,10 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
     g.add_argument(
         "--lr-schedule",
         default="constant",
-        help="constant, or step: x0.1 from 75%% of each phase's epochs, x0.01 from 90%%",
+        help="constant; step: x0.1 from 75%% of each phase's epochs, x0.01 from 90%%; or cosine "
+        "(from the rate down towards 0 over the phase's epochs)",
     )
+    g.add_argument("--optimizer", default="adam", help="adam, or sgd (momentum 0.9)")
     g.add_argument(
         "--patience", type=int, default=3, help="early stopping patience in epochs (0 = off)"
     )
@@ -80,6 +82,15 @@ def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
         help="log val/pgd_acc and val/inv_acc every epoch whatever the regime trains on",
     )
     g.add_argument("--run-name", type=optional, default=None)
+    g.add_argument(
+        "--auto-resume",
+        type=flag,
+        nargs="?",
+        const=True,
+        default=False,
+        help="resume the newest unfinished run of this --run-name (tag robustlab.run_key) from "
+        "its last checkpoint, or start it when there is none; refused once it finished",
+    )
     g.add_argument(
         "--deterministic",
         type=flag,
@@ -210,6 +221,7 @@ def configs(args: argparse.Namespace) -> tuple[RunConfig, EvalConfig]:
             deterministic=args.deterministic is not False,
             precision=args.precision,
             lr_schedule=args.lr_schedule,
+            optimizer=args.optimizer,
         ),
         mix=mix,
         attack=attack,
@@ -276,6 +288,9 @@ def run(args: argparse.Namespace) -> None:
     configure_tracking()
     if cfg.train.init_model:
         check_model_uri(cfg.train.init_model, "--init-model")
+    tags = {}
+    if args.auto_resume:
+        cfg, tags = _auto_resume(cfg, args.run_name, regime.name)
     if cfg.train.resume_run_id:
         from robustlab.train.resume import resumable_run
 
@@ -291,6 +306,7 @@ def run(args: argparse.Namespace) -> None:
         robust_eval=args.robust_eval is not False,
         run_name=args.run_name,
         allow_unknown_provenance=bool(args.allow_unknown_provenance),
+        tags=tags,
     )
     run_id = run_training(regime, cfg, ev, extras)
     import mlflow
@@ -303,3 +319,23 @@ def run(args: argparse.Namespace) -> None:
         f"{ui_link(exp, run_id)}",
         file=sys.stderr,
     )
+
+
+def _auto_resume(cfg: RunConfig, run_name: str | None, regime: str) -> tuple[RunConfig, dict]:
+    """--auto-resume: `cfg` resuming the unfinished run of `run_name` (when there is one) and
+    the tag that finds the run again; one-line errors before any run exists."""
+    from dataclasses import replace
+
+    from robustlab.train.resume import RUN_KEY_TAG, unfinished_run
+
+    if not run_name:
+        raise ConfigError("--auto-resume needs --run-name: the name its runs are found by")
+    if "'" in run_name:
+        raise ConfigError(f"--run-name {run_name!r}: no quotes with --auto-resume")
+    if cfg.train.resume_run_id:
+        raise ConfigError("pass --auto-resume or --resume-run-id, not both")
+    found = unfinished_run(run_name, regime)
+    if found:
+        print(f"auto-resume: continuing run {found} ({run_name})", file=sys.stderr)
+        cfg = replace(cfg, train=replace(cfg.train, resume_run_id=found))
+    return cfg, {RUN_KEY_TAG: run_name}

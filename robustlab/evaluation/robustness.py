@@ -36,7 +36,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,9 @@ MASKING_MARGIN = 0.05  # AutoAttack / Square this far below PGD (same examples) 
 CURVE_RISE_TOL = 0.02  # robust accuracy may wobble this much upwards with eps (sampling noise)
 SQUARE_QUERIES = 5000  # queries of Square, inside AutoAttack and stand-alone
 GRID_COLUMNS = 10
+CURVE_METRIC = "test/pgd_curve_acc"  # logged with step = eps in hundredths
+# (stage name, its figures with their intervals, MLflow step): called as each stage ends
+StageHook = Callable[[str, dict[str, float], int], None]
 
 
 def check_eval_inputs(test: Split) -> None:
@@ -242,9 +245,11 @@ def compute(
     curve_size: int | None = None,
     square_queries: int | None = None,
     autoattack_steps: int = 100,
+    on_stage: StageHook | None = None,
 ) -> Evaluation:
     """Run the registry's stages for `cfg` on `test` (already stripped of excluded sources and
-    subsampled by the caller) and turn their flags into accuracies and masking warnings."""
+    subsampled by the caller) and turn their flags into accuracies and masking warnings.
+    `on_stage` gets each stage's figures as it ends (clean accuracy first; see `stage_figures`)."""
     check_eval_config(cfg.validate())
     check_eval_inputs(test)
     check_logits(model, test.x)
@@ -269,19 +274,31 @@ def compute(
     clean_pred = _predict(model, test.x, bs)
     seconds: dict[str, float] = {"clean": time.perf_counter() - t_start}
     _progress("clean", seconds["clean"])
+    clean_ok = clean_pred == test.y
+    if on_stage is not None:
+        on_stage("clean", accuracy(clean_ok).as_metrics("test/clean_acc"), 0)
+    done: list[StageResult] = []
+
+    def progress(r: StageResult) -> None:
+        _progress(r.stage.name, r.seconds, r.peak_rss_mb)
+        done.append(r)
+        if on_stage is not None:
+            figures, step = stage_figures(r, cfg, clean_ok, subsets, done)
+            on_stage(r.stage.name, figures, step)
+
     x_adv = test.x.copy()
     results = run_stages(
         model,
         test.x,
         test.y,
-        clean_pred == test.y,
+        clean_ok,
         subsets,
         build_stages(cfg, spec),
         seed=cfg.seed,
         batch_size=bs,
         early_exit=cfg.early_exit,
         adv_out=x_adv,
-        progress=lambda r: _progress(r.stage.name, r.seconds, r.peak_rss_mb),
+        progress=progress,
     )
     for r in results:  # the curve's points add up to one part, as before
         key = "curve" if r.stage.subset == "curve" else r.stage.name
@@ -290,6 +307,45 @@ def compute(
     _accuracies(ev)
     seconds["total"] = time.perf_counter() - t_start
     return ev
+
+
+def stage_figures(
+    r: StageResult,
+    cfg: EvalConfig,
+    clean_ok: np.ndarray,
+    subsets: dict[str, np.ndarray],
+    done: Sequence[StageResult],
+) -> tuple[dict[str, float], int]:
+    """The figures a finished stage `r` settles, named and computed as the final metrics are
+    (`_accuracies`), each with its interval, and their MLflow step: its registry metric (the
+    worst case over its chain so far), `test/pgd_subset_acc` beside AutoAttack, or one point
+    of the eps-curve (`CURVE_METRIC` at step eps in hundredths); `done` holds the stages
+    finished so far, `r` last."""
+    if r.stage.subset == "curve":
+        acc = accuracy(r.robust)
+        return {CURVE_METRIC: acc.value}, int(round(float(r.stage.eps) * 100))
+    entry = stage_entry(r.stage)
+    metric = entry.metric(cfg)
+    sub = subsets["autoattack"]
+    if metric is None or (r.stage.subset == "autoattack" and len(sub) == 0):
+        return {}, 0
+    out = accuracy(r.robust).as_metrics(metric)
+    if "test/pgd_subset_acc" in entry.extra_metrics:
+        chain = subsets["all"]
+        pgd_ok = np.zeros(len(clean_ok), bool)
+        pgd_ok[chain] = worst_case(done, "all", clean_ok[chain])
+        out.update(accuracy(pgd_ok[sub]).as_metrics("test/pgd_subset_acc"))
+    return out, 0
+
+
+def log_stage(name: str, figures: dict[str, float], step: int) -> None:
+    """A `StageHook` that logs a stage's figures to the active MLflow run as it ends (NaN, an
+    empty subset, is left to the final logging)."""
+    import mlflow
+
+    finite = {k: v for k, v in figures.items() if not math.isnan(v)}
+    if finite:
+        mlflow.log_metrics(finite, step=step)
 
 
 def _accuracies(ev: Evaluation) -> None:
@@ -458,16 +514,19 @@ def write_report(ev: Evaluation, out_dir: Path, model=None) -> list[Path]:
     return paths
 
 
-def log_evaluation(ev: Evaluation, paths: Sequence[Path]) -> None:
+def log_evaluation(
+    ev: Evaluation, paths: Sequence[Path], logged: frozenset[str] = frozenset()
+) -> None:
     """Log the metrics, the accuracy-vs-eps points, the evaluated test indices, the artifacts
-    and (when suspected) the gradient-masking tag to the active MLflow run."""
+    and (when suspected) the gradient-masking tag to the active MLflow run; the metrics named in
+    `logged` were logged already (stage by stage: `log_stage`) and are not logged again."""
     import mlflow
 
-    mlflow.log_metrics(ev.metrics())
+    mlflow.log_metrics({k: v for k, v in ev.metrics().items() if k not in logged})
     log_evaluated_indices(ev.test)
     for e, a in zip(ev.spec.eps_grid, ev.curve_accs, strict=True):
-        if not math.isnan(a.value):
-            mlflow.log_metric("test/pgd_curve_acc", a.value, step=int(round(float(e) * 100)))
+        if not math.isnan(a.value) and CURVE_METRIC not in logged:
+            mlflow.log_metric(CURVE_METRIC, a.value, step=int(round(float(e) * 100)))
     for path in paths:
         if Path(path).is_file():
             mlflow.log_artifact(str(path))
@@ -486,9 +545,12 @@ def evaluate_and_log(
     curve_size: int | None = None,
     square_queries: int | None = None,
     autoattack_steps: int = 100,
+    on_stage: StageHook | None = None,
 ) -> dict[str, float]:
     """Evaluate `model` (logits) on `test` through the registry's stages and log it (`compute`,
-    `report`, `log`); the metrics.
+    `report`, `log`); the metrics. With `log`, each stage's figures are logged as the stage
+    ends (`log_stage`), so an evaluation stopped midway keeps every finished stage's number;
+    `on_stage` is called after that.
 
     `test` is already stripped of excluded sources and subsampled by the caller. Metrics (each
     with `_ci_low`/`_ci_high`, 95% Wilson): `test/clean_acc`, `test/pgd40_acc` (PGD-40, one
@@ -505,6 +567,15 @@ def evaluate_and_log(
     `autoattack_steps` (APGD iterations) exist to keep tests fast; leave the defaults for
     reported numbers.
     """
+    logged: set[str] = set()
+
+    def each_stage(name: str, figures: dict[str, float], step: int) -> None:
+        if log:
+            log_stage(name, figures, step)
+            logged.update(k for k, v in figures.items() if not math.isnan(v))
+        if on_stage is not None:
+            on_stage(name, figures, step)
+
     ev = compute(
         model,
         test,
@@ -513,10 +584,11 @@ def evaluate_and_log(
         curve_size=curve_size,
         square_queries=square_queries,
         autoattack_steps=autoattack_steps,
+        on_stage=each_stage if log or on_stage is not None else None,
     )
     paths = write_report(ev, out_dir, model)
     if log:
-        log_evaluation(ev, paths)
+        log_evaluation(ev, paths, frozenset(logged))
     return ev.metrics()
 
 

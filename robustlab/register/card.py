@@ -16,6 +16,13 @@ HUMAN_ROWS = (  # after the attacks' rows (the attack registry's, in its order)
     ("test/human_pool_bal_acc", "human-labelled invariance examples, balanced"),
 )
 EVALUATIONS = "## Later evaluations"
+ARCHITECTURES = {  # model name -> its layers, as a reader wants them
+    "madry_cnn": "conv 5×5×32 → max-pool → ReLU → conv 5×5×64 → max-pool → ReLU → dense 1024 → "
+    "10 logits",
+    "small_cnn": "TRADES' SmallCNN: conv 3×3×32 → ReLU → conv 3×3×32 → max-pool → ReLU → conv "
+    "3×3×64 → ReLU → conv 3×3×64 → max-pool → ReLU → dense 200 → ReLU → dropout 0.5 → dense 200 "
+    "→ ReLU → 10 logits; 312,202 parameters",
+}
 
 
 def _value(tags: Mapping[str, str], key: str) -> float | None:
@@ -77,6 +84,13 @@ def _usage(name: str, version: str) -> list[str]:
     ]
 
 
+def _method(params: Mapping[str, str]) -> str:
+    """The training method, with TRADES' β only for a TRADES-trained model."""
+    method = params.get("method", "–")
+    beta = f" (TRADES β {params.get('trades_beta', '–')})" if method == "trades" else ""
+    return f"method `{method}`{beta}"
+
+
 def model_card(
     name: str,
     version: str,
@@ -97,18 +111,18 @@ def model_card(
         for p in meta.get("phases", []) or []
         if isinstance(p, Mapping)
     )
+    arch = params.get("model", "madry_cnn")
+    layers = f" ({ARCHITECTURES[arch]})" if arch in ARCHITECTURES else ""
     lines = [
         f"# {name} version {version}",
         "",
-        "An MNIST classifier trained and judged by robustlab: `madry_cnn` (conv 5×5×32 → max-pool "
-        "→ ReLU → conv 5×5×64 → max-pool → ReLU → dense 1024 → 10 logits). Input: float32 "
+        f"An MNIST classifier trained and judged by robustlab: `{arch}`{layers}. Input: float32 "
         "images (N, 28, 28, 1) in [0, 1]; output: 10 logits (not probabilities).",
         "",
         "## Training",
         "",
         f"- regime `{meta.get('regime', params.get('regime', '?'))}`: {phases or '–'}",
-        f"- method `{params.get('method', '–')}` (TRADES β {params.get('trades_beta', '–')}), "
-        f"L∞ ε = {meta.get('eps', params.get('eps', '?'))}, {params.get('attack_steps', '?')} "
+        f"- {_method(params)}, L∞ ε = {meta.get('eps', params.get('eps', '?'))}, {params.get('attack_steps', '?')} "
         f"attack steps, seed {meta.get('seed', params.get('seed', '?'))}, training precision "
         f"{meta.get('training_precision', '?')} (the model is float32)",
         f"- source run `{tags.get('robustlab.source_run_id', meta.get('run_id', '?'))}`; MNIST "

@@ -53,7 +53,7 @@ def make_train_step(
     model: keras.Model, optimizer: keras.optimizers.Optimizer, method: TrainingMethod | None
 ):
     """Compile one step: the training method attacks rows [0, n_adv) against the current model
-    (outside the tape), then one Adam update on the method's loss (`robustlab.train.methods`).
+    (outside the tape), then one optimizer update on the method's loss (`robustlab.train.methods`).
 
     The step runs in the model's own precision (a mixed_bfloat16 model computes its layers in
     bfloat16, the attack included); logits are cast to float32, so loss and accuracy are float32.
@@ -130,6 +130,7 @@ def fit(
             perturb.seed.assign([cfg.seed, (state.global_epoch + 1) << 32])
         where = f"{phase}] epoch {epoch + 1}/{epochs}"
         metrics = _train_epoch(step, mixture, rng, perturb, eps_warmup, epoch, where)
+        metrics["train/learning_rate"] = float(np.asarray(optimizer.learning_rate))
         for validate in validators:
             metrics.update(validate(model))
         metrics["time/epoch_seconds"] = time.perf_counter() - t_epoch

@@ -14,6 +14,7 @@ from robustlab.tracking import configure_tracking
 
 # params that may differ between a run and its resumption (they do not change the training)
 RESUME_FREE_PARAMS = frozenset({"resume_run_id", "data_dir", "eval_size"})
+RUN_KEY_TAG = "robustlab.run_key"  # the --run-name that `--auto-resume` finds a run by
 
 
 def _same_param(logged: str, value: object) -> bool:
@@ -79,3 +80,47 @@ def check_resume(resume_run_id: str, regime: str, params: dict[str, Any], mnist_
             f"resume_run_id={resume_run_id} ran with {shown}; resume with that run's parameters"
         )
     return old
+
+
+def has_checkpoint(run_id: str) -> bool:
+    """Whether `run_id` left an epoch checkpoint, on this machine or in its artifacts."""
+    from robustlab.tracking import local_checkpoint_dir
+    from robustlab.train.checkpoint import CHECKPOINT_ARTIFACT, STATE
+
+    local = local_checkpoint_dir(run_id)
+    if (local / STATE).is_file() or any(local.glob(f"slot*/{STATE}")):
+        return True
+    try:
+        return bool(MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT))
+    except Exception:  # noqa: BLE001 - an unreadable artifact store: no usable checkpoint
+        return False
+
+
+def unfinished_run(run_key: str, regime: str) -> str | None:
+    """The run `--auto-resume` continues: the newest run tagged `RUN_KEY_TAG = run_key` that did
+    not finish and left a checkpoint (runs stopped before their first checkpoint are passed
+    over), or None when there is none (start it). Refused (one line) when the newest such run
+    FINISHED (its model exists) or trained another regime."""
+    configure_tracking()
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        ids,
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        run_id = run.info.run_id
+        if run.info.status == "FINISHED":
+            raise ConfigError(
+                f"run {run_id} ({run_key}) FINISHED already: its model is runs:/{run_id}/model; "
+                "pass another --run-name to train again"
+            )
+        if run.data.tags.get("robustlab.regime") != regime:
+            raise ConfigError(
+                f"run {run_id} ({run_key}) trained {run.data.tags.get('robustlab.regime')}, not "
+                f"{regime}; pass another --run-name"
+            )
+        if has_checkpoint(run_id):
+            return run_id
+    return None

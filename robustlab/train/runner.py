@@ -68,9 +68,11 @@ from robustlab.train.checkpoint import (
     log_checkpoint,
     newest_intact,
 )
+from robustlab.train.curves import log_validation_curves
 from robustlab.train.loop import EpochHook, Monitor, fit
 from robustlab.train.methods import make_method
 from robustlab.train.mixture import Mixture
+from robustlab.train.optim import make_optimizer
 from robustlab.train.resume import check_resume
 
 EVALUATED_ARTIFACT = (
@@ -155,9 +157,9 @@ def resume_checkpoint_folder(resume_run_id: str) -> Path:
 
 
 def _restore(
-    folder: Path, model: keras.Model
+    folder: Path, model: keras.Model, cfg: RunConfig
 ) -> tuple[LoopState, keras.optimizers.Optimizer, list | None]:
-    optimizer = keras.optimizers.Adam()
+    optimizer = make_optimizer(cfg.train)
     state, best = load_checkpoint(folder, model, optimizer)
     return state, optimizer, best
 
@@ -420,7 +422,7 @@ def run_training(
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         model = _training_model(cfg, p.init_model, p.precision)
         print(f"training precision: {p.precision}", file=sys.stderr)
-        resumed: tuple | None = _restore(p.ckpt_folder, model) if p.ckpt_folder else None
+        resumed: tuple | None = _restore(p.ckpt_folder, model, cfg) if p.ckpt_folder else None
         if resumed and not p.same_run:
             mlflow.set_tag("robustlab.resumed_from", resume_id)
         if resumed:
@@ -472,7 +474,7 @@ def train_phases(p: Prepared, model: keras.Model, resumed: tuple | None, run_id:
         if resumed and resumed[0].phase_index == i:
             state, optimizer, best = resumed
         state = state or LoopState(phase_index=i, global_epoch=global_epoch)
-        optimizer = optimizer or keras.optimizers.Adam(cfg.train.learning_rate)
+        optimizer = optimizer or make_optimizer(cfg.train)
         inv_pool = p.pools.train_pool() if p.pools else None
         mixture = Mixture(mnist_pool, phase.mix, cfg.train.batch_size, inv_pool)
         with _phase_run(regime, phase) as phase_run:
@@ -481,6 +483,7 @@ def train_phases(p: Prepared, model: keras.Model, resumed: tuple | None, run_id:
                 mlflow.log_metrics(metrics, step=step, run_id=run_id)
                 if _phase_run is not None:
                     mlflow.log_metrics(metrics, step=step, run_id=_phase_run.info.run_id)
+                log_validation_curves(run_id)
                 if extras.on_epoch is not None:
                     extras.on_epoch(metrics, step)
 
@@ -546,13 +549,12 @@ def _log_model(model: keras.Model, example: np.ndarray, metadata: dict | None = 
     """Log `model` as the run's MLflow LoggedModel `model` (keras flavour, tensor signature)."""
     import types
 
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.models import Model
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
-    )
+    from robustlab.model_folder import model_requirements
+    from robustlab.model_folder import signature as model_signature
+
+    signature = model_signature()
 
     def save_model(path: str, **kwargs) -> None:
         # mlflow 3.17's keras flavour writes the input example before it creates the model folder
@@ -572,13 +574,6 @@ def _log_model(model: keras.Model, example: np.ndarray, metadata: dict | None = 
             model=model,
             signature=signature,
             input_example=example.astype(np.float32),
-            pip_requirements=_model_requirements(),
+            pip_requirements=model_requirements(),
             metadata=metadata,
         )
-
-
-def _model_requirements() -> list[str]:
-    """Pinned serving requirements (MLflow's inference would re-import the model in a subprocess)."""
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "keras", "tensorflow-cpu", "numpy")]

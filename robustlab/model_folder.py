@@ -1,0 +1,97 @@
+"""A model folder on disk (`pretrained/<name>`, a local model URI): an MLflow keras model whose
+MLmodel signature is the input contract, float32 (-1, 28, 28, 1) -> (-1, 10) logits, and whose
+robustlab metadata records a SHA-256 of each weights file under `data/`; both are checked before
+the model is loaded (`check_model_folder`), so missing or altered weights never load."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from robustlab.errors import RobustlabError
+
+INPUT_SHAPE = (-1, 28, 28, 1)
+OUTPUT_SHAPE = (-1, 10)
+DIGESTS_KEY = "weights_sha256"  # in metadata["robustlab"]: {path under the folder: sha256}
+WEIGHTS_DIR = "data"
+
+
+def signature():
+    """The MLflow signature of every robustlab model: float32 images in, float32 logits out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), INPUT_SHAPE)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), OUTPUT_SHAPE)]),
+    )
+
+
+def model_requirements() -> list[str]:
+    """Pinned serving requirements (MLflow's inference would re-import the model in a subprocess)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "keras", "tensorflow-cpu", "numpy")]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder`/data, by its path relative to `folder`."""
+    files = sorted(p for p in (Path(folder) / WEIGHTS_DIR).rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): sha256(p) for p in files}
+
+
+def is_model_folder(model_uri: str) -> bool:
+    """Whether `model_uri` is a local folder (a plain path, not a URI with a scheme)."""
+    scheme, sep, _ = model_uri.partition(":")
+    return not (sep and len(scheme) >= 2) and Path(model_uri).expanduser().is_dir()
+
+
+def _contract(spec) -> tuple[str, tuple[int, ...]] | None:
+    tensors = getattr(spec, "inputs", None) or []
+    if len(tensors) != 1 or not hasattr(tensors[0], "shape"):
+        return None
+    return str(np.dtype(tensors[0].type)), tuple(int(d) for d in tensors[0].shape)
+
+
+def check_model_folder(folder: str | Path) -> dict:
+    """Refuse (one line) a model folder without MLmodel, whose signature is not the input
+    contract, or whose recorded weights files are missing or altered; its robustlab metadata."""
+    from mlflow.models import Model
+
+    folder = Path(folder).expanduser()
+    if not (folder / "MLmodel").is_file():
+        raise RobustlabError(f"{folder}: no MLmodel file; not an MLflow model folder")
+    try:
+        mlmodel = Model.load(str(folder / "MLmodel"))
+    except Exception as exc:  # noqa: BLE001 - a corrupt MLmodel
+        raise RobustlabError(f"{folder}/MLmodel is unreadable ({type(exc).__name__})") from None
+    sig = mlmodel.signature
+    got = (_contract(sig.inputs), _contract(sig.outputs)) if sig is not None else (None, None)
+    want = (("float32", INPUT_SHAPE), ("float32", OUTPUT_SHAPE))
+    if got != want:
+        raise RobustlabError(
+            f"{folder}: its signature takes {got[0]} and gives {got[1]}, not float32 "
+            f"{INPUT_SHAPE} images -> {OUTPUT_SHAPE} logits; not a robustlab MNIST model"
+        )
+    meta = (mlmodel.metadata or {}).get("robustlab") or {}
+    recorded = meta.get(DIGESTS_KEY) or {}
+    for rel, digest in sorted(recorded.items()):
+        path = folder / rel
+        if not path.is_file():
+            raise RobustlabError(f"{folder}: weights file {rel} is missing; restore the folder")
+        if sha256(path) != digest:
+            raise RobustlabError(
+                f"{folder}: weights file {rel} was altered (SHA-256 differs from the one "
+                "recorded in MLmodel and CARD.md); restore the folder"
+            )
+    return meta

@@ -1,0 +1,84 @@
+"""The champion run (`make champion`): TRADES on small_cnn with SGD and a step schedule, found
+again and resumed by `--auto-resume` after an interruption, refused when resumed with other
+arguments or once finished."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from robustlab import cli
+from robustlab.train import runner
+from robustlab.train.curves import CURVES_ARTIFACT
+from tests.conftest import REPO
+
+
+def champion_args() -> list[str]:
+    """`make champion`'s arguments (CHAMPION_ARGS in the Makefile)."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    [line] = [ln for ln in text.splitlines() if ln.startswith("CHAMPION_ARGS :=")]
+    return line.split(":=", 1)[1].split()
+
+
+# the champion's command shrunk to seconds: 4 epochs of 2 batches, TRADES-2, another run name
+SMALL = {"--epochs": "4", "--attack-steps": "2", "--run-name": "champ-test"}
+ARGV = ["perturbation"]
+for _arg, _next in zip(champion_args(), [*champion_args()[1:], ""], strict=True):
+    if _arg.startswith("--"):
+        ARGV += [_arg] if _next.startswith("--") or not _next else [_arg, SMALL.get(_arg, _next)]
+ARGV += ["--train-size", "256", "--eval-size", "100", "--robust-eval", "false"]
+
+
+def _runs() -> list:
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _one_line(capsys, fragment: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("robustlab perturbation: error:") and fragment in err[-1], err[-5:]
+
+
+def test_auto_resume_continues_the_interrupted_run_and_refuses_other_arguments(
+    tracking, monkeypatch, capsys
+):
+    real = runner.log_checkpoint
+
+    def stop_after_first(folder, run_id):  # the machine dies once epoch 1's checkpoint is logged
+        real(folder, run_id)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "log_checkpoint", stop_after_first)
+    assert cli.main(ARGV) == 130
+    monkeypatch.setattr(runner, "log_checkpoint", real)
+    [run] = _runs()
+    run_id = run.info.run_id
+    assert run.info.status != "FINISHED" and run.data.params["optimizer"] == "sgd"
+
+    # other arguments: one line, exit 2, nothing created or changed
+    other = [*ARGV]
+    other[other.index("--learning-rate") + 1] = "0.02"
+    assert cli.main(other) == 2
+    _one_line(capsys, "learning_rate='0.01' (now 0.02)")
+    [same] = _runs()
+    assert same.info.run_id == run_id and same.info.status == run.info.status
+
+    # the same command resumes that run from its checkpoint and finishes it
+    assert cli.main(ARGV) == 0, capsys.readouterr().err[-3000:]
+    [done] = _runs()
+    assert done.info.run_id == run_id and done.info.status == "FINISHED"
+    assert done.data.tags["robustlab.resumed_after_epoch"] == "0"
+    client = MlflowClient()
+    lr = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/learning_rate"))
+    np.testing.assert_allclose([v for _, v in lr], [0.01] * 3 + [0.001], rtol=1e-6)  # step
+    for key in ("val/clean_acc", "val/pgd_acc"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1, 2, 3], key
+    plots = [a.path for a in client.list_artifacts(run_id, "plots")]
+    assert CURVES_ARTIFACT in plots
+    assert mlflow.pyfunc.load_model(f"runs:/{run_id}/model") is not None
+
+    # once finished, the same command does not start a second long run
+    assert cli.main(ARGV) == 2
+    _one_line(capsys, "FINISHED already")
+    assert len(_runs()) == 1
