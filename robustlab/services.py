@@ -267,24 +267,7 @@ def start_postgres(svc: Services) -> None:
     svc.socket_dir.mkdir(parents=True, exist_ok=True)
     svc.socket_dir.chmod(0o700)
     _chown_postgres(svc.socket_dir, svc.pg_root)
-    _run(
-        _as_postgres(
-            [
-                _pg_bin("pg_ctl"),
-                "-D",
-                str(svc.pgdata),
-                "-o",
-                _pg_options(svc),
-                "-l",
-                str(svc.pg_root / "postgres.log"),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        ),
-        f"starting PostgreSQL (see {svc.pg_root / 'postgres.log'})",
-    )
+    _run(_pg_ctl(svc, "start"), f"starting PostgreSQL (see {svc.pg_root / 'postgres.log'})")
     _ensure_databases(svc)
 
 
@@ -343,26 +326,17 @@ def _ensure_databases(svc: Services) -> None:
             _psql(svc, f"CREATE DATABASE {db} OWNER {ROLE}")
 
 
+def _pg_ctl(svc: Services, action: str, *flags: str) -> list[str]:
+    """`pg_ctl <action>` on the services' cluster, with its options and log, waiting up to 60 s."""
+    log = str(svc.pg_root / "postgres.log")
+    command = [_pg_bin("pg_ctl"), "-D", str(svc.pgdata), "-o", _pg_options(svc), "-l", log]
+    return _as_postgres([*command, *flags, "-w", "-t", "60", action])
+
+
 def restart_postgres(svc: Services) -> None:
     """`pg_ctl restart` (fast mode: open connections are cut, as after a crash or a failover)."""
     _run(
-        _as_postgres(
-            [
-                _pg_bin("pg_ctl"),
-                "-D",
-                str(svc.pgdata),
-                "-o",
-                _pg_options(svc),
-                "-l",
-                str(svc.pg_root / "postgres.log"),
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                "60",
-                "restart",
-            ]
-        ),
+        _pg_ctl(svc, "restart", "-m", "fast"),
         "restarting PostgreSQL",
     )
 
