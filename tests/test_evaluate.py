@@ -421,7 +421,7 @@ def test_a_shared_test_set_holding_an_excluded_source_is_refused_before_the_run(
     from robustlab.errors import RobustlabError
     from robustlab.experiment.budgets import BUDGETS, regime_for
     from robustlab.experiment.plan import pair_configs, shared_test_indices
-    from robustlab.train.runner import Extras, run_training
+    from robustlab.train.runner import Extras, InvData, Judging, Watch, run_training
 
     shared = shared_test_indices(200, None)
     assert len(shared) == len(set(shared)) == 200 and min(shared) >= 0 and max(shared) < 10_000
@@ -435,7 +435,11 @@ def test_a_shared_test_set_holding_an_excluded_source_is_refused_before_the_run(
         ((shared[0], shared[0]), "repeated"),
         ((shared[0], 10_000), "not in the MNIST test split"),
     ):
-        extras = Extras(inv_label_source=source, all_curves=True, test_indices=bad)
+        extras = Extras(
+            inv=InvData(label_source=source),
+            watch=Watch(all_curves=True),
+            judge=Judging(test_indices=bad),
+        )
         with pytest.raises(RobustlabError, match=fragment):
             run_training(regime, cfg, ev, extras)
     client = MlflowClient(tracking_uri=tracking)

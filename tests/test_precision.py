@@ -109,7 +109,7 @@ def test_bf16_run_resumes_in_bf16_and_logs_a_float32_model_with_the_same_logits(
 
     from robustlab.config import AttackConfig, DataConfig, EvalConfig, RunConfig, TrainConfig
     from robustlab.regimes import make_regime
-    from robustlab.train.runner import Extras, run_training
+    from robustlab.train.runner import Extras, Judging, Watch, run_training
 
     seen: list[str] = []  # the training model's precision, per validation (= per epoch)
 
@@ -138,7 +138,10 @@ def test_bf16_run_resumes_in_bf16_and_logs_a_float32_model_with_the_same_logits(
         ).validate()
 
     regime = make_regime("perturbation", epochs=2)
-    extras = Extras(robust_eval=False, validators=(validator,), on_trained=on_trained)
+    extras = Extras(
+        watch=Watch(validators=(validator,)),
+        judge=Judging(robust_eval=False, on_trained=on_trained),
+    )
     interrupt = True
     with pytest.raises(Interrupted):
         run_training(regime, config(BF16), EvalConfig(), extras)

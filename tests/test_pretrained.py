@@ -22,7 +22,7 @@ from robustlab.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from robustlab.data.mnist import load_mnist
 from robustlab.provenance import read_provenance
 from robustlab.regimes import make_regime
-from robustlab.train.runner import Extras, run_training
+from robustlab.train.runner import Extras, Judging, run_training
 from tests.conftest import REPO
 
 NAME = "robustlab-mnist"
@@ -38,7 +38,10 @@ def _train(model: str, epochs: int) -> str:
         train=TrainConfig(epochs=epochs, seed=0, patience=0, model=model, precision="float32"),
     ).validate()
     return run_training(
-        make_regime("vanilla", epochs=epochs), cfg, EvalConfig(), Extras(robust_eval=False)
+        make_regime("vanilla", epochs=epochs),
+        cfg,
+        EvalConfig(),
+        Extras(judge=Judging(robust_eval=False)),
     )
 
 

@@ -20,7 +20,7 @@ from robustlab.data.tramer_halves import selection_sources, tramer_source_split
 from robustlab.evaluation.selection import Candidate, choose
 from robustlab.provenance import VERSION_EXCLUDED_TAG, decode_indices, read_provenance
 from robustlab.regimes import make_regime
-from robustlab.train.runner import Extras, run_training
+from robustlab.train.runner import Extras, Judging, Placement, run_training
 
 # optuna's default handler would bind to the stream of the first test that logs (capsys) and
 # write to it after it is closed; let its records go through pytest's logging capture instead
@@ -52,7 +52,9 @@ def _train(seed: int, epochs: int = 1, nested: bool = False, precision: str = "a
         data=DataConfig(None, 256, 100),
         train=TrainConfig(epochs=epochs, seed=seed, patience=0, precision=precision),
     ).validate()
-    extras = Extras(robust_eval=False, nested=nested, run_name=f"tiny-{seed}")
+    extras = Extras(
+        run=Placement(nested=nested, run_name=f"tiny-{seed}"), judge=Judging(robust_eval=False)
+    )
     return run_training(make_regime("vanilla", epochs=epochs), cfg, EvalConfig(), extras)
 
 

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from robustlab.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from robustlab.data.mnist import load_mnist
 from robustlab.regimes import make_regime
-from robustlab.train.runner import Extras, run_training
+from robustlab.train.runner import Extras, Judging, run_training
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,10 @@ def _champion() -> None:
         data=DataConfig(None, 1024, 100), train=TrainConfig(epochs=1, seed=0, patience=0)
     ).validate()
     run_id = run_training(
-        make_regime("vanilla", epochs=1), cfg, EvalConfig(), Extras(robust_eval=False)
+        make_regime("vanilla", epochs=1),
+        cfg,
+        EvalConfig(),
+        Extras(judge=Judging(robust_eval=False)),
     )
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
     mv = mlflow.register_model(f"models:/{info.model_id}", "robustlab-mnist")

@@ -297,16 +297,16 @@ def run(args: argparse.Namespace) -> None:
         resumable_run(cfg.train.resume_run_id, regime.name)  # parameters, checkpoint: the runner
     cfg.validate()  # now with the model name (imports Keras)
 
-    from robustlab.train.runner import Extras, run_training
+    from robustlab.train.runner import Extras, InvData, Judging, Placement, Watch, run_training
 
     extras = Extras(
-        inv_label_source=getattr(args, "inv_label_source", "human"),
-        inv_pool=inv_pool,
-        all_curves=args.all_curves,
-        robust_eval=args.robust_eval is not False,
-        run_name=args.run_name,
-        allow_unknown_provenance=bool(args.allow_unknown_provenance),
-        tags=tags,
+        inv=InvData(label_source=getattr(args, "inv_label_source", "human"), pool=inv_pool),
+        run=Placement(run_name=args.run_name, tags=tags),
+        watch=Watch(all_curves=args.all_curves),
+        judge=Judging(
+            robust_eval=args.robust_eval is not False,
+            allow_unknown_provenance=bool(args.allow_unknown_provenance),
+        ),
     )
     run_id = run_training(regime, cfg, ev, extras)
     import mlflow

@@ -401,7 +401,7 @@ class ExperimentPlan:
         """Train and evaluate one unit as a child of the experiment's parent run."""
         import psutil
 
-        from robustlab.train.runner import Extras, run_training
+        from robustlab.train.runner import Extras, InvData, Judging, Placement, Watch, run_training
 
         b = BUDGETS[self.budget]
         regime, label_source = regime_for(label, b)
@@ -450,17 +450,17 @@ class ExperimentPlan:
             cfg,
             ev,
             Extras(
-                inv_label_source=label_source,
-                all_curves=True,
-                inv_curve=pools is not None,
-                pools=pools,
-                predict_sets=predict,
-                run_name=f"{label}-seed{seed}" + ("" if fold == NO_FOLD else f"-fold{fold}"),
-                parent_run_id=self.parent_run_id,
-                experiment_id=self.experiment_id,
-                tags=tags,
-                test_indices=test_indices,
-                on_epoch=RunOnTrial(trial),
+                inv=InvData(label_source=label_source, pools=pools, predict_sets=predict),
+                run=Placement(
+                    run_name=f"{label}-seed{seed}" + ("" if fold == NO_FOLD else f"-fold{fold}"),
+                    parent_run_id=self.parent_run_id,
+                    experiment_id=self.experiment_id,
+                    tags=tags,
+                ),
+                watch=Watch(
+                    all_curves=True, inv_curve=pools is not None, on_epoch=RunOnTrial(trial)
+                ),
+                judge=Judging(test_indices=test_indices),
             ),
         )
 

@@ -81,39 +81,63 @@ EVALUATED_ARTIFACT = (
 
 
 @dataclass(frozen=True)
-class Extras:
-    """Regime options beyond RunConfig."""
+class InvData:
+    """Which invariance examples a run trains, validates and predicts on."""
 
-    inv_label_source: str = "human"
-    inv_pool: tuple[str, ...] = TRAIN_POOL_SETS  # set names or label-store files (*.json)
-    allow_unknown_provenance: bool = False  # accept an init_model whose exclusions are unknown
-    # per-epoch val/pgd_acc and val/inv_acc for every regime (default: only the ones it trains on);
+    label_source: str = "human"  # the label an invariance example trains with
+    pool: tuple[str, ...] = TRAIN_POOL_SETS  # set names or label-store files (*.json)
+    # the training/validation pools to use instead of loading `pool` (the experiment's folds)
+    pools: InvPools | None = None
+    # examples whose predictions are logged per example (`inv_predictions.csv`): the held-out
+    # fold of a cross-validated experiment
+    predict_sets: tuple[InvarianceSet, ...] = ()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the run goes in MLflow."""
+
+    run_name: str | None = None
+    nested: bool = False  # a child run of the active run
+    tags: dict[str, str] | None = None
+    parent_run_id: str | None = None  # a child of a run of another process (tune, experiment)
+    experiment_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What is measured every epoch, and who hears of it."""
+
+    # val/pgd_acc and val/inv_acc for every regime (default: only the ones it trains on);
     # loading the invariance validation pool also excludes its sources from evaluation
     all_curves: bool | None = None
     inv_curve: bool = True  # with all_curves: val/inv_acc too (False: the curve needs no pool)
-    robust_eval: bool = True  # full robustness evaluation at the end (PGD, AutoAttack, ...)
-    run_name: str | None = None
-    nested: bool = False  # a child run of the active run (the experiment runner)
-    tags: dict[str, str] | None = None
-    # tuning (robustlab.tune): nest under a run of another process, extra per-epoch validators,
-    # a hook after each epoch's logging (trial.report), extra excluded MNIST test sources (the
-    # model-selection set's), final metrics of the trained model (logged in the run)
-    parent_run_id: str | None = None
-    experiment_id: str | None = None
-    validators: tuple[Validator, ...] = ()
-    on_epoch: EpochHook | None = None
-    excluded: tuple[int, ...] = ()
-    on_trained: Callable[[keras.Model], dict[str, float]] | None = None
+    validators: tuple[Validator, ...] = ()  # extra per-epoch validators (tune's selection set)
+    on_epoch: EpochHook | None = None  # after each epoch's logging (trial.report)
     val_attack_size: int = VAL_ATTACK_SIZE
-    # MNIST test indices to evaluate on instead of a subset of eval_size (the experiment passes
-    # one set shared by all its runs); refused when it holds one of the model's excluded sources
+
+
+@dataclass(frozen=True)
+class Judging:
+    """How the trained model is judged, and on which test images it may never be."""
+
+    robust_eval: bool = True  # full robustness evaluation at the end (PGD, AutoAttack, ...)
+    # MNIST test indices to evaluate on instead of a subset of eval_size (the experiment's shared
+    # set); refused when it holds one of the model's excluded sources
     test_indices: tuple[int, ...] | None = None
-    # the invariance training/validation pools to use instead of loading `inv_pool` (the
-    # experiment's cross-validation folds)
-    pools: InvPools | None = None
-    # invariance examples whose predictions are logged per example (`inv_predictions.csv`):
-    # the held-out fold of a cross-validated experiment
-    predict_sets: tuple[InvarianceSet, ...] = ()
+    excluded: tuple[int, ...] = ()  # extra excluded MNIST test sources (a selection set's)
+    on_trained: Callable[[keras.Model], dict[str, float]] | None = None  # final metrics, logged
+    allow_unknown_provenance: bool = False  # accept an init_model whose exclusions are unknown
+
+
+@dataclass(frozen=True)
+class Extras:
+    """A run's options beyond RunConfig, by purpose."""
+
+    inv: InvData = InvData()
+    run: Placement = Placement()
+    watch: Watch = Watch()
+    judge: Judging = Judging()
 
 
 def _monitor(phase: Phase, has_inv_val: bool) -> Monitor:
@@ -325,21 +349,23 @@ def prepare(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras
     cfg.validate()
     eval_cfg.validate()
     mnist = load_mnist(cfg.data.data_dir, train_size=cfg.data.train_size)
-    all_curves = bool(extras.all_curves)
-    pools = extras.pools
-    if pools is None and (regime.uses_inv or (all_curves and extras.inv_curve)):
-        pools = load_inv_pools(cfg.data.data_dir, extras.inv_label_source, extras.inv_pool)
+    all_curves = bool(extras.watch.all_curves)
+    pools = extras.inv.pools
+    if pools is None and (regime.uses_inv or (all_curves and extras.watch.inv_curve)):
+        pools = load_inv_pools(cfg.data.data_dir, extras.inv.label_source, extras.inv.pool)
     init_model = init_prov = None
-    excluded = np.asarray(extras.excluded, dtype=np.int64)
+    excluded = np.asarray(extras.judge.excluded, dtype=np.int64)
     if cfg.train.init_model:
         init_model = load_keras_model(cfg.train.init_model)
         init_prov = require_provenance(
-            cfg.train.init_model, extras.allow_unknown_provenance, "--allow-unknown-provenance"
+            cfg.train.init_model,
+            extras.judge.allow_unknown_provenance,
+            "--allow-unknown-provenance",
         )
         excluded = np.union1d(excluded, init_prov.excluded)
     excluded = np.union1d(excluded, excluded_test_indices(pools.used_sets if pools else []))
-    if extras.test_indices is not None:  # fail closed before the run exists
-        take_test_indices(mnist.test, extras.test_indices, excluded)
+    if extras.judge.test_indices is not None:  # fail closed before the run exists
+        take_test_indices(mnist.test, extras.judge.test_indices, excluded)
     try:
         eval_sets = load_eval_sets(cfg.data.data_dir, excluded)
     except DataError as exc:
@@ -353,14 +379,16 @@ def prepare(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras
         "regime": regime.name,
         **cfg.flat_params(),
         "precision": precision,  # resolved: float32 or mixed_bfloat16
-        "inv_label_source": extras.inv_label_source,
-        "inv_pool": (pools.name if extras.pools else ",".join(extras.inv_pool)) if pools else "",
+        "inv_label_source": extras.inv.label_source,
+        "inv_pool": (pools.name if extras.inv.pools else ",".join(extras.inv.pool))
+        if pools
+        else "",
         "phases": ",".join(f"{p.name}:{p.epochs}" for p in regime.phases),
     }
     tags = {
         "robustlab.regime": regime.name,
         "robustlab.mnist_digest": mnist.digest,
-        **(extras.tags or {}),
+        **(extras.run.tags or {}),
         **({UNKNOWN_TAG: "unknown-allowed"} if init_prov and not init_prov.known else {}),
     }
     resume_id, ckpt_folder = cfg.train.resume_run_id, None
@@ -371,8 +399,8 @@ def prepare(regime: Regime, cfg: RunConfig, eval_cfg: EvalConfig, extras: Extras
     # already created a new run, which records where it resumed from
     same_run = (
         bool(resume_id)
-        and not extras.nested
-        and not extras.parent_run_id
+        and not extras.run.nested
+        and not extras.run.parent_run_id
         and not os.environ.get("MLFLOW_RUN_ID")
     )
     return Prepared(
@@ -405,13 +433,13 @@ def run_training(
     p = prepare(regime, cfg, eval_cfg, extras)
     resume_id = cfg.train.resume_run_id
     run_ctx = start_run(
-        extras.run_name or regime.name,
+        extras.run.run_name or regime.name,
         params=p.params,
         tags=p.tags,
-        nested=extras.nested,
-        system_metrics=not (extras.nested or extras.parent_run_id),
-        parent_run_id=extras.parent_run_id,
-        experiment_id=extras.experiment_id,
+        nested=extras.run.nested,
+        system_metrics=not (extras.run.nested or extras.run.parent_run_id),
+        parent_run_id=extras.run.parent_run_id,
+        experiment_id=extras.run.experiment_id,
         run_id=resume_id if p.same_run else None,
     )
     with _lost_server_guard() as guard, run_ctx as run, tempfile.TemporaryDirectory() as tmp:
@@ -440,12 +468,12 @@ def _validators(p: Prepared) -> list[Validator]:
     invariance validation pool, and the caller's."""
     mnist, extras = p.mnist, p.extras
     out: list[Validator] = [clean_validation(mnist.val)]
-    if p.regime.uses_ptb or extras.all_curves:
-        val_small = subsample(mnist.val, extras.val_attack_size, seed=0)
+    if p.regime.uses_ptb or extras.watch.all_curves:
+        val_small = subsample(mnist.val, extras.watch.val_attack_size, seed=0)
         out.append(pgd_validation(val_small.x, val_small.y, p.cfg.attack.eps))
     if p.pools is not None:
         out.append(inv_validation(p.pools))
-    return out + list(extras.validators)
+    return out + list(extras.watch.validators)
 
 
 def _phase_run(regime: Regime, phase: Phase):
@@ -484,8 +512,8 @@ def train_phases(p: Prepared, model: keras.Model, resumed: tuple | None, run_id:
                 if _phase_run is not None:
                     mlflow.log_metrics(metrics, step=step, run_id=_phase_run.info.run_id)
                 log_validation_curves(run_id)
-                if extras.on_epoch is not None:
-                    extras.on_epoch(metrics, step)
+                if extras.watch.on_epoch is not None:
+                    extras.watch.on_epoch(metrics, step)
 
             result = fit(
                 model,
@@ -519,14 +547,14 @@ def judge_and_log(p: Prepared, model: keras.Model, run_id: str, out: Path) -> No
     trained weights."""
     extras = p.extras
     judged = float32_copy(model)
-    if extras.on_trained is not None:
-        mlflow.log_metrics(extras.on_trained(judged))
-    test = _final_clean_eval(judged, p.mnist, p.excluded, p.cfg, out, extras.test_indices)
+    if extras.judge.on_trained is not None:
+        mlflow.log_metrics(extras.judge.on_trained(judged))
+    test = _final_clean_eval(judged, p.mnist, p.excluded, p.cfg, out, extras.judge.test_indices)
     for s in p.eval_sets.values():
         mlflow.log_metrics(inv_accuracy(judged, s, "test"))
-    if extras.predict_sets:
-        log_inv_predictions(judged, extras.predict_sets, out)
-    if extras.robust_eval:
+    if extras.inv.predict_sets:
+        log_inv_predictions(judged, extras.inv.predict_sets, out)
+    if extras.judge.robust_eval:
         from robustlab.evaluation.robustness import evaluate_and_log
 
         evaluate_and_log(judged, test, p.eval_cfg, out_dir=out / "eval")

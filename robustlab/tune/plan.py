@@ -209,7 +209,7 @@ class TunePlan:
         """Train the joint regime on the trial's mixture as a child run; its objective value(s)."""
         import keras
 
-        from robustlab.train.runner import Extras, run_training
+        from robustlab.train.runner import Extras, Judging, Placement, Watch, run_training
 
         cfg, b = self.cfg, self.budget
         keras.backend.clear_session()
@@ -229,17 +229,21 @@ class TunePlan:
         }
         tags |= retry_tags(retry, "tune")
         extras = Extras(
-            all_curves=True,
-            robust_eval=False,
-            run_name=f"{self.study_name}-trial{trial.number}",
-            parent_run_id=self.parent_run_id,
-            experiment_id=self.experiment_id,
-            tags=tags,
-            validators=(selection_validation(list(self.selection.sets.values())),),
-            on_epoch=hooks.on_epoch,
-            excluded=self.selection.sources,
-            on_trained=hooks.on_trained,
-            val_attack_size=b.val_attack_size,
+            run=Placement(
+                run_name=f"{self.study_name}-trial{trial.number}",
+                parent_run_id=self.parent_run_id,
+                experiment_id=self.experiment_id,
+                tags=tags,
+            ),
+            watch=Watch(
+                all_curves=True,
+                validators=(selection_validation(list(self.selection.sets.values())),),
+                on_epoch=hooks.on_epoch,
+                val_attack_size=b.val_attack_size,
+            ),
+            judge=Judging(
+                robust_eval=False, excluded=self.selection.sources, on_trained=hooks.on_trained
+            ),
         )
         try:
             run_id = run_training(regime, run_cfg, ev, extras)
