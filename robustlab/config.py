@@ -265,10 +265,11 @@ class EvalConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must lie in [0, 2**32 - 1], got {self.seed}")
-        if min(self.eval_size, self.autoattack_size, self.curve_size, self.pgd_size) < 0:
-            raise ConfigError(
-                "eval_size, pgd_size, autoattack_size and curve_size must be >= 0 (0 = all / skip)"
-            )
+        for name in ("eval_size", "pgd_size", "autoattack_size", "curve_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{name} must be >= 0 (0 = all / skip), got {getattr(self, name)}"
+                )
         if self.square_queries < 1:
             raise ConfigError(f"square_queries must be >= 1, got {self.square_queries}")
         if self.curve_points < 2:
