@@ -64,8 +64,9 @@ def _contract(spec) -> tuple[str, tuple[int, ...]] | None:
 
 
 def check_model_folder(folder: str | Path) -> dict:
-    """Refuse (one line) a model folder without MLmodel, whose signature is not the input
-    contract, or whose recorded weights files are missing or altered; its robustlab metadata."""
+    """Refuse (one line) a model folder without MLmodel, whose recorded signature is not the
+    input contract, or whose recorded weights files are missing or altered; its robustlab
+    metadata. (A folder with no signature is checked by the loaded model's shapes.)"""
     from mlflow.models import Model
 
     folder = Path(folder).expanduser()
@@ -75,10 +76,10 @@ def check_model_folder(folder: str | Path) -> dict:
         mlmodel = Model.load(str(folder / "MLmodel"))
     except Exception as exc:  # noqa: BLE001 - a corrupt MLmodel
         raise RobustlabError(f"{folder}/MLmodel is unreadable ({type(exc).__name__})") from None
-    sig = mlmodel.signature
-    got = (_contract(sig.inputs), _contract(sig.outputs)) if sig is not None else (None, None)
+    sig = mlmodel.signature  # none recorded: the loaded model's own shapes are checked instead
+    got = (_contract(sig.inputs), _contract(sig.outputs)) if sig is not None else None
     want = (("float32", INPUT_SHAPE), ("float32", OUTPUT_SHAPE))
-    if got != want:
+    if got is not None and got != want:
         raise RobustlabError(
             f"{folder}: its signature takes {got[0]} and gives {got[1]}, not float32 "
             f"{INPUT_SHAPE} images -> {OUTPUT_SHAPE} logits; not a robustlab MNIST model"
