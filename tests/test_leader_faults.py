@@ -51,8 +51,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
 ]
 retried_trial_number = RetryHeartbeatStaleTrialCallback.retried_trial_number
-GRACE = 4
-HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", str(GRACE))
+# short enough for a quick takeover, long enough that a busy machine does not starve a live
+# worker's heartbeat thread past it (4 s did, on a 2-core machine under load 12)
+GRACE = 10
+HEARTBEAT = ("--heartbeat-interval", "2", "--grace-period", str(GRACE))
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +175,39 @@ def _check_one_leader_nothing_running(live: Live, study: optuna.Study) -> str:
     return parent
 
 
+def _retried_by(complete: list, lost: int) -> list:
+    """The COMPLETE trials that re-ran trial `lost` (directly or through a retry of a retry)."""
+    return [
+        t
+        for t in complete
+        if lost in (retried_trial_number(t), *RetryHeartbeatStaleTrialCallback.retry_history(t))
+    ]
+
+
+def _lost_once(study: optuna.Study, complete: list) -> list:
+    """Every trial that is not COMPLETE was declared lost (no heartbeat) and re-run by exactly
+    one COMPLETE trial; the lost trials."""
+    lost = [t for t in study.get_trials() if t.state != TrialState.COMPLETE]
+    for t in lost:
+        assert t.state == TrialState.FAIL, (t.number, t.state)
+        assert "no heartbeat" in study.user_attrs[f"robustlab_fail_reason_{t.number}"]
+        assert len(_retried_by(complete, t.number)) == 1, (t.number, _trials_seen(study))
+    return lost
+
+
+def _trials_seen(study: optuna.Study) -> list:
+    return [
+        (
+            t.number,
+            t.state.name,
+            unit_of(t),
+            retried_trial_number(t),
+            t.user_attrs.get("mlflow_run_id"),
+        )
+        for t in study.get_trials()
+    ]
+
+
 def _complete_once(study: optuna.Study, units: set) -> list:
     """Every unit has exactly one COMPLETE trial (and nothing else is COMPLETE)."""
     complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
@@ -237,12 +272,13 @@ def test_a_leader_killed_before_its_parent_run_is_replaced_by_the_same_command(
     study = optuna.load_study(study_name=name, storage=live.storage)
     new = json.loads(study.user_attrs[ATTR_LEADER])
     assert new["token"] != record["token"]  # a new leader took over the study
-    trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE]
+    trials = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert len(trials) == 1, _trials_seen(study)
+    _lost_once(study, trials)
     parent = _check_one_leader_nothing_running(live, study)
     assert [r.info.run_id for r in _parents(live, name)] == [parent]  # the only parent run
-    assert {r.info.run_id for r in trial_runs(live, parent)} == {
-        t.user_attrs["mlflow_run_id"] for t in trials
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} <= {
+        r.info.run_id for r in trial_runs(live, parent)
     }
 
 
@@ -273,6 +309,8 @@ def test_b_leader_killed_after_its_parent_run_dead_parent_failed_units_once(live
     done_before = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
     _kill_group(first)  # the leader and its two workers, at once
     assert live.client().get_run(old_parent).info.status == "RUNNING"
+    # a command started within the grace period joins the leader that still looks alive
+    time.sleep(GRACE + 1)
 
     cwd2, env2 = machine(tmp_path, "m2", live)
     out = robustlab(args, cwd2, env2)
@@ -289,11 +327,7 @@ def test_b_leader_killed_after_its_parent_run_dead_parent_failed_units_once(live
     complete = _complete_once(study, _vanilla_units(seeds))
     # the unit finished before the kill was adopted, not trained again
     assert {t.number for t in done_before} <= {t.number for t in complete}
-    lost = [t for t in study.get_trials() if t.state == TrialState.FAIL]
-    assert lost, "the unit of the killed worker was not declared lost"
-    for t in lost:
-        assert "no heartbeat" in study.user_attrs[f"robustlab_fail_reason_{t.number}"]
-        assert [r for r in complete if retried_trial_number(r) == t.number]
+    assert _lost_once(study, complete), "the unit of the killed worker was not declared lost"
     children = {r.info.run_id: r.info.status for r in trial_runs(live, parent)}
     assert {t.user_attrs["mlflow_run_id"] for t in complete} <= set(children)
     assert "report.md" in {a.path for a in live.client().list_artifacts(parent)}
@@ -320,13 +354,14 @@ def test_c_postgresql_down_during_the_election_of_two_identical_commands(live, t
     assert not any("Traceback" in log for log in logs)
 
     study = optuna.load_study(study_name=name, storage=live.storage)
-    trials = study.get_trials()
-    assert all(t.state == TrialState.COMPLETE for t in trials) and 2 <= len(trials) <= 3
+    trials = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert 2 <= len(trials) <= 3, _trials_seen(study)  # n_trials, overshoot <= workers - 1
+    _lost_once(study, trials)
     parent = _check_one_leader_nothing_running(live, study)
     assert [r.info.run_id for r in _parents(live, name)] == [parent]
     runs = [t.user_attrs["mlflow_run_id"] for t in trials]
     assert len(set(runs)) == len(runs)
-    assert {r.info.run_id for r in trial_runs(live, parent)} == set(runs)
+    assert set(runs) <= {r.info.run_id for r in trial_runs(live, parent)}
 
 
 # ---- d. a worker dies before its first heartbeat --------------------------------------------
@@ -341,25 +376,36 @@ def test_d_a_worker_killed_before_its_first_heartbeat_is_retried_once(live, tmp_
     study = optuna.load_study(study_name=name, storage=live.storage)
     cwd, env = machine(tmp_path, "w", live)
     # Optuna beats once as the trial starts: that first beat waits here, and the worker dies
-    # with its unit RUNNING and no heartbeat row
+    # with its unit RUNNING and no heartbeat row, once its run exists (before its first epoch
+    # put the run on the trial, most likely: the lost run must be found by its tags)
     with _writes_wait(live, "optuna", "trial_heartbeats"):
         victim = _start(["experiment-worker", "--study-name", name], cwd, env, groups)
         _lock_waiters(live, "optuna", 1, [victim])
         [lost] = study.get_trials(states=(TrialState.RUNNING,))
+        deadline = time.monotonic() + 600
+        while not (orphan := running_runs(live, name)):
+            assert victim.poll() is None and time.monotonic() < deadline, _log(cwd)[-3000:]
+            time.sleep(0.3)
         _kill_group(victim)
     beats = "SELECT count(*) FROM trial_heartbeats WHERE trial_id = :tid"
     assert _sql(live, "optuna", beats, tid=lost._trial_id) == [(0,)]
+    [orphan] = orphan
+    on_trial = "mlflow_run_id" in study.get_trials()[lost.number].user_attrs
 
     out = robustlab(args, coord, coord_env)  # the same command: retries it after the grace period
     assert out.returncode == 0, out.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=live.storage)
     failed = study.get_trials()[lost.number]
     assert failed.state == TrialState.FAIL
-    assert "no heartbeat" in study.user_attrs[f"robustlab_fail_reason_{lost.number}"]
     [complete] = _complete_once(study, _vanilla_units(1))
+    assert lost.number in {t.number for t in _lost_once(study, [complete])}
     assert retried_trial_number(complete) == lost.number and complete.params == failed.params
-    assert len(study.get_trials()) == 2
     _check_one_leader_nothing_running(live, study)
+    lost_run = live.client().get_run(orphan.info.run_id)  # ended, whether or not on the trial
+    # without RUN_ATTR on the trial (`on_trial` False) only its tags lead to it
+    print(f"the lost run {orphan.info.run_id} was on its trial: {on_trial}")
+    assert lost_run.info.status == "FAILED", on_trial
+    assert lost_run.data.tags["robustlab.experiment.worker_lost"] == "true"
 
 
 # ---- e. two registers at once ---------------------------------------------------------------
