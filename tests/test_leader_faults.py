@@ -466,10 +466,11 @@ def test_e_two_registers_at_once_the_better_model_ends_champion(
 
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.run_id == better
-    aliased = [
-        v for v in client.search_model_versions(f"name='{name}'") if "champion" in (v.aliases or [])
-    ]
-    assert [v.version for v in aliased] == [champion.version]  # exactly one champion
+    # exactly one champion (search results carry no aliases: read each version)
+    assert client.get_registered_model(name).aliases == {"champion": champion.version}
+    versions = client.search_model_versions(f"name='{name}'")
+    aliased = [v.version for v in versions if client.get_model_version(name, v.version).aliases]
+    assert aliased == [champion.version]
     assert float(champion.tags["robustlab.criterion"]) == pytest.approx(0.5)
     if codes[1] == 0:  # the worse one was registered too, and said it is not champion
         assert "not champion" in logs[1], logs[1][-2000:]
