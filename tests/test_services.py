@@ -272,13 +272,26 @@ def test_another_local_user_cannot_connect_and_mlflow_beyond_loopback_needs_a_lo
 def _traced(log: Path, argv: list[str], **kwargs) -> subprocess.Popen:
     """`strace -f -e trace=execve` over `argv`: every program it and its children start, with
     their whole argument lists, in `log`."""
-    strace = ["strace", "-f", "--seccomp-bpf", "-e", "trace=execve", "-s", "4096", "-o", str(log)]
+    strace = [
+        "strace",
+        "-f",
+        "-I",
+        "1",
+        "--seccomp-bpf",
+        "-e",
+        "trace=execve",
+        "-s",
+        "4096",
+        "-o",
+        str(log),
+    ]
     return subprocess.Popen([*strace, *argv], **kwargs)
 
 
 def _wait_exited(log: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
     """The exit code of the first program strace started (`services start`, whose daemons stay
-    traced) once it exited; then strace is interrupted, which detaches from the daemons."""
+    traced) once it exited; then strace is interrupted (`-I 1`: it takes SIGINT), which detaches
+    from the daemons."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lines = log.read_text().splitlines() if log.exists() else []
