@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,171 @@ def test_another_local_user_cannot_connect_and_mlflow_beyond_loopback_needs_a_lo
         assert out.returncode != 0
     finally:
         subprocess.run(["userdel", user], check=False)
+
+
+def _traced(log: Path, argv: list[str], **kwargs) -> subprocess.Popen:
+    """`strace -f -e trace=execve` over `argv`: every program it and its children start, with
+    their whole argument lists, in `log`."""
+    strace = [
+        "strace",
+        "-f",
+        "-I",
+        "1",
+        "--seccomp-bpf",
+        "-e",
+        "trace=execve",
+        "-s",
+        "4096",
+        "-o",
+        str(log),
+    ]
+    return subprocess.Popen([*strace, *argv], **kwargs)
+
+
+def _wait_exited(log: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """The exit code of the first program strace started (`services start`, whose daemons stay
+    traced) once it exited; then strace is interrupted (`-I 1`: it takes SIGINT), which detaches
+    from the daemons."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if lines:
+            pid = lines[0].split()[0]
+            for line in lines:
+                if line.startswith(f"{pid} +++ exited with "):
+                    proc.send_signal(signal.SIGINT)
+                    proc.wait(timeout=60)
+                    return int(line.split()[-2])
+        assert proc.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.5)
+    raise AssertionError(f"{log} shows no exit in {timeout} s")
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace is not installed")
+def test_no_password_in_any_argv_log_param_tag_study_attribute_or_printed_line(svc_env, tmp_path):
+    """`services start` (the `make services` path), `dashboard` (until it answers) and a
+    2-worker `tune` under strace: the password from services.env is in no program's argv, in
+    neither server's log, in no run's params or tags, in no study attribute and in nothing
+    printed."""
+    import json
+    import urllib.error
+    import urllib.request
+    from urllib.parse import unquote
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy.engine import make_url
+
+    from robustlab.launch import optuna_compat
+    from tests.conftest import DATA_DIR
+
+    folder = Path(svc_env["ROBUSTLAB_TRACKING_DIR"])
+    traces, printed = [], []
+    trace = tmp_path / "services.strace"
+    proc = _traced(
+        trace,
+        [str(BIN / "robustlab"), "services", "start"],
+        env=svc_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert _wait_exited(trace, proc) == 0, proc.stdout.read()[-3000:]
+    printed.append(proc.stdout.read())
+    traces.append(trace)
+    values = _read_env(folder / "services.env")
+    password = unquote(make_url(values["ROBUSTLAB_OPTUNA_STORAGE"]).password)
+    assert len(password) >= 16
+
+    work = {k: v for k, v in svc_env.items() if k != "MLFLOW_TRACKING_URI"}
+    work["ROBUSTLAB_SERVICES_ENV"] = str(folder / "services.env")  # the URLs from the file
+    port = free_port()
+    trace = tmp_path / "dashboard.strace"
+    proc = _traced(
+        trace,
+        [str(BIN / "robustlab"), "dashboard", "--port", str(port)],
+        env=work,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, trace.read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                time.sleep(1)
+    finally:
+        dashboard = int(trace.read_text().split()[0])  # the traced robustlab process
+        os.kill(dashboard, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    printed.append(out)
+    traces.append(trace)
+
+    trace = tmp_path / "tune.strace"
+    argv = ["tune", "--budget", "smoke", "--n-trials", "2", "--workers", "2", "--clean-floor"]
+    argv += ["0", "--study-name", "sec", "--data-dir", str(DATA_DIR)]
+    proc = _traced(
+        trace,
+        [str(BIN / "robustlab"), *argv],
+        env=work,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, err[-3000:]
+    printed += [out, err]
+    traces.append(trace)
+
+    execs = [line for t in traces for line in t.read_text().splitlines() if "execve(" in line]
+    started = "\n".join(execs)
+    for program in ("initdb", "pg_ctl", "psql", 'mlflow", "db", "upgrade', "server"):
+        assert program in started, program  # the trace saw every program of the services
+    assert "dashboard" in started and started.count('"tune-worker"') >= 2
+    assert [line for line in execs if password in line] == []
+    svc = Services(folder / "services")
+    logs = [svc.pg_root / "postgres.log", svc.root / "mlflow.log"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in logs)
+    for path in logs:
+        assert password not in path.read_text(errors="replace"), path
+    for text in printed:
+        assert password not in text
+    assert "***" in printed[0]  # services start shows the URL, masked
+    study = optuna.load_study(study_name="sec", storage=values["ROBUSTLAB_OPTUNA_STORAGE"])
+    assert len(study.get_trials()) >= 2
+    system = optuna_compat.storage_of(study).get_study_system_attrs(optuna_compat.study_id(study))
+    assert password not in json.dumps(study.user_attrs) + json.dumps(system, default=str)
+    for t in study.get_trials():
+        assert password not in json.dumps({**t.user_attrs, **t.system_attrs}, default=str)
+    client = MlflowClient(values["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 3  # the parent and its trials
+    for run in runs:
+        assert password not in json.dumps({**run.data.params, **run.data.tags}), run.info.run_id
+
+
+def test_a_refused_storage_url_is_one_line_without_its_password(tmp_path):
+    secret = "SECRET" + "x7Qz"
+    url = f"postgresql+psycopg://robustlab:{secret}@127.0.0.1:1/optuna"
+    env = {k: v for k, v in os.environ.items() if k != "ROBUSTLAB_OPTUNA_STORAGE"}
+    env["ROBUSTLAB_TRACKING_DIR"] = str(tmp_path / "tracking")
+    out = subprocess.run(
+        [str(BIN / "robustlab"), "tune", "--storage", url],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stdout + out.stderr
+    assert lines[0].startswith("robustlab tune: error: ") and "carries a password" in lines[0]
+    assert secret not in out.stdout + out.stderr and "Traceback" not in out.stderr

@@ -548,10 +548,26 @@ def finished_children(parent_id: str, what: str = "run") -> tuple[Run, list[Run]
 
 
 def end_lost_runs(study: optuna.Study, keep: set[str], tag: str) -> None:
-    """Runs of FAILED trials (a worker that died, an error) still RUNNING: end them FAILED."""
+    """Runs of FAILED trials (a worker that died, an error) still RUNNING: end them FAILED.
+
+    A run whose worker died before its first epoch is not on its trial yet (`RunOnTrial`): it
+    is found by its tags (`robustlab.study`, `robustlab.trial`) in the study's experiment."""
     client = MlflowClient()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = t.user_attrs.get(RUN_ATTR)
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    run_ids = [t.user_attrs.get(RUN_ATTR) for t in failed]
+    untold = {str(t.number) for t in failed if RUN_ATTR not in t.user_attrs}
+    experiment = study.user_attrs.get(ATTR_EXPERIMENT)
+    if untold and experiment:
+        with contextlib.suppress(MlflowException):
+            running = client.search_runs(
+                [experiment],
+                filter_string=f"tags.`robustlab.study` = '{study.study_name}' "
+                "and attributes.status = 'RUNNING'",
+            )
+            run_ids += [
+                r.info.run_id for r in running if r.data.tags.get("robustlab.trial") in untold
+            ]
+    for run_id in dict.fromkeys(run_ids):
         if not run_id or run_id in keep:
             continue
         with contextlib.suppress(MlflowException):
