@@ -20,12 +20,14 @@ from typing import Any, Protocol
 import optuna
 from mlflow.entities import Run
 
+from robustlab.launch.election import is_fresh, leader_record
 from robustlab.launch.launcher import (
     Plan,
     announce,
     check_existing,
     drive,
     elect,
+    join_wait,
     open_study,
     parent_run,
     wait_for_leader,
@@ -86,8 +88,17 @@ def lead(plan: LeadPlan, url: str, workers: Workers, create_only: bool = False) 
         if lease is not None:
             break
         parent_id = wait_for_leader(study, storage, plan.heartbeat)
-        if parent_id is not None:
-            return _join(plan, workers, parent_id)
+        if parent_id is None:
+            continue  # that leader died meanwhile: elect again
+        _join(plan, workers, parent_id)
+        if not leader_died(study, parent_id, plan.heartbeat):
+            return parent_id
+        print(
+            f"{plan.kind}: the leader of study {plan.study_name} died while this process worked "
+            f"(parent run {parent_id} still RUNNING, its lease stale); taking over",
+            file=sys.stderr,
+            flush=True,
+        )
     name, params, tags = plan.parent(old is not None)
     with parent_run(
         plan, storage, url, study=study, lease=lease, run_name=name, params=params, tags=tags
@@ -105,6 +116,27 @@ def lead(plan: LeadPlan, url: str, workers: Workers, create_only: bool = False) 
         wait_for_running(study, plan, lease)  # trials of joined workers finish first
         plan.summarize(study, parent.info.run_id, time.perf_counter() - t0)
         return parent.info.run_id
+
+
+def leader_died(study: optuna.Study, parent_id: str, heartbeat) -> bool:
+    """After a joiner's work: wait until the leader ends its parent run (False: it lives and
+    summarizes) or its lease goes stale while the parent is still RUNNING (True: a joiner that
+    came within the grace period of the leader's death takes over); False after the join wait."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    deadline = time.monotonic() + join_wait(heartbeat)
+    while time.monotonic() < deadline:
+        try:
+            if client.get_run(parent_id).info.status != "RUNNING":
+                return False
+        except MlflowException:
+            return False
+        if not is_fresh(leader_record(study), heartbeat):
+            return True
+        time.sleep(2.0)
+    return False
 
 
 def _join(plan: LeadPlan, workers: Workers, parent_id: str) -> str:
