@@ -57,3 +57,37 @@ def test_heartbeat_keeps_a_popped_trial_alive(tmp_path):
     time.sleep(3)  # no heartbeat now: the trial goes stale
     optuna.storages.fail_stale_trials(study)
     assert study.trials[0].state == TrialState.FAIL
+
+
+def test_a_joiner_takes_over_only_from_a_leader_that_died_with_its_parent_running(
+    tracking, tmp_path
+):
+    """`leader_died`, on a real SQLite study and MLflow store: a leader whose lease stops beating
+    while its parent run is RUNNING is dead (the joiner takes over); one that ends its parent run
+    is not, however its lease looks afterwards."""
+    import time
+
+    import mlflow
+
+    from robustlab.config import Heartbeat
+    from robustlab.launch.election import claim
+    from robustlab.launch.leader import leader_died
+
+    beat = Heartbeat(1, 3, 1)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s")
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("e")
+
+    lease = claim(study, beat)
+    assert lease is not None
+    parent = client.create_run(exp).info.run_id  # RUNNING
+    lease._stop.set()  # the leader dies (SIGKILL): no more beats, no release
+    t0 = time.monotonic()
+    assert leader_died(study, parent, beat)  # its lease goes stale, the parent still RUNNING
+    assert beat.grace_period - 1 <= time.monotonic() - t0 < 60
+
+    other = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="t")
+    with claim(other, beat):  # a live leader, beating, that ends its parent run
+        parent2 = client.create_run(exp).info.run_id
+        client.set_terminated(parent2, "FINISHED")
+        assert not leader_died(other, parent2, beat)
