@@ -252,7 +252,9 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
             ["robustlab", "report", *args], env=env, capture_output=True, text=True
         )
         assert out.returncode == 0, out.stderr[-2000:]
-        assert [ln.split(": ")[-1].split(" (")[0] for ln in out.stdout.splitlines()] == tags
+        assert [
+            ln.split(": ", 1)[1].split(" (without")[0] for ln in out.stdout.splitlines()
+        ] == tags
     assert {"run.json", "folds.csv", "inv_predictions.csv", "test_outcomes.csv"} <= {
         p.name for p in folder.iterdir()
     }
