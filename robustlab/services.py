@@ -121,13 +121,13 @@ class Services:
         """$ROBUSTLAB_PG_PASSWORD, else one generated on first start and kept (mode 600)."""
         if os.environ.get(PASSWORD_ENV):
             return os.environ[PASSWORD_ENV]
-        return self.secret("pg_password", PASSWORD_ENV)
+        return self.secret("pg_password", "PostgreSQL password", PASSWORD_ENV)
 
     def mlflow_password(self) -> str:
         """The MLflow login of the workers (the auth app's admin), generated and kept."""
-        return self.secret("mlflow_password", "MLFLOW_TRACKING_PASSWORD")
+        return self.secret("mlflow_password", "MLflow password", "MLFLOW_TRACKING_PASSWORD")
 
-    def secret(self, name: str, env: str) -> str:
+    def secret(self, name: str, what: str, env: str | None = None) -> str:
         """The secret kept in `name` under the services folder (mode 600), made on first use."""
         path = self.root / name
         if not path.exists():
@@ -141,8 +141,8 @@ class Services:
             why = "it is empty"
         if not text:
             raise RobustlabError(
-                f"cannot read the password from {path} ({why}); make it a file of "
-                f"yours with mode 600 holding the password, or set ${env}"
+                f"cannot read the {what} from {path} ({why}); make it a file of yours "
+                f"with mode 600 holding it" + (f", or set ${env}" if env else "")
             )
         return text
 
@@ -444,7 +444,9 @@ def _auth_env(svc: Services) -> dict[str, str]:
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
         "MLFLOW_AUTH_ADMIN_PASSWORD": svc.mlflow_password(),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": svc.secret("flask_secret_key", "none"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": svc.secret(
+            "flask_secret_key", "MLflow server's Flask secret key"
+        ),
     }
 
 

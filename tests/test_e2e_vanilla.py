@@ -72,8 +72,10 @@ def test_vanilla_through_mlflow_run(tracking, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "checkpoint", "excluded_test_indices.json"} <= artifacts
     assert run.outputs.model_outputs, "the model is logged as an MLflow LoggedModel of the run"
+    # the test grid, and the validation curves (one point per epoch) a reader looks at
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
-        "plots/test_predictions.png"
+        "plots/test_predictions.png",
+        "plots/validation_curves.png",
     ]
     inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
     assert {"mnist-training", "mnist-validation", "mnist-evaluation"} <= inputs
