@@ -28,8 +28,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# The suite in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (its
+# module fixtures, e.g. the PostgreSQL + MLflow services, start once): most tests wait on
+# subprocesses and servers, so one process keeps 2 cores less than half busy.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 run: setup
 	source $(BIN)/activate && robustlab tracking-init && \

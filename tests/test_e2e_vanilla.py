@@ -41,7 +41,7 @@ def mlflow_run(entry: str, tracking_dir: Path, *params: str) -> subprocess.Compl
     for p in params:
         cmd += ["-P", p]
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tracking_dir
+        cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=tracking_dir
     )
 
 
