@@ -210,8 +210,7 @@ def _traced(log: Path, argv: list[str], **kwargs) -> subprocess.Popen:
 
 def _wait_exited(log: Path, proc: subprocess.Popen, *also: Path, timeout: float = 600) -> int:
     """The exit code of the first program strace started (`services start`, whose daemons stay
-    traced) once it exited; then strace is interrupted (`-I 1`: it takes SIGINT), which detaches
-    from the daemons."""
+    traced) once it exited; then strace is killed, which detaches it from the daemons."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lines = log.read_text().splitlines() if log.exists() else []
@@ -219,12 +218,14 @@ def _wait_exited(log: Path, proc: subprocess.Popen, *also: Path, timeout: float 
             pid = lines[0].split()[0]
             for line in lines:
                 if line.startswith(f"{pid} +++ exited with "):
-                    proc.send_signal(signal.SIGINT)
+                    # strace killed: the kernel detaches the daemons at once (an interrupted
+                    # strace detaching them one by one took over 60 s on a loaded machine)
+                    proc.kill()
                     proc.wait(timeout=60)
                     return int(line.split()[-2])
         assert proc.poll() is None, log.read_text()[-2000:]
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.kill()
     tails = {p.name: p.read_text(errors="replace")[-1500:] for p in (log, *also) if p.is_file()}
     raise AssertionError(f"{log} shows no exit in {timeout} s; the tails: {tails}")
 
