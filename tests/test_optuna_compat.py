@@ -91,3 +91,40 @@ def test_a_joiner_takes_over_only_from_a_leader_that_died_with_its_parent_runnin
         parent2 = client.create_run(exp).info.run_id
         client.set_terminated(parent2, "FINISHED")
         assert not leader_died(other, parent2, beat)
+
+
+def test_a_leader_releases_its_lease_only_after_its_parent_run_ended(
+    tracking, tmp_path, monkeypatch
+):
+    """`parent_run`: between the lease's release and the parent run's end a joiner would see the
+    parent RUNNING with no live leader and take the study over (a second parent run)."""
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from robustlab.config import Heartbeat
+    from robustlab.launch import launcher
+    from robustlab.launch.election import Lease, claim, is_fresh, leader_record
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    beat = Heartbeat(1, 3, 1)
+    study = optuna.create_study(storage=url, study_name="s")
+    plan = SimpleNamespace(
+        kind="tune", study_name="s", heartbeat=beat, metric_names=("v",), study_attrs=dict
+    )
+    seen: list[tuple[str, bool]] = []
+    release = Lease.__exit__
+
+    def observed(self, *exc):
+        status = mlflow.tracking.MlflowClient().get_run(parent_id).info.status
+        seen.append((status, is_fresh(leader_record(study), beat)))
+        release(self, *exc)
+
+    monkeypatch.setattr(Lease, "__exit__", observed)
+    storage = optuna.storages.RDBStorage(url)
+    with launcher.parent_run(
+        plan, storage, url, study=study, lease=claim(study, beat), run_name="p", params={}, tags={}
+    ) as (parent, _study, _lease):
+        parent_id = parent.info.run_id
+    assert seen == [("FINISHED", True)]  # the run ended while the lease was still held
+    assert not is_fresh(leader_record(study), beat)  # ... and then released

@@ -16,10 +16,11 @@ import threading
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from robustlab.cli import main
-from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_PARENT
+from robustlab.launch.launcher import ATTR_EXPERIMENT, ATTR_PARENT, LOST_TAG
 from robustlab.tune.plan import ATTR_CONFIG
 from tests.conftest import DATA_DIR, free_port
 from tests.scale_support import (
@@ -309,10 +310,20 @@ def test_a_retry_continues_only_from_an_intact_checkpoint(tracking, tmp_path):
         mlflow.log_artifact(str(folder / "model.weights.h5"), "checkpoint/slot0")
     with mlflow.start_run() as none:
         pass
+    with mlflow.start_run() as finished:  # its worker died after the run ended, before the tell
+        log_checkpoint(folder, finished.info.run_id)
+    client = MlflowClient()
+    for run in (whole, partial, none):  # a killed worker's run stays RUNNING
+        client.update_run(run.info.run_id, status="RUNNING")
     assert checkpointed_run(whole.info.run_id)[0] == whole.info.run_id
     assert checkpointed_run(partial.info.run_id)[0] is None
     assert checkpointed_run(none.info.run_id)[0] is None
     assert checkpointed_run(None)[0] is None
+    # a finished run cannot be continued: the retry starts afresh, that run ends FAILED, lost
+    run_id, note = checkpointed_run(finished.info.run_id)
+    assert run_id is None and "never told" in note
+    done = client.get_run(finished.info.run_id)
+    assert done.info.status == "FAILED" and LOST_TAG in done.data.tags
 
 
 def _together(argv: list[str], places, timeout: float = 900) -> list[subprocess.CompletedProcess]:

@@ -269,22 +269,27 @@ def parent_run(
     `<kind>-<parent run id>` once the run exists (a plan with an empty `study_name`)."""
     if study is not None:
         end_dead_parent(study)
-    with start_run(run_name, params=params, tags=tags) as parent:
+    held: list[Lease] = []
+    with contextlib.ExitStack() as stack:
+        # the lease is released only after the parent run has ended: a joiner that sees the
+        # lease released while the parent is still RUNNING takes the leader for dead
+        stack.callback(lambda: [lease.__exit__(None, None, None) for lease in held])
+        parent = stack.enter_context(start_run(run_name, params=params, tags=tags))
         if study is None:
             plan.study_name = plan.study_name or f"{plan.kind}-{parent.info.run_id}"
             study = _create_or_load(storage, plan)
             lease = claim(study, plan.heartbeat)
         if lease is None:
             raise RobustlabError(f"study {plan.study_name} was claimed by another leader")
-        with lease:
-            study.set_metric_names(list(plan.metric_names))
-            for key, value in {ATTR_KIND: plan.kind, **plan.study_attrs()}.items():
-                study.set_user_attr(key, value)
-            adopt_runs(study, parent.info.run_id)
-            mlflow.set_tags(
-                {"robustlab.study": plan.study_name, "robustlab.optuna_storage": redact_url(url)}
-            )
-            yield parent, study, lease
+        held.append(lease.start())
+        study.set_metric_names(list(plan.metric_names))
+        for key, value in {ATTR_KIND: plan.kind, **plan.study_attrs()}.items():
+            study.set_user_attr(key, value)
+        adopt_runs(study, parent.info.run_id)
+        mlflow.set_tags(
+            {"robustlab.study": plan.study_name, "robustlab.optuna_storage": redact_url(url)}
+        )
+        yield parent, study, lease
 
 
 def announce(study: optuna.Study, parent: Run, lease: Lease) -> None:
@@ -315,6 +320,8 @@ def checkpointed_run(run_id: str | None) -> tuple[str | None, str]:
 
     if not run_id:
         return None, "starting afresh: the lost trial had no run yet"
+    if _finished_unreported(run_id):
+        return None, f"starting afresh: run {run_id} finished but its trial was never told"
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = mlflow.artifacts.download_artifacts(
@@ -325,6 +332,26 @@ def checkpointed_run(run_id: str | None) -> tuple[str | None, str]:
             why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             return None, f"starting afresh: no intact checkpoint in run {run_id} ({why})"
     return run_id, f"continuing run {run_id} from its checkpoint"
+
+
+def _finished_unreported(run_id: str) -> bool:
+    """Whether the lost trial's run FINISHED (its worker died between ending the run and telling
+    the trial): a finished run cannot be continued, so it is ended FAILED, tagged lost, and the
+    retry trial runs the point again (one FINISHED run per COMPLETE trial)."""
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "FINISHED":
+            return False
+        client.set_tag(
+            run_id,
+            LOST_TAG,
+            "its worker died after the run finished and before its trial was told; the retry "
+            "trial runs the point again",
+        )
+        client.set_terminated(run_id, "FAILED")
+    except MlflowException:
+        return False
+    return True
 
 
 def retry_of(study: optuna.Study, trial: optuna.Trial) -> Retry | None:
