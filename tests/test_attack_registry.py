@@ -199,7 +199,7 @@ def test_apgd_t_is_an_optional_stage_that_evaluate_runs(tmp_path):
     without = evaluate_and_log(
         model,
         small,
-        EvalConfig(eps=0.3, autoattack_size=60, pgd_restarts=0, curve_size=10),
+        EvalConfig(eps=0.3, autoattack_size=10, pgd_restarts=0, curve_size=10),
         out_dir=tmp_path / "b",
         log=False,
         eps_grid=(0.0, 0.3),
