@@ -162,9 +162,7 @@ def test_experiment_pairs_spread_over_two_workers_on_two_urls(live, tmp_path, re
         for t in trials
     }
     assert set(pairs) == {
-        (r, s, f)
-        for s in (0,)
-        for r, f in (("vanilla", -1), ("invariance", 0), ("invariance", 1))
+        (r, s, f) for s in (0,) for r, f in (("vanilla", -1), ("invariance", 0), ("invariance", 1))
     }
     done = [set(re.findall(r"^trial (\d+): ", log, re.M)) for log in logs]
     assert all(done) and not done[0] & done[1], logs  # both worked, never on the same pair
