@@ -54,9 +54,9 @@ BUDGETS: dict[str, Budget] = {
         attack_steps=2,
         autoattack_size=0,
         pgd_restarts=0,  # as `default`: the restarts' path is `evaluate`'s, tested there
-        pgd_size=100,  # the PGD subset path, as `default` takes it
+        pgd_size=50,  # the PGD subset path, as `default` takes it
         batch_size=64,
-        curve_size=50,
+        curve_size=25,
         curve_points=3,
     ),
     # a laptop afternoon on 2 cores: short PGD-5 training, clean accuracy on every shared test
