@@ -338,20 +338,24 @@ def _finished_unreported(run_id: str) -> bool:
     """Whether the lost trial's run FINISHED (its worker died between ending the run and telling
     the trial): a finished run cannot be continued, so it is ended FAILED, tagged lost, and the
     retry trial runs the point again (one FINISHED run per COMPLETE trial)."""
-    client = MlflowClient()
     try:
-        if client.get_run(run_id).info.status != "FINISHED":
+        if MlflowClient().get_run(run_id).info.status != "FINISHED":
             return False
-        client.set_tag(
-            run_id,
-            LOST_TAG,
-            "its worker died after the run finished and before its trial was told; the retry "
-            "trial runs the point again",
-        )
-        client.set_terminated(run_id, "FAILED")
     except MlflowException:
         return False
+    end_lost_run(
+        run_id,
+        "its worker died after the run finished and before its trial was told; the retry trial "
+        "runs the point again",
+    )
     return True
+
+
+def end_lost_run(run_id: str, reason: str) -> None:
+    """End a lost trial's run FAILED, tagged `LOST_TAG` with `reason` (best effort)."""
+    with contextlib.suppress(MlflowException):
+        MlflowClient().set_tag(run_id, LOST_TAG, reason)
+        MlflowClient().set_terminated(run_id, "FAILED")
 
 
 def retry_of(study: optuna.Study, trial: optuna.Trial) -> Retry | None:
@@ -411,9 +415,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, values) -> bool:
     print(f"note: {reason}", file=sys.stderr, flush=True)
     run_id = frozen.user_attrs.get(RUN_ATTR)
     if run_id:
-        with contextlib.suppress(MlflowException):
-            MlflowClient().set_tag(run_id, LOST_TAG, reason)
-            MlflowClient().set_terminated(run_id, "FAILED")
+        end_lost_run(run_id, reason)
     return False
 
 
