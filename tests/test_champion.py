@@ -4,6 +4,10 @@ arguments or once finished."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
@@ -82,3 +86,32 @@ def test_auto_resume_continues_the_interrupted_run_and_refuses_other_arguments(
     assert cli.main(ARGV) == 2
     _one_line(capsys, "FINISHED already")
     assert len(_runs()) == 1
+
+
+def test_a_second_make_champion_while_the_first_trains_is_refused_in_one_line(
+    tracking, monkeypatch, capsys
+):
+    real = runner.log_checkpoint
+    seen: list[subprocess.CompletedProcess] = []
+
+    def second_command_at_first_checkpoint(folder, run_id):  # the same command, another process
+        real(folder, run_id)
+        if not seen:
+            seen.append(
+                subprocess.run(
+                    [sys.executable, "-m", "robustlab.cli", *ARGV],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+            )
+
+    monkeypatch.setattr(runner, "log_checkpoint", second_command_at_first_checkpoint)
+    assert cli.main(ARGV) == 0, capsys.readouterr().err[-3000:]
+    [second] = seen
+    assert second.returncode == 2, second.stderr[-3000:]
+    [line] = second.stderr.strip().splitlines()
+    assert line.startswith("robustlab perturbation: error: --run-name champ-test:"), line
+    assert f"(pid {os.getpid()}) is training it now" in line
+    [run] = _runs()  # the second command created nothing; the first finished its own run
+    assert run.info.status == "FINISHED"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from robustlab.config import (
 )
 from robustlab.data.pools import LABEL_SOURCES, TRAIN_POOL_SETS
 from robustlab.errors import ConfigError
-from robustlab.regimes import ORDERS, check_eps_warmup, make_regime
+from robustlab.regimes import ORDERS, Regime, check_eps_warmup, make_regime
 
 
 def _shared(p: argparse.ArgumentParser, epochs: int) -> None:
@@ -288,15 +289,27 @@ def run(args: argparse.Namespace) -> None:
     configure_tracking()
     if cfg.train.init_model:
         check_model_uri(cfg.train.init_model, "--init-model")
-    tags = {}
-    if args.auto_resume:
-        cfg, tags = _auto_resume(cfg, args.run_name, regime.name)
-    if cfg.train.resume_run_id:
-        from robustlab.train.resume import resumable_run
+    with contextlib.ExitStack() as held:  # --auto-resume's lock, until the run has ended
+        tags = {}
+        if args.auto_resume:
+            cfg, tags = _auto_resume(cfg, args.run_name, regime.name, held)
+        if cfg.train.resume_run_id:
+            from robustlab.train.resume import resumable_run
 
-        resumable_run(cfg.train.resume_run_id, regime.name)  # parameters, checkpoint: the runner
-    cfg.validate()  # now with the model name (imports Keras)
+            resumable_run(cfg.train.resume_run_id, regime.name)  # params, checkpoint: the runner
+        cfg.validate()  # now with the model name (imports Keras)
+        _train(args, regime, cfg, ev, inv_pool, tags)
 
+
+def _train(
+    args: argparse.Namespace,
+    regime: Regime,
+    cfg: RunConfig,
+    ev: EvalConfig,
+    inv_pool: tuple[str, ...],
+    tags: dict[str, str],
+) -> None:
+    """The training run and its one-line result."""
     from robustlab.train.runner import Extras, InvData, Judging, Placement, Watch, run_training
 
     extras = Extras(
@@ -321,12 +334,15 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
-def _auto_resume(cfg: RunConfig, run_name: str | None, regime: str) -> tuple[RunConfig, dict]:
+def _auto_resume(
+    cfg: RunConfig, run_name: str | None, regime: str, held: contextlib.ExitStack
+) -> tuple[RunConfig, dict]:
     """--auto-resume: `cfg` resuming the unfinished run of `run_name` (when there is one) and
-    the tag that finds the run again; one-line errors before any run exists."""
+    the tag that finds the run again, with this host's lock on `run_name` entered into `held`;
+    one-line errors before any run exists."""
     from dataclasses import replace
 
-    from robustlab.train.resume import RUN_KEY_TAG, unfinished_run
+    from robustlab.train.resume import RUN_KEY_TAG, run_key_held, unfinished_run
 
     if not run_name:
         raise ConfigError("--auto-resume needs --run-name: the name its runs are found by")
@@ -334,6 +350,7 @@ def _auto_resume(cfg: RunConfig, run_name: str | None, regime: str) -> tuple[Run
         raise ConfigError(f"--run-name {run_name!r}: no quotes with --auto-resume")
     if cfg.train.resume_run_id:
         raise ConfigError("pass --auto-resume or --resume-run-id, not both")
+    held.enter_context(run_key_held(run_name))
     found = unfinished_run(run_name, regime)
     if found:
         print(f"auto-resume: continuing run {found} ({run_name})", file=sys.stderr)

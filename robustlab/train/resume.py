@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlflow
@@ -10,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from robustlab.credentials import redact_url
 from robustlab.errors import ConfigError
-from robustlab.tracking import configure_tracking
+from robustlab.tracking import configure_tracking, tracking_dir
 
 # params that may differ between a run and its resumption (they do not change the training)
 RESUME_FREE_PARAMS = frozenset({"resume_run_id", "data_dir", "eval_size"})
@@ -124,3 +129,30 @@ def unfinished_run(run_key: str, regime: str) -> str | None:
         if has_checkpoint(run_id):
             return run_id
     return None
+
+
+@contextmanager
+def run_key_held(run_key: str) -> Iterator[None]:
+    """Hold this host's lock on `run_key` in the configured store while the block runs, so that a
+    second `--auto-resume` with the same --run-name neither continues nor starts the same run
+    beside it; ConfigError (one line, before any run exists) naming the holder's pid. A lock
+    file, not a store lease: two hosts resuming the same run key are not kept apart."""
+    uri = redact_url(mlflow.get_tracking_uri())
+    digest = hashlib.sha256(f"{uri}\0{run_key}".encode()).hexdigest()[:16]
+    folder = tracking_dir() / "checkpoints" / "run_keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / f"{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(
+                f"--run-name {run_key}: another process on this host (pid {holder}) is training "
+                "it now; wait for it to end or stop it, then run the same command again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the file releases the lock
