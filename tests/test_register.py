@@ -17,9 +17,11 @@ from robustlab.cli import main
 from robustlab.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from robustlab.data.pools import load_inv_pools
 from robustlab.data.tramer_halves import selection_sources, tramer_source_split
+from robustlab.errors import ConfigError
 from robustlab.evaluation.selection import Candidate, choose
 from robustlab.provenance import VERSION_EXCLUDED_TAG, decode_indices, read_provenance
 from robustlab.regimes import make_regime
+from robustlab.register.publish import crown
 from robustlab.train.runner import Extras, Judging, Placement, run_training
 
 # optuna's default handler would bind to the stream of the first test that logs (capsys) and
@@ -246,6 +248,15 @@ def test_register_from_a_study_alias_refusal_force_and_tags(tracking, tmp_path, 
     champion = client.get_model_version_by_alias(NAME, "champion")
     assert champion.run_id == c and champion.version != plain.version
     assert VERSION_EXCLUDED_TAG in champion.tags and "robustlab.test_run_id" in champion.tags
+
+    # a version registered while a better champion was crowned beside it (the race `crown`
+    # re-checks for) keeps its registration and says so, without the alias
+    weaker = Candidate(a, f"runs:/{a}/model", _sel(0.0, 0.0, 0.0))  # criterion -0.8
+    with pytest.raises(ConfigError) as refused:
+        crown(client, NAME, "1", weaker, force=False, floor=0.8)
+    assert "version 1 stays registered, not champion" in str(refused.value)
+    assert "nothing registered" not in str(refused.value)
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
 
 
 @pytest.mark.slow

@@ -78,9 +78,16 @@ def existing_version(client: MlflowClient, name: str, run_id: str):
 
 
 def check_champion(
-    client: MlflowClient, name: str, cand: Candidate, force: bool, clean_floor: float
+    client: MlflowClient,
+    name: str,
+    cand: Candidate,
+    force: bool,
+    clean_floor: float,
+    *,
+    outcome: str = "nothing registered",
 ) -> None:
-    """Refuse (one line) to move `champion` to a model worse on the criterion, unless `force`."""
+    """Refuse (one line, saying `outcome`) to move `champion` to a model worse on the criterion,
+    unless `force`."""
     champ = current_champion(client, name)
     if champ is None or force or champ.run_id == cand.run_id:
         return
@@ -88,14 +95,14 @@ def check_champion(
     if key is None:
         raise ConfigError(
             f"{name}@{ALIAS} (version {champ.version}) records no selection criterion, so it "
-            "cannot be compared; pass force=true to move the alias"
+            f"cannot be compared; {outcome}; pass force=true to move the alias"
         )
     ours = cand.key(clean_floor)
     if ours < key:
         raise ConfigError(
             f"{name}@{ALIAS} (version {champ.version}, criterion {key[0]:.4f}, clean {key[1]:.4f}) "
             f"is better than run {cand.run_id} (criterion {ours[0]:.4f}, clean "
-            f"{ours[1]:.4f}); nothing registered; pass force=true to move the alias anyway"
+            f"{ours[1]:.4f}); {outcome}; pass force=true to move the alias anyway"
         )
 
 
@@ -106,8 +113,9 @@ def crown(
     the move checked after a pause: of concurrent registers, the better model ends champion
     (a worse one that moved the alias meanwhile is overtaken again). ConfigError when the
     current champion is better."""
+    kept = f"version {version} stays registered, not {ALIAS}"
     for _ in range(5):
-        check_champion(client, name, cand, force, floor)
+        check_champion(client, name, cand, force, floor, outcome=kept)
         client.set_registered_model_alias(name, ALIAS, version)
         time.sleep(CROWN_SETTLE_S)
         champ = current_champion(client, name)
@@ -225,7 +233,7 @@ def publish(
         crown(client, name, mv.version, cand, force, clean_floor)
     except ConfigError as exc:  # a concurrent register crowned a better model meanwhile
         print(
-            f"register: {name} version {mv.version} registered, not champion: {exc}",
+            f"register: {exc}",
             file=sys.stderr,
         )
         return Outcome(mv.version, True, False, test_run_id)
