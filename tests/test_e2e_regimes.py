@@ -178,6 +178,10 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
     assert folds == {r: ({-1} if r in ("vanilla", "perturbation") else {0, 1}) for r in regimes}
     assert len(children) == 2 + 5 * 2
     assert parent.data.metrics["experiment/parent_peak_rss_mb"] < 1024  # it never trains
+    # the leader's progress: a line per completed unit and the counts on the parent run
+    assert "experiment: 12 of 12 complete, 0 running" in out.stderr
+    assert parent.data.metrics["experiment/complete"] == 12
+    assert parent.data.metrics["experiment/left"] == 0
 
     # the invariance table: every example predicted exactly once per (regime, seed)
     inv = _table(pid, "inv_predictions")

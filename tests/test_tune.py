@@ -141,6 +141,11 @@ def test_two_worker_smoke_study_nests_one_run_per_trial(tracking, tmp_path):
         ).read_text()
     )
     assert split["test_indices"] == tramer_source_split(DATA_DIR)[1].tolist()
+    # the leader showed its progress on the parent run: every trial complete at the end
+    complete = client.get_metric_history(parent_id, "tune/complete")
+    assert complete[-1].value == 3 and [m.value for m in complete] == sorted(
+        m.value for m in complete
+    )
 
 
 @pytest.mark.slow

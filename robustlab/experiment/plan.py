@@ -317,6 +317,9 @@ class ExperimentPlan:
     def done(self, study: optuna.Study) -> bool:
         return not self.pending(study)
 
+    def tally(self, study: optuna.Study) -> tuple[int, int]:
+        return len(self.units) - len(self.pending(study)), len(self.units)
+
     def demand(self, study: optuna.Study) -> int:
         return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 

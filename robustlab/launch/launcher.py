@@ -89,6 +89,9 @@ class Plan(Protocol):
     def done(self, study: optuna.Study) -> bool:
         """Whether the study needs no further trial."""
 
+    def tally(self, study: optuna.Study) -> tuple[int, int]:
+        """(units complete, units planned): what the leader's progress shows."""
+
     def run_trial(self, trial: optuna.Trial, retry: Retry | None) -> float | Sequence[float] | None:
         """Train the trial's child run; its objective value(s), or None to end it FAIL unrun."""
 
@@ -492,9 +495,11 @@ def drive(
     max_failures: int,
     deadline: float | None = None,
     lease: Lease | None = None,
+    progress: Callable[[optuna.Study], None] | None = None,
 ) -> None:
     """Keep up to `workers` worker processes (`spawn(i)`) busy until the plan is done and no
-    trial runs; `demand(study)` is how many more workers the study can use now.
+    trial runs; `demand(study)` is how many more workers the study can use now; `progress` is
+    called as it waits.
 
     Trials RUNNING elsewhere (workers on other machines) are waited for; a dead worker's trial
     comes back WAITING once its heartbeat is stale (`fail_stale_trials`)."""
@@ -507,6 +512,8 @@ def drive(
                 failures += p.returncode != 0
             check_lease(lease, plan)
             fail_stale(study, plan.heartbeat)
+            if progress is not None:
+                progress(study)
             running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if plan.done(study) and not procs and not running:
                 return
@@ -535,12 +542,19 @@ def drive(
             p.wait()
 
 
-def wait_for_running(study: optuna.Study, plan: Plan, lease: Lease | None = None) -> None:
+def wait_for_running(
+    study: optuna.Study,
+    plan: Plan,
+    lease: Lease | None = None,
+    progress: Callable[[optuna.Study], None] | None = None,
+) -> None:
     """Block while trials of this study run elsewhere (stale ones are failed and requeued)."""
     heartbeat = plan.heartbeat
     while True:
         check_lease(lease, plan)
         fail_stale(study, heartbeat)
+        if progress is not None:
+            progress(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
         time.sleep(min(5.0, heartbeat.interval))

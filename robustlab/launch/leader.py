@@ -36,6 +36,7 @@ from robustlab.launch.launcher import (
     worker_command,
     worker_env,
 )
+from robustlab.launch.progress import Progress
 from robustlab.launch.storage import open_storage
 from robustlab.tracking import configure_tracking
 
@@ -109,11 +110,12 @@ def lead(plan: LeadPlan, url: str, workers: Workers, create_only: bool = False) 
             plan.created(parent.info.run_id)
             return parent.info.run_id
         t0 = time.perf_counter()
+        progress = Progress(plan.kind, parent.info.run_id, plan.tally)
         if workers.here is not None and workers.count == 1:
             workers.here()
         else:
-            _spawn(study, plan, url, workers, lease)
-        wait_for_running(study, plan, lease)  # trials of joined workers finish first
+            _spawn(study, plan, url, workers, lease, progress)
+        wait_for_running(study, plan, lease, progress)  # trials of joined workers finish first
         plan.summarize(study, parent.info.run_id, time.perf_counter() - t0)
         return parent.info.run_id
 
@@ -157,7 +159,9 @@ def _join(plan: LeadPlan, workers: Workers, parent_id: str) -> str:
     return parent_id
 
 
-def _spawn(study: optuna.Study, plan: LeadPlan, url: str, workers: Workers, lease) -> None:
+def _spawn(
+    study: optuna.Study, plan: LeadPlan, url: str, workers: Workers, lease, progress: Progress
+) -> None:
     env = worker_env(url, workers.env)
 
     def spawn(i: int) -> subprocess.Popen:
@@ -174,6 +178,7 @@ def _spawn(study: optuna.Study, plan: LeadPlan, url: str, workers: Workers, leas
         max_failures=workers.max_failures,
         deadline=deadline,
         lease=lease,
+        progress=progress,
     )
 
 

@@ -159,8 +159,11 @@ class TunePlan:
         return study.ask()  # a retried (WAITING) trial first, else the sampler's next point
 
     def done(self, study: optuna.Study) -> bool:
+        return self.tally(study)[0] >= self.cfg.n_trials
+
+    def tally(self, study: optuna.Study) -> tuple[int, int]:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return len(complete) >= self.cfg.n_trials
+        return min(len(complete), self.cfg.n_trials), self.cfg.n_trials
 
     def demand(self, study: optuna.Study) -> int:
         """Trials still to start (for the number of local workers to keep)."""
