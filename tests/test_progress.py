@@ -60,3 +60,12 @@ def test_progress_logs_the_counts_on_the_parent_and_a_line_with_the_pace(trackin
         "experiment: 3 of 4 complete, 0 running; 3 h 10 min since this leader started; "
         "about 1 h 03 min left at this pace"
     )
+
+
+def test_a_store_that_refuses_the_metrics_does_not_stop_the_leader(tracking):
+    out = io.StringIO()
+    progress = Progress("tune", "0" * 32, _tally, out=out)  # no such parent run in the store
+    progress(optuna.create_study())
+    logged, shown = out.getvalue().splitlines()
+    assert logged.startswith("tune: progress not logged on the parent run (")
+    assert shown == "tune: 0 of 4 complete, 0 running; 0 min since this leader started"

@@ -10,7 +10,6 @@ from typing import TextIO
 
 import optuna
 from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -59,8 +58,9 @@ class Progress:
                     Metric(f"{self.kind}/{k}", float(v), stamp, complete) for k, v in values.items()
                 ],
             )
-        except MlflowException as exc:  # the tracking server away: the study goes on
-            print(f"{self.kind}: progress not logged ({exc.message[:120]})", file=self.out)
+        except Exception as exc:  # noqa: BLE001 - a store away or busy: the study goes on
+            why = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            print(f"{self.kind}: progress not logged on the parent run ({why})", file=self.out)
         line = f"{self.kind}: {complete} of {planned} complete, {running} running"
         elapsed = now - self.start[0]
         line += f"; {_duration(elapsed)} since this leader started"
