@@ -268,6 +268,10 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
     assert (tmp_path / "again" / "report.md").read_text() == (folder / "report.md").read_text()
     run = json.loads((folder / "run.json").read_text())
     assert run["seeds"] == [0] and set(run["unit_seconds"]) == set(regimes)
+    # two workers ran units side by side: the wall time they were busy lies between half the
+    # worker time and all of it; one leader, so the report gives its wall time alone
+    assert run["worker_seconds"] / 2 <= run["busy_seconds"] < run["worker_seconds"]
+    assert run["leaders"] == 1 and "leaders" not in (folder / "report.md").read_text()
     assert min(run["eval_share"].values()) > 0 and max(run["eval_share"].values()) < 1
     names = {a.path for a in MlflowClient().list_artifacts(pid)}
     assert {"report.md", "forest_plot.png", "folds.csv", "folds.json", "tables"} <= names
@@ -339,3 +343,9 @@ def test_experiment_resume_reuses_finished_children(tracking, tmp_path):
     assert all(c.info.status == "FINISHED" for c in children)
     inv = _table(parent.info.run_id, "inv_predictions")
     assert {r["seed"] for r in inv} == {"0", "1"}  # the reused seed counts
+    # published: the units' times from the finished units the tables hold (the reused ones too)
+    from robustlab.experiment.published import export
+
+    run = export(parent.info.run_id, tmp_path / "published").run
+    assert run["units"] == {"vanilla": 2, "invariance": 4}
+    assert run["worker_seconds"] == pytest.approx(sum(run["unit_seconds"].values()), abs=0.2)

@@ -333,6 +333,18 @@ def test_b_leader_killed_after_its_parent_run_dead_parent_failed_units_once(live
     children = {r.info.run_id: r.info.status for r in trial_runs(live, parent)}
     assert {t.user_attrs["mlflow_run_id"] for t in complete} <= set(children)
     assert "report.md" in {a.path for a in live.client().list_artifacts(parent)}
+    # published: one report over both leaders' units, which says its wall time is the last
+    # leader's alone
+    from robustlab.experiment.published import export
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(live.tracking_uri)
+    try:
+        run = export(parent, tmp_path / "published").run
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert run["leaders"] == 2 and run["units"] == {"vanilla": seeds}
+    assert "under the last of 2 leaders" in (tmp_path / "published" / "report.md").read_text()
 
 
 # ---- c. PostgreSQL goes down while two identical commands elect their leader -----------------

@@ -164,6 +164,19 @@ def conditions() -> dict[str, str]:
     return {"joint_mix": f"{mix.clean:g} / {mix.ptb:g} / {mix.inv:g}", "tie_policy": TIE_POLICY}
 
 
+def wall_line(run: dict) -> str:
+    """The wall time, and for a study resumed under several leaders (sessions) what it hides:
+    the last leader's time covers only the units it ran."""
+    wall = f"{run.get('wall_seconds', 0) / 60:.1f} min"
+    if run.get("leaders", 1) <= 1:
+        return wall
+    return (
+        f"{wall} under the last of {run['leaders']} leaders (the study was resumed); the finished "
+        f"units ran during {run['busy_seconds'] / 3600:.1f} h of wall time in all (the union of "
+        f"their run intervals) and {run['worker_seconds'] / 3600:.1f} h of worker time"
+    )
+
+
 def meta_lines(run: dict) -> dict[str, str]:
     """The report's header, from a run record (`run.json` or the live experiment's)."""
     times = run.get("unit_seconds", {})
@@ -175,7 +188,7 @@ def meta_lines(run: dict) -> dict[str, str]:
         f"{run.get('fold_seed', 0)}, digest {run.get('fold_digest', '?')}) over "
         f"{', '.join(run.get('inv_sets', []))}",
         "parent run": str(run.get("parent_run_id", "")),
-        "wall time": f"{run.get('wall_seconds', 0) / 60:.1f} min",
+        "wall time": wall_line(run),
         "training + evaluation time per regime (all seeds and folds)": ", ".join(
             f"{k} {v / 60:.1f} min" + (f" ({share[k]:.0%} evaluation)" if k in share else "")
             for k, v in times.items()
@@ -268,6 +281,19 @@ def unit_times(child_runs: list) -> tuple[dict[str, float], dict[str, float], di
     return dict(total), share, dict(units)
 
 
+def busy_seconds(runs: list) -> float:
+    """Seconds during which at least one of `runs` ran (the union of their intervals): the wall
+    time of a run spread over sessions, without the gaps between them."""
+    spans = sorted((r.info.start_time, r.info.end_time or r.info.start_time) for r in runs)
+    busy, reach = 0, None
+    for start, end in spans:
+        if reach is None or start > reach:
+            busy, reach = busy + end - start, end
+        elif end > reach:
+            busy, reach = busy + end - reach, end
+    return busy / 1000
+
+
 def export(parent_run_id: str, out: str | Path) -> Results:
     """Write the experiment `parent_run_id` as a published folder (see the module docstring)."""
     import mlflow
@@ -284,12 +310,6 @@ def export(parent_run_id: str, out: str | Path) -> Results:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p = parent.data.params
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        max_results=10_000,
-    )
-    total, share, units = unit_times(children)
     with tempfile.TemporaryDirectory() as tmp:
         for artifact in (f"tables/{INV_TABLE}.csv", f"tables/{TEST_TABLE}.csv", "folds.csv"):
             path = Path(
@@ -297,9 +317,20 @@ def export(parent_run_id: str, out: str | Path) -> Results:
                     run_id=parent_run_id, artifact_path=artifact, dst_path=tmp
                 )
             )
+            if path.stem == INV_TABLE:  # every unit predicts human-labelled examples
+                unit_ids = sorted({row["run_id"] for row in read_csv(path)})
             for old in out.glob(f"{path.stem}.csv*"):
                 old.unlink()
             _publish_table(path, out)
+    # the finished units' runs, whichever leader ran them (the tables hold every unit; a study
+    # resumed over several sessions had a parent run per leader)
+    unit_runs = [client.get_run(run_id) for run_id in unit_ids]
+    total, share, units = unit_times(unit_runs)
+    study = parent.data.tags.get("robustlab.study", "")
+    leaders = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`robustlab.study` = '{study}' and tags.`robustlab.kind` = 'experiment'",
+    )
     seeds = list(range(int(p["seeds"])))
     info = parent.info
     run = {
@@ -320,6 +351,9 @@ def export(parent_run_id: str, out: str | Path) -> Results:
         "wall_seconds": parent.data.metrics.get(
             "experiment/wall_seconds", ((info.end_time or info.start_time) - info.start_time) / 1000
         ),
+        "leaders": len({r.info.run_id for r in leaders} | {parent_run_id}),
+        "worker_seconds": round(sum(total.values()), 1),
+        "busy_seconds": round(busy_seconds(unit_runs), 1),
         "unit_seconds": {k: round(v, 1) for k, v in total.items()},
         "eval_share": {k: round(v, 3) for k, v in share.items()},
         "units": units,
