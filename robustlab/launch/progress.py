@@ -20,10 +20,10 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Called by the leader as it waits: when the number of complete units changes, log
-    `<kind>/complete`, `<kind>/left` and `<kind>/running` on the parent run (step = complete)
-    and print `<kind>: C of N complete, R running; elapsed; about T left at this pace` (the pace
-    of the units completed since this leader started)."""
+    """Called by the leader as it waits: when the number of complete or running units changes,
+    log `<kind>/complete`, `<kind>/left` and `<kind>/running` on the parent run (step =
+    complete) and print `<kind>: C of N complete, R running; elapsed; about T left at this
+    pace` (the pace of the units completed since this leader started)."""
 
     def __init__(
         self,
