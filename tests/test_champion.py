@@ -1,6 +1,6 @@
 """The champion run (`make champion`): TRADES on small_cnn with SGD and a step schedule, found
-again and resumed by `--auto-resume` after an interruption, refused when resumed with other
-arguments or once finished."""
+again and resumed by `--auto-resume` after an interruption, refused beside a running one, when
+resumed with other arguments, or once finished."""
 
 from __future__ import annotations
 
@@ -48,17 +48,26 @@ def test_auto_resume_continues_the_interrupted_run_and_refuses_other_arguments(
     tracking, monkeypatch, capsys
 ):
     real = runner.log_checkpoint
+    beside: list[subprocess.CompletedProcess] = []
 
     def stop_after_first(folder, run_id):  # the machine dies once epoch 1's checkpoint is logged
         real(folder, run_id)
+        # ... and just before, the same command ran in another process beside this one
+        command = [sys.executable, "-m", "robustlab.cli", *ARGV]
+        beside.append(subprocess.run(command, capture_output=True, text=True, timeout=300))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "log_checkpoint", stop_after_first)
     assert cli.main(ARGV) == 130
     monkeypatch.setattr(runner, "log_checkpoint", real)
-    [run] = _runs()
+    [run] = _runs()  # the command beside it created nothing: one line naming this process
     run_id = run.info.run_id
     assert run.info.status != "FINISHED" and run.data.params["optimizer"] == "sgd"
+    [second] = beside
+    assert second.returncode == 2, second.stderr[-3000:]
+    [line] = second.stderr.strip().splitlines()
+    assert line.startswith("robustlab perturbation: error: --run-name champ-test:"), line
+    assert f"(pid {os.getpid()}) is training it now" in line
 
     # other arguments: one line, exit 2, nothing created or changed
     other = [*ARGV]
@@ -86,32 +95,3 @@ def test_auto_resume_continues_the_interrupted_run_and_refuses_other_arguments(
     assert cli.main(ARGV) == 2
     _one_line(capsys, "FINISHED already")
     assert len(_runs()) == 1
-
-
-def test_a_second_make_champion_while_the_first_trains_is_refused_in_one_line(
-    tracking, monkeypatch, capsys
-):
-    real = runner.log_checkpoint
-    seen: list[subprocess.CompletedProcess] = []
-
-    def second_command_at_first_checkpoint(folder, run_id):  # the same command, another process
-        real(folder, run_id)
-        if not seen:
-            seen.append(
-                subprocess.run(
-                    [sys.executable, "-m", "robustlab.cli", *ARGV],
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                )
-            )
-
-    monkeypatch.setattr(runner, "log_checkpoint", second_command_at_first_checkpoint)
-    assert cli.main(ARGV) == 0, capsys.readouterr().err[-3000:]
-    [second] = seen
-    assert second.returncode == 2, second.stderr[-3000:]
-    [line] = second.stderr.strip().splitlines()
-    assert line.startswith("robustlab perturbation: error: --run-name champ-test:"), line
-    assert f"(pid {os.getpid()}) is training it now" in line
-    [run] = _runs()  # the second command created nothing; the first finished its own run
-    assert run.info.status == "FINISHED"
