@@ -185,3 +185,32 @@ def test_one_seed_reports_effects_without_a_verdict(tmp_path):
     assert all(
         line.endswith("no verdict") or "no verdict" in line for line in out.stdout.splitlines()
     )
+
+
+def test_an_unfinished_experiment_is_refused_before_anything_is_written(tmp_path):
+    """`--run-id` on a parent run still running (no tables yet): one line naming the resume, no
+    output folder; before the fix MLflow's download error came out as a traceback."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment("unfinished")
+        with mlflow.start_run(tags={"robustlab.kind": "experiment"}) as run:
+            mlflow.log_text("x", "folds.csv")  # the folds come first; the tables never came
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+    finally:
+        mlflow.set_tracking_uri(None)
+    folder = tmp_path / "published"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        [str(BIN / "robustlab"), "report", "--run-id", run.info.run_id, "--out", str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert "no tables/inv_predictions.csv (KILLED)" in lines[0] and "resume" in lines[0]
+    assert not folder.exists()

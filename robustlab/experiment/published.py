@@ -296,7 +296,6 @@ def busy_seconds(runs: list) -> float:
 
 def export(parent_run_id: str, out: str | Path) -> Results:
     """Write the experiment `parent_run_id` as a published folder (see the module docstring)."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
@@ -308,23 +307,18 @@ def export(parent_run_id: str, out: str | Path) -> Results:
     if parent.data.tags.get("robustlab.kind") != "experiment":
         raise ConfigError(f"--run-id {parent_run_id} is not an experiment's parent run")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     p = parent.data.params
     with tempfile.TemporaryDirectory() as tmp:
-        for artifact in (f"tables/{INV_TABLE}.csv", f"tables/{TEST_TABLE}.csv", "folds.csv"):
-            path = Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=parent_run_id, artifact_path=artifact, dst_path=tmp
-                )
-            )
-            if path.stem == INV_TABLE:  # every unit predicts human-labelled examples
-                unit_ids = sorted({row["run_id"] for row in read_csv(path)})
+        tables = _download_tables(parent, Path(tmp))
+        # the finished units' runs, whichever leader ran them (the tables hold every unit; a study
+        # resumed over several sessions had a parent run per leader)
+        unit_ids = sorted({row["run_id"] for row in read_csv(tables[0])})
+        unit_runs = [client.get_run(run_id) for run_id in unit_ids]
+        out.mkdir(parents=True, exist_ok=True)
+        for path in tables:
             for old in out.glob(f"{path.stem}.csv*"):
                 old.unlink()
             _publish_table(path, out)
-    # the finished units' runs, whichever leader ran them (the tables hold every unit; a study
-    # resumed over several sessions had a parent run per leader)
-    unit_runs = [client.get_run(run_id) for run_id in unit_ids]
     total, share, units = unit_times(unit_runs)
     study = parent.data.tags.get("robustlab.study", "")
     leaders = client.search_runs(
@@ -367,6 +361,28 @@ def export(parent_run_id: str, out: str | Path) -> Results:
     results = load(out)
     render(results)
     return results
+
+
+def _download_tables(parent, tmp: Path) -> list[Path]:
+    """The parent run's inv table, test table and folds, downloaded into `tmp` (inv table first);
+    one line when the run has not published them (an experiment still running or stopped)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    paths = []
+    for artifact in (f"tables/{INV_TABLE}.csv", f"tables/{TEST_TABLE}.csv", "folds.csv"):
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=parent.info.run_id, artifact_path=artifact, dst_path=str(tmp)
+            )
+        except MlflowException:
+            raise ConfigError(
+                f"--run-id {parent.info.run_id} has no {artifact} ({parent.info.status}): its "
+                "experiment has not finished; rerun its `robustlab experiment` command to resume "
+                "it, then report its last parent run"
+            ) from None
+        paths.append(Path(path))
+    return paths
 
 
 def _publish_table(path: Path, out: Path) -> Path:
