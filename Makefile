@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 BUDGET ?= default
 SEEDS ?= 3
 
-.PHONY: setup test run experiment champion server ui lint bench clean services services-stop tune dashboard
+.PHONY: setup test run experiment champion champion-carry server ui lint bench clean services services-stop tune dashboard
 
 setup: $(STAMP)
 
@@ -55,8 +55,18 @@ CHAMPION_ARGS := --model small_cnn --method trades --trades-beta 6 --eps 0.3 --a
   --batch-size 128 --epochs 100 --patience 0 --precision float32 --seed 0 \
   --run-name champion --auto-resume
 
+# The unfinished champion carried between machines (robustlab carry): `make champion-carry`
+# writes its bundle (params, metrics, artifacts, last epoch checkpoint) here, to be committed;
+# `make champion` on another machine or a fresh clone imports it first, then resumes it.
+CHAMPION_CARRY := checkpoints/champion
+
 champion: setup
-	source $(BIN)/activate && robustlab tracking-init && robustlab perturbation $(CHAMPION_ARGS)
+	source $(BIN)/activate && robustlab tracking-init && \
+	  { test ! -f $(CHAMPION_CARRY)/run.json || robustlab carry import $(CHAMPION_CARRY); } && \
+	  robustlab perturbation $(CHAMPION_ARGS)
+
+champion-carry: setup
+	source $(BIN)/activate && robustlab carry export --run-name champion --out $(CHAMPION_CARRY)
 
 # Optuna tuning of the joint mixture (make tune TUNE_ARGS="-P budget=smoke -P n_trials=3")
 OPTUNA_STORAGE ?= $(or $(ROBUSTLAB_OPTUNA_STORAGE),sqlite:///$(CURDIR)/tracking/optuna.db)

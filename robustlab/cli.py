@@ -31,6 +31,7 @@ COMMANDS = {
     "register": "register",
     "report": "report",
     "dashboard": "dashboard",
+    "carry": "carry",
 }
 
 

@@ -5,11 +5,11 @@ the model is loaded (`check_model_folder`), so missing or altered weights never 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from robustlab.digests import check_digests, file_digests
 from robustlab.errors import RobustlabError
 
 INPUT_SHAPE = (-1, 28, 28, 1)
@@ -36,18 +36,9 @@ def model_requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "keras", "tensorflow-cpu", "numpy")]
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_digests(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under `folder`/data, by its path relative to `folder`."""
-    files = sorted(p for p in (Path(folder) / WEIGHTS_DIR).rglob("*") if p.is_file())
-    return {p.relative_to(folder).as_posix(): sha256(p) for p in files}
+    return file_digests(folder, (p for p in (Path(folder) / WEIGHTS_DIR).rglob("*") if p.is_file()))
 
 
 def is_model_folder(model_uri: str) -> bool:
@@ -85,14 +76,5 @@ def check_model_folder(folder: str | Path) -> dict:
             f"{INPUT_SHAPE} images -> {OUTPUT_SHAPE} logits; not a robustlab MNIST model"
         )
     meta = (mlmodel.metadata or {}).get("robustlab") or {}
-    recorded = meta.get(DIGESTS_KEY) or {}
-    for rel, digest in sorted(recorded.items()):
-        path = folder / rel
-        if not path.is_file():
-            raise RobustlabError(f"{folder}: weights file {rel} is missing; restore the folder")
-        if sha256(path) != digest:
-            raise RobustlabError(
-                f"{folder}: weights file {rel} was altered (SHA-256 differs from the one "
-                "recorded in MLmodel and CARD.md); restore the folder"
-            )
+    check_digests(folder, meta.get(DIGESTS_KEY) or {}, "MLmodel and CARD.md", "restore the folder")
     return meta

@@ -7,7 +7,6 @@ still has the other, intact, and resuming picks the newest slot whose files matc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from robustlab.digests import sha256
 from robustlab.errors import RobustlabError
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -52,15 +52,11 @@ def save_checkpoint(
     np.savez(tmp / "optimizer.npz", *[np.asarray(v) for v in optimizer.variables])
     if best_weights is not None:
         np.savez(tmp / "best.npz", *best_weights)
-    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    files = {f.name: sha256(f) for f in sorted(tmp.iterdir())}
     (tmp / STATE).write_text(json.dumps({**asdict(state), "files": files}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def log_checkpoint(folder: Path, run_id: str) -> None:
@@ -82,7 +78,7 @@ def newest_intact(folder: Path) -> tuple[Path, dict[str, Any]]:
     for candidate in [folder, *sorted(folder.glob("slot*"))]:
         try:
             data = json.loads((candidate / STATE).read_text())
-            intact = all(_sha256(candidate / n) == d for n, d in data.get("files", {}).items())
+            intact = all(sha256(candidate / n) == d for n, d in data.get("files", {}).items())
         except (OSError, ValueError):
             continue
         if intact and (best is None or data["global_epoch"] > best[1]["global_epoch"]):

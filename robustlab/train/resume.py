@@ -101,11 +101,11 @@ def has_checkpoint(run_id: str) -> bool:
         return False
 
 
-def unfinished_run(run_key: str, regime: str) -> str | None:
+def unfinished_run(run_key: str, regime: str | None) -> str | None:
     """The run `--auto-resume` continues: the newest run tagged `RUN_KEY_TAG = run_key` that did
     not finish and left a checkpoint (runs stopped before their first checkpoint are passed
     over), or None when there is none (start it). Refused (one line) when the newest such run
-    FINISHED (its model exists) or trained another regime."""
+    FINISHED (its model exists) or trained another regime than `regime` (None: any)."""
     configure_tracking()
     client = MlflowClient()
     ids = [e.experiment_id for e in client.search_experiments()]
@@ -121,7 +121,7 @@ def unfinished_run(run_key: str, regime: str) -> str | None:
                 f"run {run_id} ({run_key}) FINISHED already: its model is runs:/{run_id}/model; "
                 "pass another --run-name to train again"
             )
-        if run.data.tags.get("robustlab.regime") != regime:
+        if regime is not None and run.data.tags.get("robustlab.regime") != regime:
             raise ConfigError(
                 f"run {run_id} ({run_key}) trained {run.data.tags.get('robustlab.regime')}, not "
                 f"{regime}; pass another --run-name"
