@@ -11,13 +11,15 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 
 from robustlab.digests import sha256
 from robustlab.errors import RobustlabError
+
+if TYPE_CHECKING:  # annotations only: reading and carrying checkpoints needs no TensorFlow
+    import keras
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 STATE = "state.json"
