@@ -58,7 +58,7 @@ CHAMPION_ARGS := --model small_cnn --method trades --trades-beta 6 --eps 0.3 --a
 # The unfinished champion carried between machines (robustlab carry): `make champion-carry`
 # writes its bundle (params, metrics, artifacts, last epoch checkpoint) here, to be committed;
 # `make champion` on another machine or a fresh clone imports it first, then resumes it.
-CHAMPION_CARRY := checkpoints/champion
+CHAMPION_CARRY := pretrained/champion-in-training
 
 champion: setup
 	source $(BIN)/activate && robustlab tracking-init && \
