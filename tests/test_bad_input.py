@@ -333,6 +333,16 @@ REGISTER_CASES = [
         ["register", "--model-uri", "models:/no_such_model@champion"],
         "not found",
     ),
+    (
+        "register-unknown-run-name",
+        ["register", "--run-name", "champion"],
+        "--run-name champion: no run of that name in",
+    ),
+    (
+        "register-run-name-and-model",
+        ["register", "--run-name", "champion", "--model-uri", "runs:/abc/model"],
+        "pass exactly one of study_name, experiment_run_id, model_uri, run_name or from (got 2)",
+    ),
 ]
 
 CASES = (

@@ -16,6 +16,7 @@ from robustlab import cli
 from robustlab.train import runner
 from robustlab.train.curves import CURVES_ARTIFACT
 from tests.conftest import REPO
+from tests.test_register import EVAL_NO_AA
 
 
 def champion_args() -> list[str]:
@@ -45,7 +46,7 @@ def _one_line(capsys, fragment: str) -> None:
 
 
 def test_auto_resume_continues_the_interrupted_run_and_refuses_other_arguments(
-    tracking, monkeypatch, capsys
+    tracking, monkeypatch, capsys, tmp_path
 ):
     real = runner.log_checkpoint
     beside: list[subprocess.CompletedProcess] = []
@@ -77,6 +78,14 @@ def test_auto_resume_continues_the_interrupted_run_and_refuses_other_arguments(
     [same] = _runs()
     assert same.info.run_id == run_id and same.info.status == run.info.status
 
+    # `make champion-ship` before the run finished: one line saying how far it is, nothing made
+    shipped = tmp_path / "pretrained" / "champ"
+    assert cli.main(["register", "--run-name", "champ-test", "--export", str(shipped)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"robustlab register: error: --run-name champ-test: run {run_id}")
+    assert "has not finished (FAILED, epoch 1 of 4 logged); resume it" in err[-1], err[-1]
+    assert not shipped.parent.exists() and len(_runs()) == 1
+
     # the same command resumes that run from its checkpoint and finishes it
     assert cli.main(ARGV) == 0, capsys.readouterr().err[-3000:]
     [done] = _runs()
@@ -95,3 +104,14 @@ def test_auto_resume_continues_the_interrupted_run_and_refuses_other_arguments(
     assert cli.main(ARGV) == 2
     _one_line(capsys, "FINISHED already")
     assert len(_runs()) == 1
+
+    # ... and `make champion-ship` registers the run's model, evaluated, then writes it with the
+    # card of that version (its test figures) to a shipped folder
+    register = ["register", "--run-name", "champ-test", "--clean-floor", "0", *EVAL_NO_AA]
+    assert cli.main(register) == 0, capsys.readouterr().err[-3000:]
+    version = client.get_model_version_by_alias("robustlab-mnist", "champion")
+    assert version.run_id == run_id and "robustlab.test_run_id" in version.tags
+    assert cli.main(["register", "--run-name", "champ-test", "--export", str(shipped)]) == 0
+    card = (shipped / "CARD.md").read_text()
+    assert card.startswith(version.description.rstrip()), card[:500]
+    assert mlflow.models.Model.load(str(shipped)).metadata["robustlab"]["run_id"] == run_id

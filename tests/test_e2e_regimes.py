@@ -266,6 +266,12 @@ def test_experiment_cv_smoke_report(tracking, tmp_path):
         p.name for p in folder.iterdir()
     }
     assert (tmp_path / "again" / "report.md").read_text() == (folder / "report.md").read_text()
+    # both reports give the command that resumes this experiment: its study named
+    study = parent.data.tags["robustlab.study"]
+    for text in (report, (folder / "report.md").read_text()):
+        [command] = [ln for ln in text.splitlines() if ln.startswith("robustlab experiment ")]
+        assert "--budget smoke --seeds 1 " in command
+        assert command.endswith(f" --fold-seed 0 --allow-small-folds true --study-name {study}")
     run = json.loads((folder / "run.json").read_text())
     assert run["seeds"] == [0] and set(run["unit_seconds"]) == set(regimes)
     # two workers ran units side by side: the wall time they were busy lies between half the

@@ -2,7 +2,8 @@
 
 Candidates come from an Optuna study (--study-name, its COMPLETE trials' MLflow runs and their
 sel/* metrics), from an experiment parent run (--experiment-run-id, its finished children, whose
-selection metrics are computed here on validation data) or from one model (--model-uri).
+selection metrics are computed here on validation data) or from one model (--model-uri, or
+--run-name NAME: the finished run of `--run-name NAME --auto-resume`, e.g. the champion).
 Criterion (validation data only): among candidates with sel/clean_acc >= the clean floor (the
 study's, else --clean-floor), the highest min(sel/pgd_acc, sel/inv_bal_acc), ties broken by
 sel/clean_acc. The chosen model is registered once (a source run that already has a version
@@ -12,9 +13,10 @@ its training or selection (PGD-40, PGD-100 x restarts, AutoAttack, Square, balan
 accuracy on Tramèr's test half) in its own MLflow run, and those results are tagged on the
 version. `champion` never moves to a model that is worse on the criterion unless --force.
 
-Shipped models: `--model-uri URI --export pretrained/<name>` writes the model as a small MLflow
-model folder (float32 weights, their SHA-256, exclusions, source run, data digest) with its
-card CARD.md and registers nothing; `--from pretrained/<name>` registers such a folder as
+Shipped models: `--model-uri URI --export pretrained/<name>` (or `--run-name NAME --export …`)
+writes the model as a small MLflow model folder (float32 weights, their SHA-256, exclusions,
+source run, data digest) with its card CARD.md (the card of the version registered from it,
+when there is one) and registers nothing; `--from pretrained/<name>` registers such a folder as
 <name>@champion with its card (see `robustlab.register.pretrained`).
 """
 
@@ -49,11 +51,18 @@ def add_parser(sub: SubParsers) -> list[str]:
     p.add_argument("--experiment-run-id", type=optional, default=None, help="experiment parent run")
     p.add_argument("--model-uri", type=optional, default=None, help="one model to register")
     p.add_argument(
+        "--run-name",
+        type=optional,
+        default=None,
+        help="the model of the finished run trained with --run-name NAME --auto-resume (e.g. "
+        "champion), as --model-uri; refused while that run has not finished",
+    )
+    p.add_argument(
         "--export",
         type=optional,
         default=None,
         metavar="DIR",
-        help="with --model-uri: write it to DIR (e.g. pretrained/<name>) as a shipped model "
+        help="with --model-uri or --run-name: write it to DIR (e.g. pretrained/<name>) as a shipped model "
         "folder with CARD.md (at most 4 MB); nothing is registered",
     )
     p.add_argument(
@@ -81,15 +90,23 @@ def add_parser(sub: SubParsers) -> list[str]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    sources = (args.study_name, args.experiment_run_id, args.model_uri, args.from_dir)
+    sources = (
+        args.study_name,
+        args.experiment_run_id,
+        args.model_uri,
+        args.run_name,
+        args.from_dir,
+    )
     given = [x for x in sources if x]
     if len(given) != 1:
         raise ConfigError(
-            "pass exactly one of study_name, experiment_run_id, model_uri or from "
+            "pass exactly one of study_name, experiment_run_id, model_uri, run_name or from "
             f"(got {len(given)})"
         )
-    if args.export and not args.model_uri:
-        raise ConfigError("--export writes the model --model-uri names; pass --model-uri")
+    if args.export and not (args.model_uri or args.run_name):
+        raise ConfigError(
+            "--export writes the model --model-uri or --run-name names; pass one of them"
+        )
     if not args.name or not args.name.strip():
         raise ConfigError("name is empty; pass a registered model name, e.g. robustlab-mnist")
     if args.clean_floor is not None and not 0.0 <= args.clean_floor <= 1.0:
@@ -108,6 +125,10 @@ def selection_sources(data_dir: str | None) -> np.ndarray:
 def run(args: argparse.Namespace):
     _check_args(args)
     refuse_password_argument(args.storage)
+    if args.run_name:
+        from robustlab.train.resume import finished_run
+
+        args.model_uri = f"runs:/{finished_run(args.run_name)}/model"
     if args.export or args.from_dir:
         return _shipped(args)
     cfg = eval_config(args)
@@ -162,5 +183,5 @@ def _shipped(args: argparse.Namespace):
     configure_tracking()
     if args.export:
         check_model_uri(args.model_uri, "--model-uri")
-        return pretrained.export(args.model_uri, Path(args.export), args.data_dir)
+        return pretrained.export(args.model_uri, Path(args.export), args.data_dir, args.name)
     return pretrained.register_from(Path(args.from_dir), args.name, bool(args.force))

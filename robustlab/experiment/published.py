@@ -19,6 +19,7 @@ import platform
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,9 +208,22 @@ def meta_lines(run: dict) -> dict[str, str]:
     return out
 
 
+def experiment_command(params: Mapping[str, object], study_name: str) -> str:
+    """The `robustlab experiment` command that ran, and resumes, an experiment: from its plan's
+    record or its parent run's params (the same keys, as values or as MLflow's strings)."""
+    small = " --allow-small-folds true" if str(params.get("allow_small_folds")) == "True" else ""
+    study = f" --study-name {study_name}" if study_name else ""
+    return (
+        f"robustlab experiment --budget {params['budget']} --seeds {params['seeds']} "
+        f"--eps {params['eps']} --regimes {params['regimes']} --inv-folds {params['inv_folds']} "
+        f"--inv-sets {params['inv_sets']} --fold-seed {params['fold_seed']}{small}{study}"
+    )
+
+
 def reproduce_lines(run: dict, folder: str) -> list[str]:
     return [
-        "# the experiment (resumable: the same command with --study-name continues it)",
+        "# the experiment (resumable: the same command continues its study; add --workers N to",
+        "# train N units at a time, or join from other machines with robustlab experiment-worker)",
         str(run.get("command", "")),
         "# its tables, folds and run.json as a folder, with this report",
         f"robustlab report --run-id {run.get('parent_run_id', '<parent run>')} --out {folder}",
@@ -352,10 +366,8 @@ def export(parent_run_id: str, out: str | Path) -> Results:
         "eval_share": {k: round(v, 3) for k, v in share.items()},
         "units": units,
         **conditions(),
-        "command": f"robustlab experiment --budget {p['budget']} --seeds {p['seeds']} "
-        f"--eps {p['eps']} --regimes {p['regimes']} --inv-folds {p['inv_folds']} "
-        f"--inv-sets {p['inv_sets']} --fold-seed {p['fold_seed']}"
-        + (" --allow-small-folds true" if p.get("allow_small_folds") == "True" else ""),
+        "study_name": study,
+        "command": experiment_command(p, study),
     }
     (out / RUN_JSON).write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
     results = load(out)

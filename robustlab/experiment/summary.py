@@ -14,7 +14,13 @@ from mlflow.tracking import MlflowClient
 from robustlab.evaluation.plots import line_plot
 from robustlab.experiment.estimates import ALL, Figures, compute_figures
 from robustlab.experiment.plan import NO_FOLD, ExperimentPlan, Unit
-from robustlab.experiment.published import conditions, meta_lines, reproduce_lines, unit_times
+from robustlab.experiment.published import (
+    conditions,
+    experiment_command,
+    meta_lines,
+    reproduce_lines,
+    unit_times,
+)
 from robustlab.experiment.report import forest_plot, write_report
 from robustlab.experiment.tables import INV_TABLE, TEST_TABLE, gather, log_tables
 
@@ -38,7 +44,8 @@ def summarize(parent_id: str, plan: ExperimentPlan, runs: dict[Unit, str], wall:
         "wall_seconds": wall,
         "unit_seconds": seconds,
         "eval_share": share,
-        "command": _command(plan),
+        "study_name": plan.study_name,
+        "command": experiment_command(plan.record(), plan.study_name),
         **conditions(),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,15 +65,6 @@ def summarize(parent_id: str, plan: ExperimentPlan, runs: dict[Unit, str], wall:
     mlflow.log_metrics({f"time/{label}_seconds": s for label, s in seconds.items()})
     mlflow.log_metrics(_key_metrics(fig))
     print("\n".join(f"{c.claim.text}: {c.verdict}" for c in fig.claims), file=sys.stderr)
-
-
-def _command(plan: ExperimentPlan) -> str:
-    small = " --allow-small-folds true" if plan.allow_small_folds else ""
-    return (
-        f"robustlab experiment --budget {plan.budget} --seeds {plan.seeds} --eps {plan.eps} "
-        f"--regimes {','.join(plan.regimes)} --inv-folds {plan.inv_folds} "
-        f"--inv-sets {','.join(plan.inv_sets)} --fold-seed {plan.fold_seed}{small}"
-    )
 
 
 def _key_metrics(fig: Figures) -> dict[str, float]:

@@ -67,15 +67,18 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _card(model_uri: str, name: str, meta: dict, n_excluded: int) -> str:
-    """The source's model card: the registered version's description, else one written from
-    the source run's parameters and the model's metadata."""
+def _card(model_uri: str, name: str, meta: dict, n_excluded: int, registry_name: str) -> str:
+    """The source's model card: the description of the version `model_uri` names, or else of
+    the version of `registry_name` registered from its run (with its test evaluation), else one
+    written from the source run's parameters and the model's metadata."""
     from mlflow.tracking import MlflowClient
 
     from robustlab.register.card import model_card
-    from robustlab.register.publish import registered_version
+    from robustlab.register.publish import existing_version, registered_version
 
     mv = registered_version(model_uri)
+    if mv is None and meta.get("run_id"):
+        mv = existing_version(MlflowClient(), registry_name, meta["run_id"])
     if mv is not None and mv.description:
         return mv.description
     try:
@@ -108,10 +111,11 @@ def _shipped_section(name: str, model_uri: str, meta: dict, acc: float, n: int) 
     )
 
 
-def export(model_uri: str, out: Path, data_dir: str | None) -> Path:
+def export(model_uri: str, out: Path, data_dir: str | None, registry_name: str) -> Path:
     """Write the model at `model_uri` to the folder `out` (which must not exist or be empty):
     float32 weights as an MLflow keras model with its metadata, weights digests and check-slice
-    figure, and CARD.md; refused (one line, nothing left behind) above `MAX_BYTES`."""
+    figure, and CARD.md (see `_card`); refused (one line, nothing left behind) above
+    `MAX_BYTES`."""
     import mlflow
     from mlflow.models import Model
 
@@ -149,7 +153,7 @@ def export(model_uri: str, out: Path, data_dir: str | None) -> Path:
         mlmodel = Model.load(str(tmp / "MLmodel"))
         mlmodel.metadata = {METADATA_KEY: meta}
         mlmodel.save(str(tmp / "MLmodel"))
-        card = _card(model_uri, out.name, meta, len(prov.excluded))
+        card = _card(model_uri, out.name, meta, len(prov.excluded), registry_name)
         (tmp / CARD).write_text(
             card.rstrip() + "\n\n" + _shipped_section(out.name, model_uri, meta, acc, n)
         )

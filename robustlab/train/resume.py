@@ -101,20 +101,46 @@ def has_checkpoint(run_id: str) -> bool:
         return False
 
 
+def _runs_by_key(run_key: str) -> list[Run]:
+    """The runs started with `--run-name run_key --auto-resume`, newest first."""
+    configure_tracking()
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(
+        ids,
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def finished_run(run_key: str) -> str:
+    """The id of the run that `--run-name run_key --auto-resume` trained to the end (its model is
+    `runs:/<id>/model`); refused (one line) when there is none or the newest has not finished."""
+    runs = _runs_by_key(run_key)
+    if not runs:
+        raise ConfigError(
+            f"--run-name {run_key}: no run of that name in "
+            f"{redact_url(mlflow.get_tracking_uri())}; train it first (--run-name {run_key} "
+            "--auto-resume)"
+        )
+    run = runs[0]
+    if run.info.status != "FINISHED":
+        steps = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+        done = max((m.step for m in steps), default=-1) + 1
+        raise ConfigError(
+            f"--run-name {run_key}: run {run.info.run_id} has not finished ({run.info.status}, "
+            f"epoch {done} of {run.data.params.get('epochs', '?')} logged); resume it with the "
+            "command that started it"
+        )
+    return run.info.run_id
+
+
 def unfinished_run(run_key: str, regime: str | None) -> str | None:
     """The run `--auto-resume` continues: the newest run tagged `RUN_KEY_TAG = run_key` that did
     not finish and left a checkpoint (runs stopped before their first checkpoint are passed
     over), or None when there is none (start it). Refused (one line) when the newest such run
     FINISHED (its model exists) or trained another regime than `regime` (None: any)."""
-    configure_tracking()
-    client = MlflowClient()
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        ids,
-        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-        order_by=["attributes.start_time DESC"],
-    )
-    for run in runs:
+    for run in _runs_by_key(run_key):
         run_id = run.info.run_id
         if run.info.status == "FINISHED":
             raise ConfigError(
