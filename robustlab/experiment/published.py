@@ -211,7 +211,10 @@ def meta_lines(run: dict) -> dict[str, str]:
 def experiment_command(params: Mapping[str, object], study_name: str) -> str:
     """The `robustlab experiment` command that ran, and resumes, an experiment: from its plan's
     record or its parent run's params (the same keys, as values or as MLflow's strings)."""
-    small = " --allow-small-folds true" if str(params.get("allow_small_folds")) == "True" else ""
+    allowed = (
+        str(params.get("allow_small_folds", "")).strip().lower() == "true"
+    )  # or MLflow's "True"
+    small = " --allow-small-folds true" if allowed else ""
     study = f" --study-name {study_name}" if study_name else ""
     return (
         f"robustlab experiment --budget {params['budget']} --seeds {params['seeds']} "
