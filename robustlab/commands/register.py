@@ -62,8 +62,8 @@ def add_parser(sub: SubParsers) -> list[str]:
         type=optional,
         default=None,
         metavar="DIR",
-        help="with --model-uri or --run-name: write it to DIR (e.g. pretrained/<name>) as a shipped model "
-        "folder with CARD.md (at most 4 MB); nothing is registered",
+        help="with --model-uri or --run-name: write it to DIR (e.g. pretrained/<name>) as a "
+        "shipped model folder with CARD.md (at most 4 MB); nothing is registered",
     )
     p.add_argument(
         "--from",
