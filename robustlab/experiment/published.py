@@ -211,9 +211,8 @@ def meta_lines(run: dict) -> dict[str, str]:
 def experiment_command(params: Mapping[str, object], study_name: str) -> str:
     """The `robustlab experiment` command that ran, and resumes, an experiment: from its plan's
     record or its parent run's params (the same keys, as values or as MLflow's strings)."""
-    allowed = (
-        str(params.get("allow_small_folds", "")).strip().lower() == "true"
-    )  # or MLflow's "True"
+    # a plan's True, or MLflow's "True" / "true" (as `mlflow run` logged what was typed)
+    allowed = str(params.get("allow_small_folds", "")).strip().lower() == "true"
     small = " --allow-small-folds true" if allowed else ""
     study = f" --study-name {study_name}" if study_name else ""
     return (
