@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 BUDGET ?= default
 SEEDS ?= 3
 
-.PHONY: setup test run experiment champion champion-carry champion-ship server ui lint bench clean services services-stop tune dashboard
+.PHONY: setup test run experiment champion champion-carry champion-ship champion-baselines server ui lint bench clean services services-stop tune dashboard
 
 setup: $(STAMP)
 
@@ -80,6 +80,16 @@ champion-ship: setup
 	  robustlab register --run-name champion $(CHAMPION_EVAL) && \
 	  robustlab register --run-name champion --export pretrained/$(CHAMPION_NAME) && \
 	  rm -rf $(CHAMPION_CARRY)
+
+# The two models the champion is compared with, trained (resumable) and registered under their own
+# names with the champion's evaluation on the same test images: the 6-epoch `perturbation` default
+# (PGD-7, madry_cnn) and the same with TRADES-7.
+champion-baselines: setup
+	source $(BIN)/activate && robustlab tracking-init && \
+	  robustlab perturbation --run-name baseline-pgd --auto-resume && \
+	  robustlab register --run-name baseline-pgd --name baseline-pgd $(CHAMPION_EVAL) && \
+	  robustlab perturbation --method trades --run-name baseline-trades7 --auto-resume && \
+	  robustlab register --run-name baseline-trades7 --name baseline-trades7 $(CHAMPION_EVAL)
 
 # Optuna tuning of the joint mixture (make tune TUNE_ARGS="-P budget=smoke -P n_trials=3")
 OPTUNA_STORAGE ?= $(or $(ROBUSTLAB_OPTUNA_STORAGE),sqlite:///$(CURDIR)/tracking/optuna.db)
